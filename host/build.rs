@@ -1,0 +1,131 @@
+//! Builds the built-in policies into WebAssembly components for embedding.
+//!
+//! Each crate under `policies/` is compiled for `wasm32-unknown-unknown` with
+//! the workspace's `policy` profile by a nested cargo, in its own target
+//! directory beside this build's (so the two never wait on each other's lock),
+//! then turned into a component with `wit-component`. The host embeds the
+//! components with `include_bytes!`, so `heartgate serve` needs no files.
+//!
+//! `RUSTUP_AUTO_INSTALL=0` means a `rust-toolchain.toml` alone does not install
+//! the wasm target: when it is missing this script runs
+//! `rustup target add wasm32-unknown-unknown` and says so.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const TARGET: &str = "wasm32-unknown-unknown";
+
+/// (crate name, file stem of its core module, name of the embedded component)
+const POLICIES: [(&str, &str, &str); 4] = [
+    ("heartgate-policy-gate", "heartgate_policy_gate", "gate"),
+    (
+        "heartgate-policy-status-rules",
+        "heartgate_policy_status_rules",
+        "status_rules",
+    ),
+    (
+        "heartgate-policy-recovery-trigger",
+        "heartgate_policy_recovery_trigger",
+        "recovery_trigger",
+    ),
+    (
+        "heartgate-policy-cooldown",
+        "heartgate_policy_cooldown",
+        "cooldown",
+    ),
+];
+
+fn main() -> Result<()> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let root = manifest_dir
+        .parent()
+        .context("host/ has no parent directory")?
+        .to_path_buf();
+    for watched in ["policies", "wit", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // OUT_DIR is <target>/<profile>/build/<pkg>/out.
+    let target_dir = match env::var_os("HEARTGATE_POLICY_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => out_dir
+            .ancestors()
+            .nth(4)
+            .context("cannot find the target directory above OUT_DIR")?
+            .join("policies"),
+    };
+
+    ensure_wasm_target(&root)?;
+    build_guests(&root, &target_dir)?;
+    for (_, stem, name) in POLICIES {
+        let core_path = target_dir
+            .join(TARGET)
+            .join("policy")
+            .join(format!("{stem}.wasm"));
+        let component = componentize(&core_path)?;
+        std::fs::write(out_dir.join(format!("{name}.wasm")), component)?;
+    }
+    Ok(())
+}
+
+fn ensure_wasm_target(root: &Path) -> Result<()> {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let libdir = Command::new(&rustc)
+        .args(["--print", "target-libdir", "--target", TARGET])
+        .output()
+        .context("running rustc --print target-libdir")?;
+    let libdir = String::from_utf8_lossy(&libdir.stdout).trim().to_string();
+    if !libdir.is_empty() && Path::new(&libdir).is_dir() {
+        return Ok(());
+    }
+    println!("cargo:warning=installing the {TARGET} target with `rustup target add {TARGET}` to build the built-in policies");
+    let status = Command::new("rustup")
+        .current_dir(root)
+        .args(["target", "add", TARGET])
+        .status()
+        .context("running rustup target add (is rustup installed?)")?;
+    if !status.success() {
+        bail!("`rustup target add {TARGET}` failed with {status}");
+    }
+    Ok(())
+}
+
+fn build_guests(root: &Path, target_dir: &Path) -> Result<()> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--profile", "policy", "--target", TARGET])
+        .arg("--target-dir")
+        .arg(target_dir);
+    for (krate, _, _) in POLICIES {
+        cmd.args(["-p", krate]);
+    }
+    // The outer build's settings are for the host, not for the guests.
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy().to_string();
+        let keep = matches!(key.as_str(), "CARGO_HOME" | "CARGO_MAKEFLAGS");
+        if (key.starts_with("CARGO_") && !keep)
+            || matches!(key.as_str(), "RUSTFLAGS" | "RUSTC_WORKSPACE_WRAPPER")
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    let status = cmd.status().context("running cargo to build the policies")?;
+    if !status.success() {
+        bail!("building the policies for {TARGET} failed with {status}");
+    }
+    Ok(())
+}
+
+fn componentize(core_path: &Path) -> Result<Vec<u8>> {
+    let core = std::fs::read(core_path)
+        .with_context(|| format!("reading {}", core_path.display()))?;
+    wit_component::ComponentEncoder::default()
+        .module(&core)?
+        .validate(true)
+        .encode()
+        .with_context(|| format!("turning {} into a component", core_path.display()))
+}

@@ -1,0 +1,359 @@
+//! The policy set: which modules form the active chain, and how a chain
+//! evaluates one input.
+//!
+//! A [`Chain`] is an ordered list of slots, each a loaded [`PolicyModule`] with
+//! its limits. Evaluating it runs each slot on the actions proposed so far,
+//! gives each slot only its own markers, and checks each slot's output before
+//! handing it on: a slot may only act on the workspace being evaluated and may
+//! only introduce writes to its own markers. The first failing slot stops the
+//! chain: the evaluation fails closed and no action of it is applied.
+//!
+//! The built-in chain (gate, status rules, recovery trigger, cooldown) is
+//! embedded in the binary; a chain file can name other module files.
+//!
+//! **Invariant:** the chain never performs effects; it returns data that the
+//! executor validates and applies.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::engine::{Engine, EvalFailure, FailureKind, Limits, LoadError, PolicyModule};
+use crate::model::{Action, Input};
+
+/// The embedded built-in policies, by name: (name, component bytes).
+pub const BUILTIN: [(&str, &[u8]); 4] = [
+    (
+        "gate",
+        include_bytes!(concat!(env!("OUT_DIR"), "/gate.wasm")),
+    ),
+    (
+        "status-rules",
+        include_bytes!(concat!(env!("OUT_DIR"), "/status_rules.wasm")),
+    ),
+    (
+        "recovery-trigger",
+        include_bytes!(concat!(env!("OUT_DIR"), "/recovery_trigger.wasm")),
+    ),
+    (
+        "cooldown",
+        include_bytes!(concat!(env!("OUT_DIR"), "/cooldown.wasm")),
+    ),
+];
+
+/// The most actions a chain may hold at any step.
+pub const MAX_ACTIONS: usize = 64;
+/// The longest string a policy may put in an action.
+pub const MAX_STRING_BYTES: usize = 4096;
+
+/// Why a chain could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("slot `{slot}`: {source}")]
+    Load {
+        slot: String,
+        source: LoadError,
+    },
+    #[error("slot `{slot}`: cannot read module `{path}`: {source}")]
+    Read {
+        slot: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("slot `{0}`: unknown built-in module; built-ins are gate, status-rules, recovery-trigger, cooldown")]
+    UnknownBuiltin(String),
+    #[error("the chain is invalid: {0}")]
+    Invalid(String),
+}
+
+/// One slot of a chain file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotSpec {
+    /// The slot's name, unique within the chain.
+    pub name: String,
+    /// `builtin:<name>` or a path to a component file (relative to the file).
+    pub module: String,
+    /// Time limit in milliseconds (default 100).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Memory cap in MiB (default 16, at most 32).
+    #[serde(default)]
+    pub max_memory_mib: Option<usize>,
+}
+
+/// A chain file: `[[slot]]` tables in evaluation order.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainSpec {
+    pub slot: Vec<SlotSpec>,
+}
+
+/// One link of a chain.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub name: String,
+    pub module: Arc<PolicyModule>,
+    pub limits: Limits,
+}
+
+/// An ordered, loaded chain of policies.
+#[derive(Clone, Debug)]
+pub struct Chain {
+    /// A content version: the first 16 hex digits of the sha256 over the slot
+    /// names and module digests, so equal chains have equal versions.
+    pub version: String,
+    pub slots: Vec<Slot>,
+}
+
+/// What one slot did in one evaluation (a decision-log entry).
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub slot: String,
+    pub policy: String,
+    pub policy_version: String,
+    pub digest: String,
+    pub elapsed_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Vec<Action>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<EvalFailure>,
+}
+
+/// The result of evaluating a chain.
+#[derive(Clone, Debug)]
+pub struct ChainOutcome {
+    pub steps: Vec<Step>,
+    /// The final actions, or the failure of the first slot that failed.
+    pub result: Result<Vec<Action>, SlotFailure>,
+}
+
+/// The slot that stopped a chain, and how.
+#[derive(Clone, Debug, Serialize, thiserror::Error)]
+#[error("slot `{slot}`: {failure}")]
+pub struct SlotFailure {
+    pub slot: String,
+    #[serde(flatten)]
+    pub failure: EvalFailure,
+}
+
+impl Chain {
+    /// The built-in chain: gate, status rules, recovery trigger, cooldown.
+    ///
+    /// The status rules run before the recovery trigger so that the trigger
+    /// also sees their `management_mcp_unloaded` degrade, and the cooldown
+    /// runs last so that every recovery request passes through it.
+    pub fn builtin(engine: &Engine) -> Result<Chain, ChainError> {
+        let specs = BUILTIN
+            .iter()
+            .map(|(name, _)| SlotSpec {
+                name: (*name).to_string(),
+                module: format!("builtin:{name}"),
+                timeout_ms: None,
+                max_memory_mib: None,
+            })
+            .collect();
+        Chain::from_spec(engine, &ChainSpec { slot: specs }, Path::new("."))
+    }
+
+    /// Build a chain from its spec; relative module paths are under `base`.
+    pub fn from_spec(engine: &Engine, spec: &ChainSpec, base: &Path) -> Result<Chain, ChainError> {
+        if spec.slot.is_empty() {
+            return Err(ChainError::Invalid("a chain needs at least one slot".into()));
+        }
+        let mut slots: Vec<Slot> = Vec::with_capacity(spec.slot.len());
+        for s in &spec.slot {
+            if s.name.is_empty() || slots.iter().any(|o| o.name == s.name) {
+                return Err(ChainError::Invalid(format!(
+                    "slot names must be non-empty and unique; `{}` is not",
+                    s.name
+                )));
+            }
+            let bytes: Vec<u8> = match s.module.strip_prefix("builtin:") {
+                Some(name) => BUILTIN
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, b)| b.to_vec())
+                    .ok_or_else(|| ChainError::UnknownBuiltin(s.name.clone()))?,
+                None => {
+                    let path = base.join(&s.module);
+                    std::fs::read(&path).map_err(|source| ChainError::Read {
+                        slot: s.name.clone(),
+                        path,
+                        source,
+                    })?
+                }
+            };
+            let module = engine.load(&bytes).map_err(|source| ChainError::Load {
+                slot: s.name.clone(),
+                source,
+            })?;
+            let mut limits = Limits::default();
+            if let Some(ms) = s.timeout_ms {
+                if ms == 0 || ms > 10_000 {
+                    return Err(ChainError::Invalid(format!(
+                        "slot `{}`: timeout_ms must be 1-10000",
+                        s.name
+                    )));
+                }
+                limits.timeout = Duration::from_millis(ms);
+            }
+            if let Some(mib) = s.max_memory_mib {
+                if mib == 0 || mib << 20 > crate::engine::MAX_MEMORY_BYTES {
+                    return Err(ChainError::Invalid(format!(
+                        "slot `{}`: max_memory_mib must be 1-32",
+                        s.name
+                    )));
+                }
+                limits.max_memory_bytes = mib << 20;
+            }
+            slots.push(Slot {
+                name: s.name.clone(),
+                module: Arc::new(module),
+                limits,
+            });
+        }
+        let mut hasher = Sha256::new();
+        for slot in &slots {
+            hasher.update(slot.name.as_bytes());
+            hasher.update([0]);
+            hasher.update(slot.module.digest().as_bytes());
+            hasher.update([0]);
+        }
+        let version = crate::engine::hex(&hasher.finalize()[..8]);
+        Ok(Chain { version, slots })
+    }
+
+    /// The policy names of the chain's slots, whose markers the host loads.
+    pub fn policy_names(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .map(|s| s.module.metadata().name.clone())
+            .collect()
+    }
+
+    /// Evaluate `input` through every slot.
+    pub fn evaluate(&self, input: &Input) -> ChainOutcome {
+        let mut steps = Vec::with_capacity(self.slots.len());
+        let mut proposed: Vec<Action> = Vec::new();
+        for slot in &self.slots {
+            let meta = slot.module.metadata();
+            let own = Input {
+                markers: input
+                    .markers
+                    .iter()
+                    .filter(|m| m.owner == meta.name)
+                    .cloned()
+                    .collect(),
+                ..input.clone()
+            };
+            let started = Instant::now();
+            let result = slot
+                .module
+                .evaluate(&own, &proposed, slot.limits)
+                .and_then(|out| check_output(&input.workspace.id, &meta.name, &proposed, out));
+            let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let mut step = Step {
+                slot: slot.name.clone(),
+                policy: meta.name.clone(),
+                policy_version: meta.version.clone(),
+                digest: slot.module.digest().to_string(),
+                elapsed_us,
+                output: None,
+                failure: None,
+            };
+            match result {
+                Ok(out) => {
+                    step.output = Some(out.clone());
+                    steps.push(step);
+                    proposed = out;
+                }
+                Err(failure) => {
+                    step.failure = Some(failure.clone());
+                    steps.push(step);
+                    return ChainOutcome {
+                        steps,
+                        result: Err(SlotFailure {
+                            slot: slot.name.clone(),
+                            failure,
+                        }),
+                    };
+                }
+            }
+        }
+        ChainOutcome {
+            steps,
+            result: Ok(proposed),
+        }
+    }
+}
+
+/// Check one slot's output: size limits, the workspace it targets, and that
+/// every marker write it introduces is its own.
+fn check_output(
+    workspace_id: &str,
+    policy: &str,
+    before: &[Action],
+    out: Vec<Action>,
+) -> Result<Vec<Action>, EvalFailure> {
+    let invalid = |msg: String| Err(EvalFailure::new(FailureKind::InvalidOutput, msg));
+    if out.len() > MAX_ACTIONS {
+        return invalid(format!(
+            "{} actions returned; at most {MAX_ACTIONS} are allowed",
+            out.len()
+        ));
+    }
+    let mut inherited: Vec<&Action> = before.iter().collect();
+    for action in &out {
+        if action.workspace_id != workspace_id {
+            return invalid(format!(
+                "an action targets workspace `{}`; only `{workspace_id}` may be touched",
+                truncate(&action.workspace_id)
+            ));
+        }
+        if let Some(len) = longest_string(action).filter(|l| *l > MAX_STRING_BYTES) {
+            return invalid(format!(
+                "an action holds a {len}-byte string; at most {MAX_STRING_BYTES} are allowed"
+            ));
+        }
+        // An action kept from the proposed list is not this policy's to own.
+        if let Some(pos) = inherited.iter().position(|a| *a == action) {
+            inherited.swap_remove(pos);
+            continue;
+        }
+        if let Some(owner) = action.marker_owner()
+            && owner != policy
+        {
+            return invalid(format!(
+                "a marker write for policy `{}`; `{policy}` may only write its own markers",
+                truncate(owner)
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn longest_string(action: &Action) -> Option<usize> {
+    use crate::model::Effect as E;
+    let lens: Vec<usize> = match &action.effect {
+        E::SetStatus {
+            reason, message, ..
+        } => vec![reason.len(), message.as_ref().map_or(0, String::len)],
+        E::Reject { message, .. } => vec![message.len()],
+        E::RecordEvent {
+            event_type,
+            payload_json,
+        } => vec![event_type.len(), payload_json.len()],
+        E::RequestReconcile { .. } => vec![],
+        E::SetMarker { owner, key, value } => vec![owner.len(), key.len(), value.len()],
+        E::ClearMarker { owner, key } => vec![owner.len(), key.len()],
+    };
+    lens.into_iter().max()
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}

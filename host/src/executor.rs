@@ -1,0 +1,560 @@
+//! The executor: turns a register or heartbeat into one applied verdict.
+//!
+//! For each request it reads the workspace snapshot, checks the token, runs
+//! the active chain, validates the chain's final actions, and applies them
+//! with the request's own writes (liveness, registration) in one store
+//! transaction. A status write or marker write that finds the state changed
+//! since the snapshot makes the store report a conflict; the executor then
+//! re-reads and re-evaluates, so every applied verdict was computed from the
+//! state it replaced. Queued reconciles are handed to the deliverer only after
+//! the commit.
+//!
+//! A chain that fails (trap, timeout, out of memory, policy error, invalid
+//! output) fails closed: none of its actions is applied, the heartbeat is
+//! still acknowledged with its liveness stored, and the failure is recorded in
+//! the decision log.
+//!
+//! **Invariant:** this is the only code that performs the effects of actions.
+//! Everything here is blocking; the HTTP layer calls it on blocking threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::auth::{self, AuthCheck};
+use crate::chain::{Chain, ChainOutcome, SlotFailure};
+use crate::clock::Clock;
+use crate::deliverer::Deliverer;
+use crate::engine::{EvalFailure, FailureKind};
+use crate::model::{
+    Action, Effect, Event, HeartbeatEvent, Input, ReconcileTrigger, RegisterEvent, Status,
+    WorkspaceKind,
+};
+use crate::store::{
+    Applied, DecisionRecord, Liveness, MarkerWrite, Registration, Snapshot, StatusWrite, Store,
+    StoreError, VerdictWrite,
+};
+
+/// How many times a verdict is re-evaluated after conflicting writes.
+pub const MAX_ATTEMPTS: u32 = 16;
+/// The longest marker key a policy may write.
+pub const MAX_MARKER_KEY: usize = 64;
+/// The longest marker value a policy may write.
+pub const MAX_MARKER_VALUE: usize = 1024;
+
+/// Why a register or heartbeat was not accepted. The HTTP layer maps each to
+/// its status code and body.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown workspace")]
+    UnknownWorkspace,
+    #[error("missing workspace auth token")]
+    MissingToken,
+    #[error("invalid workspace auth token")]
+    InvalidToken,
+    #[error("token lookup failed: {0}")]
+    AuthUnavailable(StoreError),
+    #[error("kind='platform' may only be assigned by the platform-agent install path")]
+    PlatformKindRefused,
+    #[error("rejected by policy: {message}")]
+    Rejected { http_status: u16, message: String },
+    #[error("url is required for push-mode workspaces")]
+    UrlRequired,
+    #[error("registration failed: {0}")]
+    RegistrationFailed(String),
+    #[error("failed to update: {0}")]
+    UpdateFailed(String),
+}
+
+/// A register, as parsed by the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct RegisterRequest {
+    pub id: String,
+    pub bearer: Option<String>,
+    pub url: Option<String>,
+    /// The agent card as JSON text (an object).
+    pub agent_card: String,
+    /// `url` of the agent card, the fallback for push mode.
+    pub agent_card_url: Option<String>,
+    pub delivery_mode: Option<String>,
+    pub kind: Option<WorkspaceKind>,
+    pub mcp_server_present: Option<bool>,
+    pub loaded_mcp_tools: Option<Vec<String>>,
+}
+
+/// A successful register.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub delivery_mode: String,
+    /// The new token, when this register minted one.
+    pub auth_token: Option<String>,
+    pub verdict: String,
+}
+
+/// A heartbeat, as parsed by the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct HeartbeatRequest {
+    pub workspace_id: String,
+    pub bearer: Option<String>,
+    pub event: HeartbeatEvent,
+}
+
+/// The executor and what it works with.
+pub struct Executor {
+    store: Arc<dyn Store>,
+    chain: ArcSwap<Chain>,
+    clock: Arc<dyn Clock>,
+    deliverer: Arc<dyn Deliverer>,
+}
+
+/// The checked final actions of a chain, grouped for the store.
+struct Effects {
+    status: Option<StatusWrite>,
+    reject: Option<(u16, String)>,
+    events: Vec<(String, String)>,
+    markers: Vec<MarkerWrite>,
+    reconciles: Vec<ReconcileTrigger>,
+}
+
+#[derive(Serialize)]
+struct FailedOutcome<'a> {
+    failure: &'a SlotFailure,
+}
+
+impl Executor {
+    pub fn new(
+        store: Arc<dyn Store>,
+        chain: Chain,
+        clock: Arc<dyn Clock>,
+        deliverer: Arc<dyn Deliverer>,
+    ) -> Executor {
+        Executor {
+            store,
+            chain: ArcSwap::from_pointee(chain),
+            clock,
+            deliverer,
+        }
+    }
+
+    /// The active chain.
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.load_full()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn load_and_authenticate(
+        &self,
+        id: &str,
+        bearer: Option<&str>,
+    ) -> Result<Snapshot, RegistryError> {
+        let snap = self
+            .store
+            .load(id)
+            .map_err(RegistryError::AuthUnavailable)?
+            .ok_or(RegistryError::UnknownWorkspace)?;
+        match auth::check(bearer, &snap.live_token_hashes) {
+            AuthCheck::Token | AuthCheck::Bootstrap => Ok(snap),
+            AuthCheck::Missing => Err(RegistryError::MissingToken),
+            AuthCheck::Invalid => Err(RegistryError::InvalidToken),
+        }
+    }
+
+    /// Evaluate and apply a heartbeat. Returns a short description of the
+    /// verdict for the request's span.
+    pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<String, RegistryError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let snap = self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref())?;
+            if snap.workspace.status == Status::Removed {
+                return Ok("ignored: removed".into());
+            }
+            let chain = self.chain.load_full();
+            let input = Input {
+                event: Event::Heartbeat(req.event.clone()),
+                workspace: snap.workspace.clone(),
+                markers: snap.markers.clone(),
+                now_ms: self.clock.now_ms(),
+            };
+            let outcome = chain.evaluate(&input);
+            let checked = check_final(&input, &outcome);
+            let liveness = Liveness {
+                error_rate: req.event.error_rate,
+                sample_error: req.event.sample_error.clone(),
+                active_tasks: req.event.active_tasks,
+                uptime_seconds: req.event.uptime_seconds,
+                current_task: req.event.current_task.clone(),
+                loaded_mcp_tools: req.event.loaded_mcp_tools.clone(),
+            };
+            let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
+            write.liveness = Some(liveness);
+            let summary = summarize(&snap, &checked);
+            match self.store.apply(&write) {
+                Ok(Applied::Done { queued, .. }) => {
+                    if !queued.is_empty() {
+                        self.deliverer.queued(&queued);
+                    }
+                    return Ok(summary);
+                }
+                Ok(Applied::Conflict) => continue,
+                Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
+            }
+        }
+        Err(RegistryError::UpdateFailed(format!(
+            "state kept changing under {MAX_ATTEMPTS} evaluations"
+        )))
+    }
+
+    /// Evaluate and apply a register.
+    pub fn register(&self, req: &RegisterRequest) -> Result<Registered, RegistryError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let snap = self.load_and_authenticate(&req.id, req.bearer.as_deref())?;
+            let now_ms = self.clock.now_ms();
+            if snap.workspace.status == Status::Removed {
+                return Err(RegistryError::UnknownWorkspace);
+            }
+            if req.kind == Some(WorkspaceKind::Platform)
+                && snap.workspace.kind != WorkspaceKind::Platform
+            {
+                self.stamp_failure(&req.id, now_ms);
+                return Err(RegistryError::PlatformKindRefused);
+            }
+            let delivery_mode = req
+                .delivery_mode
+                .clone()
+                .unwrap_or_else(|| snap.delivery_mode.clone());
+            let url = req
+                .url
+                .clone()
+                .filter(|u| !u.is_empty())
+                .or_else(|| req.agent_card_url.clone().filter(|u| !u.is_empty()));
+            let chain = self.chain.load_full();
+            let input = Input {
+                event: Event::Register(RegisterEvent {
+                    url: url.clone().unwrap_or_default(),
+                    delivery_mode: delivery_mode.clone(),
+                    requested_kind: req.kind,
+                    mcp_server_present: req.mcp_server_present,
+                    loaded_mcp_tools: req.loaded_mcp_tools.clone(),
+                }),
+                workspace: snap.workspace.clone(),
+                markers: snap.markers.clone(),
+                now_ms,
+            };
+            let outcome = chain.evaluate(&input);
+            let checked = check_final(&input, &outcome);
+            let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
+            let mut minted = None;
+            let result = match &checked {
+                Err(failure) => Err(RegistryError::RegistrationFailed(failure.to_string())),
+                Ok(effects) => match &effects.reject {
+                    Some((http_status, message)) => {
+                        write.stamp_register_failure = true;
+                        write.decision.outcome = "rejected".into();
+                        Err(RegistryError::Rejected {
+                            http_status: *http_status,
+                            message: message.clone(),
+                        })
+                    }
+                    None if delivery_mode == "push" && url.is_none() => {
+                        write = self.bare_write(&input, &chain, &outcome, attempt, "rejected");
+                        write.stamp_register_failure = true;
+                        Err(RegistryError::UrlRequired)
+                    }
+                    None => {
+                        if snap.live_token_hashes.is_empty() {
+                            minted = Some(auth::mint().map_err(|e| {
+                                RegistryError::RegistrationFailed(format!("minting a token: {e}"))
+                            })?);
+                        }
+                        write.registration = Some(Registration {
+                            url: url.clone(),
+                            agent_card: req.agent_card.clone(),
+                            delivery_mode: delivery_mode.clone(),
+                            new_token: minted.as_ref().map(|m| m.stored.clone()),
+                        });
+                        Ok(())
+                    }
+                },
+            };
+            match self.store.apply(&write) {
+                Ok(Applied::Done {
+                    queued,
+                    token_stored,
+                    ..
+                }) => {
+                    if !queued.is_empty() {
+                        self.deliverer.queued(&queued);
+                    }
+                    result?;
+                    return Ok(Registered {
+                        delivery_mode,
+                        auth_token: minted.filter(|_| token_stored).map(|m| m.plaintext),
+                        verdict: summarize(&snap, &checked),
+                    });
+                }
+                Ok(Applied::Conflict) => continue,
+                Err(e) => return Err(RegistryError::RegistrationFailed(e.to_string())),
+            }
+        }
+        Err(RegistryError::RegistrationFailed(format!(
+            "state kept changing under {MAX_ATTEMPTS} evaluations"
+        )))
+    }
+
+    fn stamp_failure(&self, id: &str, now_ms: i64) {
+        if let Err(e) = self.store.stamp_register_failure(id, now_ms) {
+            tracing::warn!(workspace_id = id, error = %e, "could not stamp the register failure");
+        }
+    }
+
+    /// A write carrying only the decision row.
+    fn bare_write(
+        &self,
+        input: &Input,
+        chain: &Chain,
+        outcome: &ChainOutcome,
+        attempts: u32,
+        decision_outcome: &str,
+    ) -> VerdictWrite {
+        VerdictWrite {
+            workspace_id: input.workspace.id.clone(),
+            now_ms: input.now_ms,
+            liveness: None,
+            registration: None,
+            stamp_register_failure: false,
+            status: None,
+            events: Vec::new(),
+            markers: Vec::new(),
+            reconciles: Vec::new(),
+            decision: DecisionRecord {
+                event_kind: input.event.kind().to_string(),
+                chain_version: chain.version.clone(),
+                outcome: decision_outcome.to_string(),
+                input_json: serde_json::to_string(input).unwrap_or_default(),
+                steps_json: serde_json::to_string(&outcome.steps).unwrap_or_default(),
+                final_actions_json: match &outcome.result {
+                    Ok(actions) => serde_json::to_string(actions).unwrap_or_default(),
+                    Err(_) => "[]".to_string(),
+                },
+                attempts,
+            },
+        }
+    }
+
+    fn verdict_write(
+        &self,
+        input: &Input,
+        chain: &Chain,
+        outcome: &ChainOutcome,
+        checked: &Result<Effects, SlotFailure>,
+        attempts: u32,
+    ) -> VerdictWrite {
+        match checked {
+            Err(failure) => {
+                let mut w = self.bare_write(
+                    input,
+                    chain,
+                    outcome,
+                    attempts,
+                    &format!("failed:{}", failure.failure.kind.as_str()),
+                );
+                w.decision.final_actions_json = serde_json::to_string(&FailedOutcome { failure })
+                    .unwrap_or_default();
+                tracing::warn!(
+                    workspace_id = %input.workspace.id,
+                    slot = %failure.slot,
+                    outcome = failure.failure.kind.as_str(),
+                    message = %failure.failure.message,
+                    "policy evaluation failed closed"
+                );
+                w
+            }
+            Ok(effects) => {
+                let mut w = self.bare_write(input, chain, outcome, attempts, "applied");
+                w.status = effects.status.clone();
+                w.events = effects.events.clone();
+                w.markers = effects.markers.clone();
+                w.reconciles = effects.reconciles.clone();
+                w
+            }
+        }
+    }
+}
+
+fn summarize(snap: &Snapshot, checked: &Result<Effects, SlotFailure>) -> String {
+    match checked {
+        Err(f) => format!("failed:{}", f.failure.kind.as_str()),
+        Ok(e) => {
+            let mut parts = Vec::new();
+            if let Some(s) = &e.status {
+                parts.push(format!(
+                    "{}->{}",
+                    snap.workspace.status.as_str(),
+                    s.to.as_str()
+                ));
+            }
+            if e.reject.is_some() {
+                parts.push("rejected".into());
+            }
+            for r in &e.reconciles {
+                parts.push(format!("reconcile:{}", r.as_str()));
+            }
+            if parts.is_empty() {
+                "unchanged".into()
+            } else {
+                parts.join(",")
+            }
+        }
+    }
+}
+
+/// Validate the chain's final actions against the request and the snapshot,
+/// and group them for the store. Any violation fails the whole verdict closed.
+fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFailure> {
+    let actions = outcome.result.as_ref().map_err(Clone::clone)?;
+    let last_slot = outcome
+        .steps
+        .last()
+        .map(|s| s.slot.clone())
+        .unwrap_or_default();
+    let invalid = |message: String| SlotFailure {
+        slot: last_slot.clone(),
+        failure: EvalFailure::new(FailureKind::InvalidOutput, message),
+    };
+    let current = input.workspace.status;
+    let mut effects = Effects {
+        status: None,
+        reject: None,
+        events: Vec::new(),
+        markers: Vec::new(),
+        reconciles: Vec::new(),
+    };
+    let seen: HashMap<(&str, &str), &str> = input
+        .markers
+        .iter()
+        .map(|m| ((m.owner.as_str(), m.key.as_str()), m.value.as_str()))
+        .collect();
+    // The last write to a marker wins; keep first-write order.
+    let mut marker_writes: Vec<((String, String), Option<String>)> = Vec::new();
+    for Action {
+        workspace_id,
+        effect,
+    } in actions
+    {
+        if workspace_id != &input.workspace.id {
+            return Err(invalid(format!("an action targets another workspace `{workspace_id}`")));
+        }
+        match effect {
+            Effect::SetStatus {
+                to,
+                expected,
+                message,
+                ..
+            } => {
+                if effects.status.is_some() {
+                    return Err(invalid("more than one status change in one verdict".into()));
+                }
+                if *expected != current {
+                    return Err(invalid(format!(
+                        "a status change expects `{}` but the workspace is `{}`",
+                        expected.as_str(),
+                        current.as_str()
+                    )));
+                }
+                if current.is_frozen() || to.is_frozen() {
+                    return Err(invalid(format!(
+                        "status `{}` -> `{}`: removed, paused and hibernated workspaces are never changed by a heartbeat or register",
+                        current.as_str(),
+                        to.as_str()
+                    )));
+                }
+                effects.status = Some(StatusWrite {
+                    expected: *expected,
+                    to: *to,
+                    message: message.clone(),
+                });
+            }
+            Effect::Reject {
+                http_status,
+                message,
+            } => {
+                if !matches!(input.event, Event::Register(_)) {
+                    return Err(invalid("only a register can be rejected".into()));
+                }
+                if !(400..=499).contains(http_status) || effects.reject.is_some() {
+                    return Err(invalid(format!(
+                        "a rejection must be one 4xx status, not {http_status}"
+                    )));
+                }
+                effects.reject = Some((*http_status, message.clone()));
+            }
+            Effect::RecordEvent {
+                event_type,
+                payload_json,
+            } => {
+                let well_formed = !event_type.is_empty()
+                    && event_type.len() <= 64
+                    && event_type
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                if !well_formed {
+                    return Err(invalid(format!("event type `{event_type}` must be 1-64 of A-Z, 0-9, _")));
+                }
+                let payload: serde_json::Value = serde_json::from_str(payload_json)
+                    .map_err(|e| invalid(format!("event payload is not JSON: {e}")))?;
+                if !payload.is_object() {
+                    return Err(invalid("event payload must be a JSON object".into()));
+                }
+                effects
+                    .events
+                    .push((event_type.clone(), payload.to_string()));
+            }
+            Effect::RequestReconcile { trigger } => {
+                if !effects.reconciles.contains(trigger) {
+                    effects.reconciles.push(*trigger);
+                }
+            }
+            Effect::SetMarker { owner, key, value } => {
+                if key.is_empty() || key.len() > MAX_MARKER_KEY || value.len() > MAX_MARKER_VALUE {
+                    return Err(invalid(format!(
+                        "marker `{key}`: keys are 1-{MAX_MARKER_KEY} bytes, values at most {MAX_MARKER_VALUE}"
+                    )));
+                }
+                upsert(&mut marker_writes, (owner.clone(), key.clone()), Some(value.clone()));
+            }
+            Effect::ClearMarker { owner, key } => {
+                upsert(&mut marker_writes, (owner.clone(), key.clone()), None);
+            }
+        }
+    }
+    effects.markers = marker_writes
+        .into_iter()
+        .filter_map(|((owner, key), new)| {
+            let before = seen.get(&(owner.as_str(), key.as_str())).map(|v| v.to_string());
+            // A write that changes nothing needs no compare-and-set.
+            (before != new).then_some(MarkerWrite {
+                owner,
+                key,
+                seen: before,
+                new,
+            })
+        })
+        .collect();
+    Ok(effects)
+}
+
+fn upsert(
+    writes: &mut Vec<((String, String), Option<String>)>,
+    key: (String, String),
+    value: Option<String>,
+) {
+    match writes.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => writes.push((key, value)),
+    }
+}

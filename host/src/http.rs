@@ -1,0 +1,377 @@
+//! The HTTP layer: the only code that knows hyper and JSON bodies.
+//!
+//! Routes: `POST /registry/register`, `POST /registry/heartbeat`,
+//! `GET /healthz`. Bodies are size-limited, unknown JSON fields are ignored,
+//! wrong types and bad JSON are 400 with nothing written. Every error is one
+//! [`ApiError`] rendered as `{"error": "..."}`; database text never reaches a
+//! client. Evaluation and storage run on blocking threads, at most
+//! [`ServerConfig::max_in_flight`] at once.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::auth;
+use crate::executor::{Executor, HeartbeatRequest, RegisterRequest, RegistryError};
+use crate::model::{HeartbeatEvent, WorkspaceKind};
+
+/// Limits of the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How many requests may be evaluated at once; the rest wait.
+    pub max_in_flight: usize,
+    /// How long a client may take to send its headers.
+    pub header_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 256 * 1024,
+            max_in_flight: 64,
+            header_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the request handlers share.
+pub struct App {
+    executor: Arc<Executor>,
+    permits: Semaphore,
+    config: ServerConfig,
+}
+
+impl App {
+    pub fn new(executor: Arc<Executor>, config: ServerConfig) -> App {
+        App {
+            executor,
+            permits: Semaphore::new(config.max_in_flight.max(1)),
+            config,
+        }
+    }
+}
+
+/// An HTTP error, rendered as `{"error": message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn invalid_body() -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid request body")
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        json_response(self.status, &json!({ "error": self.message }))
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        use RegistryError as E;
+        match err {
+            E::UnknownWorkspace => ApiError::new(StatusCode::NOT_FOUND, "unknown workspace"),
+            E::MissingToken => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "missing workspace auth token")
+            }
+            E::InvalidToken => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid workspace auth token")
+            }
+            E::AuthUnavailable(e) => {
+                tracing::error!(error = %e, "token lookup failed; refusing the request");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "workspace auth temporarily unavailable",
+                )
+            }
+            E::PlatformKindRefused => ApiError::new(StatusCode::FORBIDDEN, err.to_string()),
+            E::Rejected {
+                http_status,
+                message,
+            } => ApiError::new(
+                StatusCode::from_u16(http_status).unwrap_or(StatusCode::BAD_REQUEST),
+                message,
+            ),
+            E::UrlRequired => ApiError::new(StatusCode::BAD_REQUEST, err.to_string()),
+            E::RegistrationFailed(detail) => {
+                tracing::error!(detail, "registration failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registration failed")
+            }
+            E::UpdateFailed(detail) => {
+                tracing::error!(detail, "heartbeat update failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed to update")
+            }
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Serve HTTP on `listener` until `shutdown` completes, then stop accepting
+/// and wait (up to the grace period) for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(app.config.header_timeout)
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        service_fn(move |req| handle(app.clone(), req)),
+                    );
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let grace = app.config.shutdown_grace;
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("in-flight requests still running after the shutdown grace period");
+        }
+    }
+    Ok(())
+}
+
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        workspace_id = tracing::field::Empty,
+        verdict = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let resp = route(app, req).instrument(span.clone()).await;
+    let resp = resp.unwrap_or_else(ApiError::into_response);
+    span.record("status", resp.status().as_u16());
+    span.in_scope(|| tracing::debug!("request done"));
+    Ok(resp)
+}
+
+async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::POST, "/registry/register") => register(app, req).await,
+        (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
+        (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (_, "/registry/register" | "/registry/heartbeat" | "/healthz") => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method `{}` not allowed on `{path}`", req.method()),
+        )),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
+    }
+}
+
+async fn read_body(app: &App, req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
+    let bearer = auth::bearer(
+        req.headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    )
+    .map(str::to_string);
+    let limit = app.config.max_body_bytes;
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok((bearer, collected.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {limit} bytes"),
+        )),
+        Err(_) => Err(ApiError::invalid_body()),
+    }
+}
+
+/// Run blocking executor work on a blocking thread, at most `max_in_flight`
+/// at once.
+async fn blocking<T: Send + 'static>(
+    app: &App,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let _permit = app
+        .permits
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "request worker panicked");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        })
+}
+
+/// The register body. Unknown fields are ignored.
+#[derive(Deserialize)]
+struct RegisterBody {
+    id: Option<String>,
+    url: Option<String>,
+    agent_card: Option<serde_json::Value>,
+    delivery_mode: Option<String>,
+    kind: Option<String>,
+    mcp_server_present: Option<bool>,
+    loaded_mcp_tools: Option<Vec<String>>,
+}
+
+async fn register(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (bearer, body) = read_body(&app, req).await?;
+    let body: RegisterBody = serde_json::from_slice(&body).map_err(|_| ApiError::invalid_body())?;
+    let id = body.id.filter(|id| !id.is_empty()).ok_or_else(ApiError::invalid_body)?;
+    tracing::Span::current().record("workspace_id", id.as_str());
+    let agent_card = match body.agent_card {
+        Some(card @ serde_json::Value::Object(_)) => card,
+        _ => return Err(ApiError::invalid_body()),
+    };
+    let delivery_mode = body.delivery_mode.filter(|m| !m.is_empty());
+    if let Some(mode) = &delivery_mode
+        && mode != "push"
+        && mode != "poll"
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "delivery_mode must be 'push' or 'poll'",
+        ));
+    }
+    let kind = match body.kind.as_deref() {
+        None | Some("") => None,
+        Some(k) => Some(WorkspaceKind::parse(k).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "kind must be 'workspace' or 'platform'")
+        })?),
+    };
+    let request = RegisterRequest {
+        id,
+        bearer,
+        url: body.url,
+        agent_card_url: agent_card
+            .get("url")
+            .and_then(|u| u.as_str())
+            .map(str::to_string),
+        agent_card: agent_card.to_string(),
+        delivery_mode,
+        kind,
+        mcp_server_present: body.mcp_server_present,
+        loaded_mcp_tools: body.loaded_mcp_tools,
+    };
+    let executor = app.executor.clone();
+    let registered = blocking(&app, move || executor.register(&request)).await??;
+    tracing::Span::current().record("verdict", registered.verdict.as_str());
+    let mut out = json!({"status": "registered", "delivery_mode": registered.delivery_mode});
+    if let Some(token) = registered.auth_token {
+        out["auth_token"] = json!(token);
+    }
+    Ok(json_response(StatusCode::OK, &out))
+}
+
+/// The heartbeat body. Unknown fields are ignored; `null` reads as absent.
+#[derive(Deserialize)]
+struct HeartbeatBody {
+    workspace_id: Option<String>,
+    error_rate: Option<f64>,
+    sample_error: Option<String>,
+    active_tasks: Option<i64>,
+    current_task: Option<String>,
+    uptime_seconds: Option<i64>,
+    runtime_state: Option<String>,
+    mcp_server_present: Option<bool>,
+    loaded_mcp_tools: Option<Vec<String>>,
+}
+
+async fn heartbeat(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (bearer, body) = read_body(&app, req).await?;
+    let body: HeartbeatBody =
+        serde_json::from_slice(&body).map_err(|_| ApiError::invalid_body())?;
+    let workspace_id = body
+        .workspace_id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(ApiError::invalid_body)?;
+    tracing::Span::current().record("workspace_id", workspace_id.as_str());
+    let error_rate = body.error_rate.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&error_rate) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "error_rate must be between 0 and 1",
+        ));
+    }
+    let request = HeartbeatRequest {
+        workspace_id,
+        bearer,
+        event: HeartbeatEvent {
+            error_rate,
+            sample_error: body.sample_error.unwrap_or_default(),
+            active_tasks: body.active_tasks.unwrap_or(0),
+            current_task: body.current_task,
+            uptime_seconds: body.uptime_seconds.unwrap_or(0),
+            runtime_state: body.runtime_state.unwrap_or_default(),
+            mcp_server_present: body.mcp_server_present,
+            loaded_mcp_tools: body.loaded_mcp_tools,
+        },
+    };
+    let executor = app.executor.clone();
+    let verdict = blocking(&app, move || executor.heartbeat(&request)).await??;
+    tracing::Span::current().record("verdict", verdict.as_str());
+    Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+}

@@ -1,0 +1,302 @@
+//! The host's own copy of the policy contract's data (`wit/policy.wit`).
+//!
+//! These types are what the HTTP layer, the executor, the store and the
+//! decision log speak; only `engine` converts them to and from the
+//! wasmtime-generated bindings. Their JSON form (serde) is the format of
+//! fixture files and of the decision log.
+
+use serde::{Deserialize, Serialize};
+
+/// The status of a workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Provisioning,
+    Online,
+    Offline,
+    Degraded,
+    Failed,
+    Removed,
+    Paused,
+    Hibernated,
+    Hibernating,
+    AwaitingAgent,
+}
+
+impl Status {
+    /// Every status, in declaration order.
+    pub const ALL: [Status; 10] = [
+        Status::Provisioning,
+        Status::Online,
+        Status::Offline,
+        Status::Degraded,
+        Status::Failed,
+        Status::Removed,
+        Status::Paused,
+        Status::Hibernated,
+        Status::Hibernating,
+        Status::AwaitingAgent,
+    ];
+
+    /// The status as the wire and the database spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Provisioning => "provisioning",
+            Status::Online => "online",
+            Status::Offline => "offline",
+            Status::Degraded => "degraded",
+            Status::Failed => "failed",
+            Status::Removed => "removed",
+            Status::Paused => "paused",
+            Status::Hibernated => "hibernated",
+            Status::Hibernating => "hibernating",
+            Status::AwaitingAgent => "awaiting_agent",
+        }
+    }
+
+    /// Parse the database spelling.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Statuses that a register or heartbeat never changes.
+    pub fn is_frozen(self) -> bool {
+        matches!(
+            self,
+            Status::Removed | Status::Paused | Status::Hibernated | Status::Hibernating
+        )
+    }
+}
+
+/// The kind of a workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceKind {
+    Workspace,
+    Platform,
+}
+
+impl WorkspaceKind {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceKind::Workspace => "workspace",
+            WorkspaceKind::Platform => "platform",
+        }
+    }
+
+    /// Parse the wire and database spelling.
+    pub fn parse(s: &str) -> Option<WorkspaceKind> {
+        match s {
+            "workspace" => Some(WorkspaceKind::Workspace),
+            "platform" => Some(WorkspaceKind::Platform),
+            _ => None,
+        }
+    }
+}
+
+/// Why a reconcile is requested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReconcileTrigger {
+    #[serde(rename = "online")]
+    Online,
+    #[serde(rename = "mcp-recovery")]
+    McpRecovery,
+}
+
+impl ReconcileTrigger {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReconcileTrigger::Online => "online",
+            ReconcileTrigger::McpRecovery => "mcp-recovery",
+        }
+    }
+}
+
+/// A register request, as seen by policies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterEvent {
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub delivery_mode: String,
+    #[serde(default)]
+    pub requested_kind: Option<WorkspaceKind>,
+    #[serde(default)]
+    pub mcp_server_present: Option<bool>,
+    #[serde(default)]
+    pub loaded_mcp_tools: Option<Vec<String>>,
+}
+
+/// A heartbeat request, as seen by policies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatEvent {
+    #[serde(default)]
+    pub error_rate: f64,
+    #[serde(default)]
+    pub sample_error: String,
+    #[serde(default)]
+    pub active_tasks: i64,
+    #[serde(default)]
+    pub current_task: Option<String>,
+    #[serde(default)]
+    pub uptime_seconds: i64,
+    #[serde(default)]
+    pub runtime_state: String,
+    #[serde(default)]
+    pub mcp_server_present: Option<bool>,
+    #[serde(default)]
+    pub loaded_mcp_tools: Option<Vec<String>>,
+}
+
+/// The request being evaluated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    Register(RegisterEvent),
+    Heartbeat(HeartbeatEvent),
+}
+
+impl Event {
+    /// `register` or `heartbeat`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Register(_) => "register",
+            Event::Heartbeat(_) => "heartbeat",
+        }
+    }
+}
+
+/// The stored workspace, as seen by policies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workspace {
+    pub id: String,
+    pub kind: WorkspaceKind,
+    pub status: Status,
+    pub model_configured: bool,
+    #[serde(default)]
+    pub declared_plugins: Vec<String>,
+    #[serde(default)]
+    pub last_register_failure_ms: Option<i64>,
+}
+
+/// A policy's durable key/value for one workspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Marker {
+    pub owner: String,
+    pub key: String,
+    pub value: String,
+}
+
+/// Everything a policy may look at.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    pub event: Event,
+    pub workspace: Workspace,
+    #[serde(default)]
+    pub markers: Vec<Marker>,
+    pub now_ms: i64,
+}
+
+/// One thing a policy wants done.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Effect {
+    SetStatus {
+        to: Status,
+        expected: Status,
+        reason: String,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    Reject {
+        http_status: u16,
+        message: String,
+    },
+    RecordEvent {
+        event_type: String,
+        payload_json: String,
+    },
+    RequestReconcile {
+        trigger: ReconcileTrigger,
+    },
+    SetMarker {
+        owner: String,
+        key: String,
+        value: String,
+    },
+    ClearMarker {
+        owner: String,
+        key: String,
+    },
+}
+
+/// An effect on one workspace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    pub workspace_id: String,
+    #[serde(flatten)]
+    pub effect: Effect,
+}
+
+impl Action {
+    /// The owner of the marker this action writes, if it writes one.
+    pub fn marker_owner(&self) -> Option<&str> {
+        match &self.effect {
+            Effect::SetMarker { owner, .. } | Effect::ClearMarker { owner, .. } => Some(owner),
+            _ => None,
+        }
+    }
+}
+
+/// A policy's name and version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub name: String,
+    pub version: String,
+}
+
+/// An error a policy returned instead of a verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyError {
+    pub code: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_spellings_round_trip() {
+        for st in Status::ALL {
+            assert_eq!(Status::parse(st.as_str()), Some(st));
+            let json = serde_json::to_string(&st).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+        }
+        assert_eq!(Status::parse("bogus"), None);
+    }
+
+    #[test]
+    fn actions_have_a_flat_tagged_json_form() {
+        let action = Action {
+            workspace_id: "ws".into(),
+            effect: Effect::RequestReconcile {
+                trigger: ReconcileTrigger::McpRecovery,
+            },
+        };
+        let json = serde_json::to_value(&action).unwrap_or_default();
+        assert_eq!(
+            json,
+            serde_json::json!({"workspace_id":"ws","kind":"request_reconcile","trigger":"mcp-recovery"})
+        );
+        let back: Action = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, action);
+    }
+}

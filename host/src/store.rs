@@ -1,0 +1,985 @@
+//! The store: the only code that knows SQL.
+//!
+//! [`Store`] is the interface the rest of the host uses; [`SqliteStore`] is the
+//! embedded implementation (rusqlite, bundled SQLite, WAL, migrations embedded
+//! in the binary). Every method is blocking: callers run it on a blocking
+//! thread, never on an async worker.
+//!
+//! Per-workspace consistency lives in the database, not in process memory: a
+//! verdict is applied in one transaction whose status write and marker writes
+//! are compare-and-set against the state the verdict was computed from. If
+//! anything changed in between, [`Store::apply`] reports
+//! [`Applied::Conflict`] and writes nothing, and the caller re-evaluates on
+//! fresh state. That is what keeps the recovery cooldown to one fire per
+//! window under concurrent heartbeats and across restarts, and it maps
+//! directly onto `UPDATE ... WHERE` on PostgreSQL.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::model::{Marker, ReconcileTrigger, Status, Workspace, WorkspaceKind};
+
+/// The privileged plugin that only a platform workspace may declare.
+pub const MANAGEMENT_PLUGIN: &str = "molecule-ai-plugin-molecule-platform-mcp";
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("unknown workspace `{0}`")]
+    UnknownWorkspace(String),
+    #[error("workspace `{0}` already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("database schema version {found} is newer than this binary's {supported}")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("the store's connection lock was poisoned")]
+    Poisoned,
+}
+
+/// Everything the request path needs about one workspace, read at once.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub workspace: Workspace,
+    /// All policy markers of the workspace (every owner).
+    pub markers: Vec<Marker>,
+    /// SHA-256 hashes of its live tokens.
+    pub live_token_hashes: Vec<Vec<u8>>,
+    pub delivery_mode: String,
+}
+
+/// The liveness fields of a heartbeat, stored on every accepted beat.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub error_rate: f64,
+    pub sample_error: String,
+    pub active_tasks: i64,
+    pub uptime_seconds: i64,
+    pub current_task: Option<String>,
+    pub loaded_mcp_tools: Option<Vec<String>>,
+}
+
+/// The fields a successful register stores.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub url: Option<String>,
+    pub agent_card: String,
+    pub delivery_mode: String,
+    /// A new token to store if the workspace has no live token at commit.
+    pub new_token: Option<NewToken>,
+}
+
+/// A token to store: only its hash and a display prefix.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    pub hash: Vec<u8>,
+    pub prefix: String,
+}
+
+/// A conditional status write.
+#[derive(Clone, Debug)]
+pub struct StatusWrite {
+    pub expected: Status,
+    pub to: Status,
+    pub message: Option<String>,
+}
+
+/// A compare-and-set on one marker: applied only if its stored value is still
+/// `seen`; `new == None` clears it.
+#[derive(Clone, Debug)]
+pub struct MarkerWrite {
+    pub owner: String,
+    pub key: String,
+    pub seen: Option<String>,
+    pub new: Option<String>,
+}
+
+/// The decision-log row of one evaluation.
+#[derive(Clone, Debug)]
+pub struct DecisionRecord {
+    pub event_kind: String,
+    pub chain_version: String,
+    /// `applied`, `rejected`, or `failed:<kind>`.
+    pub outcome: String,
+    pub input_json: String,
+    pub steps_json: String,
+    pub final_actions_json: String,
+    pub attempts: u32,
+}
+
+/// Everything one verdict writes, in one transaction.
+#[derive(Clone, Debug)]
+pub struct VerdictWrite {
+    pub workspace_id: String,
+    pub now_ms: i64,
+    pub liveness: Option<Liveness>,
+    pub registration: Option<Registration>,
+    pub stamp_register_failure: bool,
+    pub status: Option<StatusWrite>,
+    pub events: Vec<(String, String)>,
+    pub markers: Vec<MarkerWrite>,
+    pub reconciles: Vec<ReconcileTrigger>,
+    pub decision: DecisionRecord,
+}
+
+/// A reconcile run queued by a verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QueuedRun {
+    pub id: i64,
+    pub workspace_id: String,
+    pub trigger: ReconcileTrigger,
+}
+
+/// The outcome of [`Store::apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Committed.
+    Done {
+        decision_id: i64,
+        queued: Vec<QueuedRun>,
+        token_stored: bool,
+    },
+    /// The state changed since the snapshot; nothing was written.
+    Conflict,
+}
+
+/// A workspace to provision.
+#[derive(Clone, Debug)]
+pub struct NewWorkspace {
+    pub id: String,
+    pub name: String,
+    pub kind: WorkspaceKind,
+    pub model_configured: bool,
+}
+
+/// A workspace as an operator sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkspaceRecord {
+    pub id: String,
+    pub name: String,
+    pub kind: WorkspaceKind,
+    pub status: Status,
+    pub url: Option<String>,
+    pub delivery_mode: String,
+    pub last_sample_error: String,
+    pub last_error_rate: f64,
+    pub last_heartbeat_ms: Option<i64>,
+    pub last_register_failure_ms: Option<i64>,
+    pub model_configured: bool,
+    pub declared_plugins: Vec<DeclaredPlugin>,
+    pub live_tokens: i64,
+}
+
+/// A declared plugin.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeclaredPlugin {
+    pub name: String,
+    pub source: String,
+}
+
+/// A reconcile run as stored.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReconcileRun {
+    pub id: i64,
+    pub workspace_id: String,
+    pub trigger: String,
+    pub state: String,
+    pub requested_ms: i64,
+    pub decision_id: Option<i64>,
+}
+
+/// A recorded event.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub workspace_id: String,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub at_ms: i64,
+}
+
+/// A decision-log row.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionRow {
+    pub id: i64,
+    pub workspace_id: String,
+    pub at_ms: i64,
+    pub event_kind: String,
+    pub chain_version: String,
+    pub outcome: String,
+    pub input: serde_json::Value,
+    pub steps: serde_json::Value,
+    pub final_actions: serde_json::Value,
+    pub attempts: i64,
+}
+
+/// The store's interface. Blocking; every method is one transaction.
+pub trait Store: Send + Sync + 'static {
+    /// Read the workspace, its markers and its live token hashes.
+    fn load(&self, workspace_id: &str) -> Result<Option<Snapshot>, StoreError>;
+    /// Apply one verdict atomically, or report a conflict and write nothing.
+    fn apply(&self, write: &VerdictWrite) -> Result<Applied, StoreError>;
+    /// Record that an authenticated register failed (for the degrade rule).
+    fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Provision a workspace (`provisioning`).
+    fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError>;
+    /// One workspace, as an operator sees it.
+    fn workspace(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError>;
+    /// Every workspace, by id.
+    fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, StoreError>;
+    /// Set an operator-decided status (e.g. `removed`), unconditionally.
+    fn set_status(&self, id: &str, status: Status, now_ms: i64) -> Result<(), StoreError>;
+    /// Record that a secret named `name` is configured (values live elsewhere).
+    fn set_secret(&self, id: &str, name: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Declare a plugin; the management plugin only on a platform workspace.
+    fn declare_plugin(
+        &self,
+        id: &str,
+        name: &str,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Store a new token's hash.
+    fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
+    /// Revoke every live token of a workspace; returns how many.
+    fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError>;
+    /// Reconcile runs, oldest first, optionally of one workspace.
+    fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError>;
+    /// Events of a workspace, oldest first.
+    fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError>;
+    /// The newest `limit` decisions of a workspace, oldest first.
+    fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError>;
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE workspaces (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'workspace' CHECK (kind IN ('workspace', 'platform')),
+    status TEXT NOT NULL DEFAULT 'provisioning' CHECK (status IN ('provisioning', 'online',
+        'offline', 'degraded', 'failed', 'removed', 'paused', 'hibernated', 'hibernating',
+        'awaiting_agent')),
+    url TEXT,
+    agent_card TEXT,
+    delivery_mode TEXT NOT NULL DEFAULT 'push' CHECK (delivery_mode IN ('push', 'poll')),
+    last_heartbeat_ms INTEGER,
+    last_error_rate REAL NOT NULL DEFAULT 0,
+    last_sample_error TEXT NOT NULL DEFAULT '',
+    active_tasks INTEGER NOT NULL DEFAULT 0,
+    uptime_seconds INTEGER NOT NULL DEFAULT 0,
+    current_task TEXT,
+    loaded_mcp_tools TEXT,
+    last_register_failure_ms INTEGER,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+) STRICT;
+
+-- Secrets by name only: their values live in the secret store, never here.
+CREATE TABLE workspace_secrets (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, name)
+) STRICT;
+
+CREATE TABLE auth_tokens (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    token_hash BLOB NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+) STRICT;
+CREATE INDEX auth_tokens_live ON auth_tokens (workspace_id) WHERE revoked_ms IS NULL;
+
+CREATE TABLE declared_plugins (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    plugin_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, plugin_name)
+) STRICT;
+
+CREATE TABLE installed_plugins (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    plugin_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    tracked_ref TEXT NOT NULL DEFAULT 'none',
+    installed_sha TEXT,
+    installed_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, plugin_name)
+) STRICT;
+
+CREATE TABLE policy_markers (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, owner, key)
+) STRICT;
+
+CREATE TABLE decisions (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    event_kind TEXT NOT NULL,
+    chain_version TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    input TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    final_actions TEXT NOT NULL,
+    attempts INTEGER NOT NULL
+) STRICT;
+CREATE INDEX decisions_by_workspace ON decisions (workspace_id, id);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    decision_id INTEGER REFERENCES decisions(id)
+) STRICT;
+CREATE INDEX events_by_workspace ON events (workspace_id, id);
+
+CREATE TABLE reconcile_runs (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    trigger TEXT NOT NULL CHECK (trigger IN ('online', 'mcp-recovery')),
+    state TEXT NOT NULL DEFAULT 'queued'
+        CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    requested_ms INTEGER NOT NULL,
+    decision_id INTEGER REFERENCES decisions(id),
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    detail TEXT
+) STRICT;
+CREATE INDEX reconcile_runs_by_state ON reconcile_runs (state, id);
+CREATE INDEX reconcile_runs_by_workspace ON reconcile_runs (workspace_id, id);
+"#];
+
+/// The embedded SQLite store: one writer connection, a small pool of readers.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    path: std::path::PathBuf,
+}
+
+const MAX_IDLE_READERS: usize = 8;
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path` and migrate it.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let mut conn = open_connection(path)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(mode, "sqlite refused WAL journal mode");
+        }
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self
+            .readers
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => open_connection(&self.path)?,
+        };
+        let result = f(&mut conn);
+        if let Ok(mut idle) = self.readers.lock()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(conn);
+        }
+        result
+    }
+
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut conn)
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > supported {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn parse_status(s: String) -> rusqlite::Result<Status> {
+    Status::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown status `{s}`").into(),
+        )
+    })
+}
+
+fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
+    WorkspaceKind::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown kind `{s}`").into(),
+        )
+    })
+}
+
+fn json_or_null(s: String) -> serde_json::Value {
+    serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))
+}
+
+fn load_snapshot(conn: &mut Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
+    let tx = conn.transaction()?;
+    let row = tx
+        .query_row(
+            "SELECT kind, status, last_register_failure_ms, delivery_mode,
+                    EXISTS(SELECT 1 FROM workspace_secrets s
+                           WHERE s.workspace_id = w.id AND s.name = 'MODEL')
+             FROM workspaces w WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    parse_kind(r.get(0)?)?,
+                    parse_status(r.get(1)?)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((kind, status, last_register_failure_ms, delivery_mode, model_configured)) = row
+    else {
+        return Ok(None);
+    };
+    let declared_plugins = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT plugin_name FROM declared_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
+        )?;
+        stmt.query_map([id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?
+    };
+    let markers = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT owner, key, value FROM policy_markers WHERE workspace_id = ?1 ORDER BY owner, key",
+        )?;
+        stmt.query_map([id], |r| {
+            Ok(Marker {
+                owner: r.get(0)?,
+                key: r.get(1)?,
+                value: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let live_token_hashes = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT token_hash FROM auth_tokens WHERE workspace_id = ?1 AND revoked_ms IS NULL",
+        )?;
+        stmt.query_map([id], |r| r.get(0))?
+            .collect::<Result<Vec<Vec<u8>>, _>>()?
+    };
+    tx.commit()?;
+    Ok(Some(Snapshot {
+        workspace: Workspace {
+            id: id.to_string(),
+            kind,
+            status,
+            model_configured,
+            declared_plugins,
+            last_register_failure_ms,
+        },
+        markers,
+        live_token_hashes,
+        delivery_mode,
+    }))
+}
+
+fn apply_verdict(conn: &mut Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let id = w.workspace_id.as_str();
+    let exists: Option<String> = tx
+        .query_row("SELECT status FROM workspaces WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if exists.is_none() {
+        return Err(StoreError::UnknownWorkspace(id.to_string()));
+    }
+
+    if let Some(l) = &w.liveness {
+        let tools = l
+            .loaded_mcp_tools
+            .as_ref()
+            .map(|t| serde_json::to_string(t).unwrap_or_default());
+        tx.prepare_cached(
+            "UPDATE workspaces SET last_heartbeat_ms = ?2, last_error_rate = ?3,
+                 last_sample_error = ?4, active_tasks = ?5, uptime_seconds = ?6,
+                 current_task = ?7, loaded_mcp_tools = COALESCE(?8, loaded_mcp_tools),
+                 updated_ms = ?2
+             WHERE id = ?1 AND status != 'removed'",
+        )?
+        .execute(params![
+            id,
+            w.now_ms,
+            l.error_rate,
+            l.sample_error,
+            l.active_tasks,
+            l.uptime_seconds,
+            l.current_task,
+            tools
+        ])?;
+    }
+
+    if let Some(s) = &w.status {
+        let changed = tx
+            .prepare_cached(
+                "UPDATE workspaces SET status = ?2,
+                     last_sample_error = COALESCE(?3, last_sample_error), updated_ms = ?4
+                 WHERE id = ?1 AND status = ?5",
+            )?
+            .execute(params![
+                id,
+                s.to.as_str(),
+                s.message,
+                w.now_ms,
+                s.expected.as_str()
+            ])?;
+        if changed == 0 {
+            return Ok(Applied::Conflict);
+        }
+    }
+
+    for m in &w.markers {
+        let changed = match (&m.seen, &m.new) {
+            (None, Some(new)) => tx
+                .prepare_cached(
+                    "INSERT INTO policy_markers (workspace_id, owner, key, value, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![id, m.owner, m.key, new, w.now_ms])?,
+            (Some(seen), Some(new)) => tx
+                .prepare_cached(
+                    "UPDATE policy_markers SET value = ?4, updated_ms = ?5
+                     WHERE workspace_id = ?1 AND owner = ?2 AND key = ?3 AND value = ?6",
+                )?
+                .execute(params![id, m.owner, m.key, new, w.now_ms, seen])?,
+            (Some(seen), None) => tx
+                .prepare_cached(
+                    "DELETE FROM policy_markers
+                     WHERE workspace_id = ?1 AND owner = ?2 AND key = ?3 AND value = ?4",
+                )?
+                .execute(params![id, m.owner, m.key, seen])?,
+            (None, None) => {
+                let present: bool = tx.query_row(
+                    "SELECT EXISTS(SELECT 1 FROM policy_markers
+                     WHERE workspace_id = ?1 AND owner = ?2 AND key = ?3)",
+                    params![id, m.owner, m.key],
+                    |r| r.get(0),
+                )?;
+                usize::from(!present)
+            }
+        };
+        if changed != 1 {
+            return Ok(Applied::Conflict);
+        }
+    }
+
+    let d = &w.decision;
+    tx.prepare_cached(
+        "INSERT INTO decisions (workspace_id, at_ms, event_kind, chain_version, outcome,
+             input, steps, final_actions, attempts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        id,
+        w.now_ms,
+        d.event_kind,
+        d.chain_version,
+        d.outcome,
+        d.input_json,
+        d.steps_json,
+        d.final_actions_json,
+        d.attempts
+    ])?;
+    let decision_id = tx.last_insert_rowid();
+
+    for (event_type, payload) in &w.events {
+        tx.prepare_cached(
+            "INSERT INTO events (workspace_id, event_type, payload, at_ms, decision_id)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![id, event_type, payload, w.now_ms, decision_id])?;
+    }
+
+    let mut queued = Vec::with_capacity(w.reconciles.len());
+    for trigger in &w.reconciles {
+        tx.prepare_cached(
+            "INSERT INTO reconcile_runs (workspace_id, trigger, state, requested_ms, decision_id)
+             VALUES (?1, ?2, 'queued', ?3, ?4)",
+        )?
+        .execute(params![id, trigger.as_str(), w.now_ms, decision_id])?;
+        queued.push(QueuedRun {
+            id: tx.last_insert_rowid(),
+            workspace_id: id.to_string(),
+            trigger: *trigger,
+        });
+    }
+
+    if w.stamp_register_failure {
+        tx.prepare_cached("UPDATE workspaces SET last_register_failure_ms = ?2 WHERE id = ?1")?
+            .execute(params![id, w.now_ms])?;
+    }
+
+    let mut token_stored = false;
+    if let Some(r) = &w.registration {
+        tx.prepare_cached(
+            "UPDATE workspaces SET url = ?2, agent_card = ?3, delivery_mode = ?4,
+                 last_heartbeat_ms = ?5, last_register_failure_ms = NULL, updated_ms = ?5
+             WHERE id = ?1 AND status != 'removed'",
+        )?
+        .execute(params![id, r.url, r.agent_card, r.delivery_mode, w.now_ms])?;
+        if let Some(token) = &r.new_token {
+            let live: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM auth_tokens
+                 WHERE workspace_id = ?1 AND revoked_ms IS NULL)",
+                [id],
+                |r| r.get(0),
+            )?;
+            if !live {
+                insert_token(&tx, id, token, w.now_ms)?;
+                token_stored = true;
+            }
+        }
+    }
+
+    tx.commit()?;
+    Ok(Applied::Done {
+        decision_id,
+        queued,
+        token_stored,
+    })
+}
+
+fn insert_token(
+    conn: &Connection,
+    id: &str,
+    token: &NewToken,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO auth_tokens (workspace_id, token_hash, prefix, created_ms) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![id, token.hash, token.prefix, now_ms])?;
+    Ok(())
+}
+
+fn require_workspace(conn: &Connection, id: &str) -> Result<WorkspaceKind, StoreError> {
+    conn.query_row("SELECT kind FROM workspaces WHERE id = ?1", [id], |r| {
+        parse_kind(r.get(0)?)
+    })
+    .optional()?
+    .ok_or_else(|| StoreError::UnknownWorkspace(id.to_string()))
+}
+
+fn read_workspace(conn: &Connection, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+    let rec = conn
+        .query_row(
+            "SELECT id, name, kind, status, url, delivery_mode, last_sample_error,
+                    last_error_rate, last_heartbeat_ms, last_register_failure_ms,
+                    EXISTS(SELECT 1 FROM workspace_secrets s
+                           WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
+                    (SELECT COUNT(*) FROM auth_tokens t
+                     WHERE t.workspace_id = w.id AND t.revoked_ms IS NULL)
+             FROM workspaces w WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(WorkspaceRecord {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    kind: parse_kind(r.get(2)?)?,
+                    status: parse_status(r.get(3)?)?,
+                    url: r.get(4)?,
+                    delivery_mode: r.get(5)?,
+                    last_sample_error: r.get(6)?,
+                    last_error_rate: r.get(7)?,
+                    last_heartbeat_ms: r.get(8)?,
+                    last_register_failure_ms: r.get(9)?,
+                    model_configured: r.get(10)?,
+                    declared_plugins: Vec::new(),
+                    live_tokens: r.get(11)?,
+                })
+            },
+        )
+        .optional()?;
+    let Some(mut rec) = rec else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT plugin_name, source FROM declared_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
+    )?;
+    rec.declared_plugins = stmt
+        .query_map([id], |r| {
+            Ok(DeclaredPlugin {
+                name: r.get(0)?,
+                source: r.get(1)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(rec))
+}
+
+impl Store for SqliteStore {
+    fn load(&self, workspace_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        self.with_reader(|c| load_snapshot(c, workspace_id))
+    }
+
+    fn apply(&self, write: &VerdictWrite) -> Result<Applied, StoreError> {
+        self.with_writer(|c| apply_verdict(c, write))
+    }
+
+    fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            c.execute(
+                "UPDATE workspaces SET last_register_failure_ms = ?2 WHERE id = ?1",
+                params![workspace_id, now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let inserted = tx.execute(
+                "INSERT INTO workspaces (id, name, kind, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING",
+                params![new.id, new.name, new.kind.as_str(), now_ms],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Exists(new.id.clone()));
+            }
+            if new.model_configured {
+                tx.execute(
+                    "INSERT INTO workspace_secrets (workspace_id, name, created_ms)
+                     VALUES (?1, 'MODEL', ?2)",
+                    params![new.id, now_ms],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn workspace(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        self.with_reader(|c| read_workspace(c, id))
+    }
+
+    fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, StoreError> {
+        self.with_reader(|c| {
+            let tx = c.transaction()?;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare("SELECT id FROM workspaces ORDER BY id")?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            };
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(rec) = read_workspace(&tx, &id)? {
+                    out.push(rec);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn set_status(&self, id: &str, status: Status, now_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let n = c.execute(
+                "UPDATE workspaces SET status = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, status.as_str(), now_ms],
+            )?;
+            if n == 0 {
+                return Err(StoreError::UnknownWorkspace(id.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    fn set_secret(&self, id: &str, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            tx.execute(
+                "INSERT INTO workspace_secrets (workspace_id, name, created_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+                params![id, name, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn declare_plugin(
+        &self,
+        id: &str,
+        name: &str,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let kind = require_workspace(&tx, id)?;
+            if name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
+                return Err(StoreError::Refused(format!(
+                    "refusing to declare privileged plugin `{name}` on non-platform workspace `{id}`"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO declared_plugins (workspace_id, plugin_name, source, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (workspace_id, plugin_name)
+                 DO UPDATE SET source = excluded.source, updated_ms = excluded.updated_ms",
+                params![id, name, source, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            insert_token(&tx, id, token, now_ms)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            let n = tx.execute(
+                "UPDATE auth_tokens SET revoked_ms = ?2 WHERE workspace_id = ?1 AND revoked_ms IS NULL",
+                params![id, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, workspace_id, trigger, state, requested_ms, decision_id
+                 FROM reconcile_runs WHERE ?1 IS NULL OR workspace_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([workspace_id], |r| {
+                    Ok(ReconcileRun {
+                        id: r.get(0)?,
+                        workspace_id: r.get(1)?,
+                        trigger: r.get(2)?,
+                        state: r.get(3)?,
+                        requested_ms: r.get(4)?,
+                        decision_id: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, workspace_id, event_type, payload, at_ms FROM events
+                 WHERE workspace_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([workspace_id], |r| {
+                    Ok(EventRow {
+                        id: r.get(0)?,
+                        workspace_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        payload: json_or_null(r.get(3)?),
+                        at_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, workspace_id, at_ms, event_kind, chain_version, outcome, input, steps,
+                        final_actions, attempts
+                 FROM decisions WHERE workspace_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let mut rows: Vec<DecisionRow> = stmt
+                .query_map(params![workspace_id, limit as i64], |r| {
+                    Ok(DecisionRow {
+                        id: r.get(0)?,
+                        workspace_id: r.get(1)?,
+                        at_ms: r.get(2)?,
+                        event_kind: r.get(3)?,
+                        chain_version: r.get(4)?,
+                        outcome: r.get(5)?,
+                        input: json_or_null(r.get(6)?),
+                        steps: json_or_null(r.get(7)?),
+                        final_actions: json_or_null(r.get(8)?),
+                        attempts: r.get(9)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            rows.reverse();
+            Ok(rows)
+        })
+    }
+}
