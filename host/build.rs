@@ -81,7 +81,9 @@ fn ensure_wasm_target(root: &Path) -> Result<()> {
     if !libdir.is_empty() && Path::new(&libdir).is_dir() {
         return Ok(());
     }
-    println!("cargo:warning=installing the {TARGET} target with `rustup target add {TARGET}` to build the built-in policies");
+    println!(
+        "cargo:warning=installing the {TARGET} target with `rustup target add {TARGET}` to build the built-in policies"
+    );
     let status = Command::new("rustup")
         .current_dir(root)
         .args(["target", "add", TARGET])
@@ -113,7 +115,9 @@ fn build_guests(root: &Path, target_dir: &Path) -> Result<()> {
             cmd.env_remove(&key);
         }
     }
-    let status = cmd.status().context("running cargo to build the policies")?;
+    let status = cmd
+        .status()
+        .context("running cargo to build the policies")?;
     if !status.success() {
         bail!("building the policies for {TARGET} failed with {status}");
     }
@@ -121,8 +125,8 @@ fn build_guests(root: &Path, target_dir: &Path) -> Result<()> {
 }
 
 fn componentize(core_path: &Path) -> Result<Vec<u8>> {
-    let core = std::fs::read(core_path)
-        .with_context(|| format!("reading {}", core_path.display()))?;
+    let core =
+        std::fs::read(core_path).with_context(|| format!("reading {}", core_path.display()))?;
     wit_component::ComponentEncoder::default()
         .module(&core)?
         .validate(true)

@@ -1,0 +1,739 @@
+//! The whole service over real HTTP, with a real SQLite file and the real
+//! compiled policies: the cases of spec section 8 that concern register,
+//! heartbeat, the gate, the recovery trigger and the cooldown.
+
+#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{MINUTE_MS, Service, T0_MS, dump};
+use heartgate::clock::ManualClock;
+use heartgate::model::WorkspaceKind::{Platform, Workspace};
+use hyper::StatusCode;
+use serde_json::{Value, json};
+
+const HEARTBEAT_MCP_MESSAGE: &str = "platform agent heartbeat denied: management MCP server absent (mcp_server_present=false); refusing to mark online (RCA #2970 FAIL-CLOSED)";
+const HEARTBEAT_MODEL_MESSAGE: &str = "platform agent heartbeat denied: no seeded MODEL workspace_secret; refusing to mark online (RCA #2970 FAIL-CLOSED)";
+const REGISTER_MCP_MESSAGE: &str = "platform agent registered without its management MCP server (mcp_server_present=false); refusing online";
+const REGISTER_MODEL_MESSAGE: &str =
+    "platform agent registered without a seeded MODEL secret; refusing online";
+const MANAGEMENT_PLUGIN: &str = "molecule-ai-plugin-molecule-platform-mcp";
+
+async fn start() -> (tempfile::TempDir, Service) {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(&dir.path().join("heartgate.db"), ManualClock::at(T0_MS)).await;
+    (dir, svc)
+}
+
+fn mcp_missing(id: &str) -> Value {
+    json!({"workspace_id": id, "error_rate": 0.0, "sample_error": "", "active_tasks": 0,
+           "uptime_seconds": 60, "mcp_server_present": false})
+}
+
+fn healthy(id: &str) -> Value {
+    json!({"workspace_id": id, "error_rate": 0.0, "sample_error": "", "active_tasks": 0, "uptime_seconds": 60})
+}
+
+/// An online platform workspace with a model configured.
+fn online_concierge(svc: &Service, id: &str) -> String {
+    let token = svc.provision(id, Platform, true);
+    svc.force_status(id, "online");
+    token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_missing_heartbeat_fails_closed_and_fires_recovery() {
+    let (_dir, svc) = start().await;
+    let token = online_concierge(&svc, "ws-mcp-fail");
+
+    let (status, body) = svc.heartbeat(&token, mcp_missing("ws-mcp-fail")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "ok"}));
+
+    let ws = svc.workspace("ws-mcp-fail");
+    assert_eq!(ws["status"], "failed");
+    assert_eq!(ws["last_sample_error"], HEARTBEAT_MCP_MESSAGE);
+    let events = svc.events("ws-mcp-fail", "WORKSPACE_PROVISION_FAILED");
+    assert_eq!(
+        events,
+        vec![
+            json!({"error": HEARTBEAT_MCP_MESSAGE, "code": "PLATFORM_AGENT_IDENTITY_GATE",
+                    "reason": "mcp_server_missing"})
+        ]
+    );
+    assert_eq!(svc.runs("ws-mcp-fail", "mcp-recovery"), 1);
+    let runs = svc.store.reconcile_runs(Some("ws-mcp-fail")).unwrap();
+    assert!(runs.iter().all(|r| r.state == "queued"));
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_missing_heartbeat_fails_closed_without_recovery() {
+    let (_dir, svc) = start().await;
+    let token = svc.provision("ws-no-model", Platform, false);
+    svc.force_status("ws-no-model", "online");
+
+    // MCP present but no model: failed with the model message, no fire.
+    let mut body = healthy("ws-no-model");
+    body["mcp_server_present"] = json!(true);
+    assert_eq!(svc.heartbeat(&token, body).await.0, StatusCode::OK);
+    let ws = svc.workspace("ws-no-model");
+    assert_eq!(ws["status"], "failed");
+    assert_eq!(ws["last_sample_error"], HEARTBEAT_MODEL_MESSAGE);
+
+    // Both missing: the model branch wins, still no fire.
+    assert_eq!(
+        svc.heartbeat(&token, mcp_missing("ws-no-model")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        svc.workspace("ws-no-model")["last_sample_error"],
+        HEARTBEAT_MODEL_MESSAGE
+    );
+    assert_eq!(svc.runs("ws-no-model", "mcp-recovery"), 0);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_fires_once_per_five_minutes_then_again() {
+    let (_dir, svc) = start().await;
+    let token = online_concierge(&svc, "ws-x");
+
+    svc.heartbeat(&token, mcp_missing("ws-x")).await;
+    svc.heartbeat(&token, mcp_missing("ws-x")).await;
+    assert_eq!(
+        svc.runs("ws-x", "mcp-recovery"),
+        1,
+        "two immediate requests fire once"
+    );
+
+    svc.clock.advance(5 * MINUTE_MS - 1);
+    svc.heartbeat(&token, mcp_missing("ws-x")).await;
+    assert_eq!(
+        svc.runs("ws-x", "mcp-recovery"),
+        1,
+        "still inside the cooldown"
+    );
+
+    svc.clock.advance(1);
+    svc.heartbeat(&token, mcp_missing("ws-x")).await;
+    assert_eq!(
+        svc.runs("ws-x", "mcp-recovery"),
+        2,
+        "exactly five minutes later it fires"
+    );
+    assert_eq!(svc.status("ws-x"), "failed");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mcp_missing_heartbeats_queue_exactly_one_recovery() {
+    let (_dir, svc) = start().await;
+    let token = online_concierge(&svc, "ws-burst");
+    let svc = Arc::new(svc);
+
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let svc = svc.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            svc.heartbeat(&token, mcp_missing("ws-burst")).await.0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(svc.runs("ws-burst", "mcp-recovery"), 1);
+    assert_eq!(svc.status("ws-burst"), "failed");
+    assert_eq!(
+        svc.events("ws-burst", "WORKSPACE_PROVISION_FAILED").len(),
+        20
+    );
+    Arc::try_unwrap(svc).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_inside_cooldown_still_suppresses_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let clock = ManualClock::at(T0_MS);
+    let svc = Service::start(&db, clock.clone()).await;
+    let token = online_concierge(&svc, "ws-restart");
+    svc.heartbeat(&token, mcp_missing("ws-restart")).await;
+    assert_eq!(svc.runs("ws-restart", "mcp-recovery"), 1);
+    svc.stop().await;
+
+    clock.advance(2 * MINUTE_MS);
+    let svc = Service::start(&db, clock.clone()).await;
+    svc.heartbeat(&token, mcp_missing("ws-restart")).await;
+    assert_eq!(
+        svc.runs("ws-restart", "mcp-recovery"),
+        1,
+        "the cooldown survived the restart"
+    );
+
+    clock.advance(3 * MINUTE_MS);
+    svc.heartbeat(&token, mcp_missing("ws-restart")).await;
+    assert_eq!(svc.runs("ws-restart", "mcp-recovery"), 2);
+    let runs = svc.store.reconcile_runs(Some("ws-restart")).unwrap();
+    assert!(
+        runs.iter().all(|r| r.state == "queued"),
+        "queued runs survive restarts"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_and_heartbeat_share_one_cooldown() {
+    let (_dir, svc) = start().await;
+    let token = svc.provision("ws-shared", Platform, true);
+    let (status, body) = svc
+        .register(
+            Some(&token),
+            json!({"id": "ws-shared", "url": "http://agent", "agent_card": {"name": "c"},
+                   "kind": "platform", "mcp_server_present": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body, json!({"error": "platform agent identity incomplete"}));
+    assert_eq!(svc.runs("ws-shared", "mcp-recovery"), 1);
+
+    svc.clock.advance(MINUTE_MS);
+    svc.heartbeat(&token, mcp_missing("ws-shared")).await;
+    assert_eq!(svc.runs("ws-shared", "mcp-recovery"), 1);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_platform_gate_cases() {
+    let (_dir, svc) = start().await;
+
+    // No model: failed + 400, no token issued, no fire.
+    svc.provision("no-model", Platform, false);
+    svc.store.revoke_tokens("no-model", T0_MS).unwrap();
+    let (status, body) = svc
+        .register(None, json!({"id": "no-model", "url": "http://a", "agent_card": {}, "kind": "platform", "mcp_server_present": true}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body, json!({"error": "platform agent identity incomplete"}));
+    let ws = svc.workspace("no-model");
+    assert_eq!(ws["status"], "failed");
+    assert_eq!(ws["last_sample_error"], REGISTER_MODEL_MESSAGE);
+    assert_eq!(ws["live_tokens"], 0, "a failing concierge gets no token");
+    assert!(ws["last_register_failure_ms"].is_i64());
+    assert_eq!(svc.runs("no-model", "mcp-recovery"), 0);
+
+    // MCP false: failed + 400 + recovery fire.
+    let token = svc.provision("no-mcp", Platform, true);
+    let (status, _) = svc
+        .register(Some(&token), json!({"id": "no-mcp", "url": "http://a", "agent_card": {}, "mcp_server_present": false}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        svc.workspace("no-mcp")["last_sample_error"],
+        REGISTER_MCP_MESSAGE
+    );
+    assert_eq!(svc.runs("no-mcp", "mcp-recovery"), 1);
+
+    // Already platform, model and MCP: 200 and stays platform.
+    let token = svc.provision("good", Platform, true);
+    let (status, body) = svc
+        .register(Some(&token), json!({"id": "good", "url": "http://a", "agent_card": {}, "kind": "platform", "mcp_server_present": true}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let ws = svc.workspace("good");
+    assert_eq!(
+        (ws["status"].as_str(), ws["kind"].as_str()),
+        (Some("online"), Some("platform"))
+    );
+
+    // A non-platform row asking for platform: 403; an unknown id: 404.
+    let token = svc.provision("plain", Workspace, true);
+    let (status, body) = svc
+        .register(
+            Some(&token),
+            json!({"id": "plain", "url": "http://a", "agent_card": {}, "kind": "platform"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        body,
+        json!({"error": "kind='platform' may only be assigned by the platform-agent install path"})
+    );
+    assert_eq!(svc.workspace("plain")["kind"], "workspace");
+    let before = dump(&svc.db);
+    let (status, body) = svc
+        .register(
+            None,
+            json!({"id": "fresh", "url": "http://a", "agent_card": {}, "kind": "platform"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_FOUND, json!({"error": "unknown workspace"}))
+    );
+    assert_eq!(dump(&svc.db), before);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_bootstrap_and_token_checks() {
+    let (_dir, svc) = start().await;
+    svc.provision("boot", Workspace, false);
+    svc.store.revoke_tokens("boot", T0_MS).unwrap();
+    let card = json!({"id": "boot", "url": "https://example.com/echo-agent",
+                      "agent_card": {"name": "Echo Agent v2"}});
+
+    // No live token: 200 with a token, once.
+    let (status, body) = svc.register(None, card.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "registered");
+    assert_eq!(body["delivery_mode"], "push");
+    let token = body["auth_token"].as_str().expect("a token").to_string();
+    assert_eq!(token.len(), 43);
+    assert_eq!(svc.status("boot"), "online");
+
+    // Live token and no bearer: 401, nothing written.
+    let before = dump(&svc.db);
+    let (status, body) = svc.register(None, card.clone()).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing workspace auth token"})
+        )
+    );
+    // Stale or other-workspace bearer: 401, nothing written.
+    let (status, body) = svc.register(Some("stale-token"), card.clone()).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid workspace auth token"})
+        )
+    );
+    let other = svc.provision("other", Workspace, false);
+    let before_other = dump(&svc.db);
+    let (status, _) = svc.heartbeat(&other, healthy("boot")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(dump(&svc.db), before_other);
+    assert_ne!(before, before_other);
+
+    // The right token: 200 and no new token.
+    let (status, body) = svc.register(Some(&token), card).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.get("auth_token").is_none());
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_lookup_failure_fails_closed_with_503() {
+    let (_dir, svc) = start().await;
+    let token = svc.provision("ws", Workspace, false);
+    let conn = rusqlite::Connection::open(&svc.db).unwrap();
+    conn.execute_batch("ALTER TABLE auth_tokens RENAME TO auth_tokens_gone")
+        .unwrap();
+    let before = dump(&svc.db);
+
+    let (status, body) = svc.heartbeat(&token, healthy("ws")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body,
+        json!({"error": "workspace auth temporarily unavailable"})
+    );
+    let (status, _) = svc
+        .register(
+            None,
+            json!({"id": "ws", "url": "http://a", "agent_card": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(dump(&svc.db), before, "nothing written");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_status_transitions() {
+    let (_dir, svc) = start().await;
+    let token = svc.provision("ws", Workspace, false);
+
+    for from in ["offline", "failed", "awaiting_agent", "provisioning"] {
+        svc.force_status("ws", from);
+        assert_eq!(svc.heartbeat(&token, healthy("ws")).await.0, StatusCode::OK);
+        assert_eq!(svc.status("ws"), "online", "{from} -> online");
+        let online = svc.events("ws", "WORKSPACE_ONLINE");
+        assert_eq!(online.last().unwrap(), &json!({"recovered_from": from}));
+    }
+    assert_eq!(
+        svc.runs("ws", "online"),
+        4,
+        "each recovery fires the online reconcile"
+    );
+
+    // Online with error rate 0.2 stays online.
+    let mut hb = healthy("ws");
+    hb["error_rate"] = json!(0.2);
+    svc.heartbeat(&token, hb).await;
+    assert_eq!(svc.status("ws"), "online");
+
+    // Wedged online -> degraded; recovers only after the wedge clears and errors drop.
+    let mut wedged = healthy("ws");
+    wedged["runtime_state"] = json!("wedged");
+    svc.heartbeat(&token, wedged.clone()).await;
+    assert_eq!(svc.status("ws"), "degraded");
+    svc.heartbeat(&token, wedged).await;
+    assert_eq!(svc.status("ws"), "degraded");
+    let mut erroring = healthy("ws");
+    erroring["error_rate"] = json!(0.1);
+    svc.heartbeat(&token, erroring).await;
+    assert_eq!(svc.status("ws"), "degraded");
+    svc.heartbeat(&token, healthy("ws")).await;
+    assert_eq!(svc.status("ws"), "online");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_script_requests_degrade_and_recover() {
+    let (_dir, svc) = start().await;
+    svc.provision("echo", Workspace, false);
+    svc.store.revoke_tokens("echo", T0_MS).unwrap();
+    let (status, body) = svc
+        .register(None, json!({"id":"echo","url":"https://example.com/echo-agent","agent_card":{"name":"Echo Agent v2","skills":[{"id":"echo","name":"Echo"},{"id":"repeat","name":"Repeat"}]}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let token = body["auth_token"].as_str().unwrap().to_string();
+    let beats = [
+        (
+            json!({"workspace_id":"echo","error_rate":0.0,"sample_error":"","active_tasks":2,"uptime_seconds":120}),
+            "online",
+        ),
+        (
+            json!({"workspace_id":"echo","error_rate":0.8,"sample_error":"API rate limit","active_tasks":0,"uptime_seconds":130}),
+            "degraded",
+        ),
+        (
+            json!({"workspace_id":"echo","error_rate":0.0,"sample_error":"","active_tasks":0,"uptime_seconds":140}),
+            "online",
+        ),
+    ];
+    for (beat, expected) in beats {
+        assert_eq!(svc.heartbeat(&token, beat).await.0, StatusCode::OK);
+        assert_eq!(svc.status("echo"), expected);
+    }
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_workspaces_are_never_touched() {
+    let (_dir, svc) = start().await;
+    let token = online_concierge(&svc, "gone");
+    svc.force_status("gone", "removed");
+    let before = dump(&svc.db);
+    let (status, _) = svc.heartbeat(&token, mcp_missing("gone")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = svc
+        .register(
+            Some(&token),
+            json!({"id": "gone", "url": "http://a", "agent_card": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(dump(&svc.db), before);
+
+    // Paused rows keep their status too.
+    let token = svc.provision("paused", Workspace, false);
+    svc.force_status("paused", "paused");
+    let mut wedged = healthy("paused");
+    wedged["runtime_state"] = json!("wedged");
+    svc.heartbeat(&token, wedged).await;
+    assert_eq!(svc.status("paused"), "paused");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_present_but_tools_missing_past_grace_degrades_and_fires_recovery() {
+    let (_dir, svc) = start().await;
+    let token = online_concierge(&svc, "ws-tools");
+    svc.store
+        .declare_plugin(
+            "ws-tools",
+            MANAGEMENT_PLUGIN,
+            "local://molecule-platform-mcp",
+            T0_MS,
+        )
+        .unwrap();
+    let beat = json!({"workspace_id": "ws-tools", "error_rate": 0.0, "mcp_server_present": true,
+                      "loaded_mcp_tools": []});
+
+    svc.heartbeat(&token, beat.clone()).await;
+    assert_eq!(svc.status("ws-tools"), "online", "inside the grace");
+    svc.clock.advance(180_000);
+    svc.heartbeat(&token, beat.clone()).await;
+    assert_eq!(svc.status("ws-tools"), "online", "exactly at the grace");
+    svc.clock.advance(1);
+    svc.heartbeat(&token, beat).await;
+    let ws = svc.workspace("ws-tools");
+    assert_eq!(ws["status"], "degraded");
+    assert_eq!(
+        ws["last_sample_error"],
+        "platform agent management MCP declared but not loaded; marking degraded (core#3082)"
+    );
+    assert_eq!(svc.runs("ws-tools", "mcp-recovery"), 1);
+
+    // The tool loads: the stamp is forgotten and the workspace recovers.
+    let loaded = json!({"workspace_id": "ws-tools", "mcp_server_present": true,
+        "loaded_mcp_tools": ["mcp__molecule-platform__provision_workspace", "mcp__other__tool"]});
+    svc.heartbeat(&token, loaded).await;
+    assert_eq!(svc.status("ws-tools"), "online");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_examples_are_accepted_unmodified() {
+    let (_dir, svc) = start().await;
+    let id = "3f2b6c1e-0000-4000-8000-000000000001";
+    let token = svc.provision(id, Workspace, false);
+    let bodies = [
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"3f2b6c1e-0000-4000-8000-000000000001","error_rate":0.5,"sample_error":"boom: sample error","active_tasks":1,"current_task":"demo task","uptime_seconds":0}"#,
+        ),
+        (
+            "/registry/register",
+            r#"{"id":"3f2b6c1e-0000-4000-8000-000000000001","url":"","agent_card":{"name":"Demo Agent","skills":[{"name":"research"},{"name":"code-review"}]},"delivery_mode":"poll"}"#,
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"3f2b6c1e-0000-4000-8000-000000000001","error_rate":0.0,"sample_error":"","active_tasks":0,"uptime_seconds":0}"#,
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"3f2b6c1e-0000-4000-8000-000000000001","error_rate":0.0,"sample_error":"","active_tasks":0,"current_task":"","uptime_seconds":42,
+ "mcp_server_present":false,
+ "platform_mcp_diag":{"on_platform_agent_image":false,"mcp_binary_present":false,"mcp_settings_entry":false,"mcp_command_resolved":null},
+ "runtime_state":"wedged",
+ "runtime_metadata":{"capabilities":{"status_mgmt":false},"idle_timeout_seconds":600}}"#,
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"3f2b6c1e-0000-4000-8000-000000000001","error_rate":0.0,"loaded_mcp_tools":["mcp__molecule-platform__provision_workspace","mcp__other__tool"]}"#,
+        ),
+        (
+            "/registry/register",
+            r#"{"id":"3f2b6c1e-0000-4000-8000-000000000001","url":"http://agent:8000","agent_card":{"name":"n"},"mcp_server_present":true,"platform_mcp_diag":{},"delivery_mode":"push"}"#,
+        ),
+    ];
+    for (path, body) in bodies {
+        let (status, resp) = svc
+            .post_raw("POST", path, Some(&token), body.to_string())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{path} {body}: {resp}");
+    }
+    // The 0.5 heartbeat came first, from provisioning; the wedged one degraded it.
+    let events = svc.events(id, "WORKSPACE_DEGRADED");
+    assert!(!events.is_empty());
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_400_and_write_nothing() {
+    let (_dir, svc) = start().await;
+    let token = svc.provision("ws", Workspace, false);
+    let before = dump(&svc.db);
+    let invalid = json!({"error": "invalid request body"});
+    let cases: Vec<(&str, &str, StatusCode, Value)> = vec![
+        (
+            "/registry/heartbeat",
+            "{not json",
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"error_rate":0.1}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":""}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"ws","active_tasks":"3"}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"ws","mcp_server_present":"yes"}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"ws","loaded_mcp_tools":"a"}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"ws","error_rate":1e999}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"ws","error_rate":1.5}"#,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "error_rate must be between 0 and 1"}),
+        ),
+        (
+            "/registry/heartbeat",
+            "[]",
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/register",
+            r#"{"id":"ws-123"}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/register",
+            r#"{"agent_card":{}}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/register",
+            r#"{"id":"ws","agent_card":"card"}"#,
+            StatusCode::BAD_REQUEST,
+            invalid.clone(),
+        ),
+        (
+            "/registry/register",
+            r#"{"id":"ws","agent_card":{},"delivery_mode":"webhook"}"#,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "delivery_mode must be 'push' or 'poll'"}),
+        ),
+        (
+            "/registry/register",
+            r#"{"id":"ws","agent_card":{},"kind":"bogus"}"#,
+            StatusCode::BAD_REQUEST,
+            json!({"error": "kind must be 'workspace' or 'platform'"}),
+        ),
+        (
+            "/registry/heartbeat",
+            r#"{"workspace_id":"nobody"}"#,
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown workspace"}),
+        ),
+    ];
+    for (path, body, status, expected) in cases {
+        let got = svc
+            .post_raw("POST", path, Some(&token), body.to_string())
+            .await;
+        assert_eq!(got, (status, expected), "{path} {body}");
+    }
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let deep_body = format!(r#"{{"workspace_id":"ws","x":{deep}}}"#);
+    let (status, _) = svc
+        .post_raw("POST", "/registry/heartbeat", Some(&token), deep_body)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let huge = format!(
+        r#"{{"workspace_id":"ws","sample_error":"{}"}}"#,
+        "x".repeat(300 * 1024)
+    );
+    let (status, _) = svc
+        .post_raw("POST", "/registry/heartbeat", Some(&token), huge)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = svc
+        .post_raw(
+            "POST",
+            "/registry/heartbeat",
+            Some(&token),
+            vec![0xff, 0xfe, 0x7b],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = svc
+        .post_raw("GET", "/registry/heartbeat", Some(&token), "")
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let (status, _) = svc.post_raw("POST", "/nope", Some(&token), "{}").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Push mode without any URL: 400 after auth; it only stamps the failure.
+    let (status, body) = svc
+        .register(
+            Some(&token),
+            json!({"id": "ws", "url": "", "agent_card": {}}),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"error": "url is required for push-mode workspaces"})
+        )
+    );
+    assert_eq!(svc.status("ws"), "provisioning");
+    assert!(svc.workspace("ws")["last_register_failure_ms"].is_i64());
+    let changed: Vec<_> = dump(&svc.db)
+        .into_iter()
+        .filter(|r| !before.contains(r))
+        .collect();
+    assert!(
+        changed
+            .iter()
+            .all(|r| r.starts_with("workspaces|") || r.starts_with("decisions|")),
+        "{changed:?}"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_logged_with_its_chain_and_policies() {
+    let (_dir, svc) = start().await;
+    let token = online_concierge(&svc, "logged");
+    svc.heartbeat(&token, mcp_missing("logged")).await;
+    let decisions = svc.store.decisions("logged", 10).unwrap();
+    assert_eq!(decisions.len(), 1);
+    let d = &decisions[0];
+    assert_eq!(d.outcome, "applied");
+    assert_eq!(d.event_kind, "heartbeat");
+    let steps = d.steps.as_array().unwrap();
+    let policies: Vec<_> = steps
+        .iter()
+        .map(|s| s["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            "rca2970-gate",
+            "status-rules",
+            "mcp-recovery-trigger",
+            "recovery-cooldown"
+        ]
+    );
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["digest"].as_str().unwrap().len() == 64)
+    );
+    let finals = d.final_actions.as_array().unwrap();
+    assert!(
+        finals
+            .iter()
+            .any(|a| a["kind"] == "request_reconcile" && a["trigger"] == "mcp-recovery")
+    );
+    assert_eq!(d.input["workspace"]["status"], "online");
+    svc.stop().await;
+}

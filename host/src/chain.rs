@@ -53,17 +53,16 @@ pub const MAX_STRING_BYTES: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     #[error("slot `{slot}`: {source}")]
-    Load {
-        slot: String,
-        source: LoadError,
-    },
+    Load { slot: String, source: LoadError },
     #[error("slot `{slot}`: cannot read module `{path}`: {source}")]
     Read {
         slot: String,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("slot `{0}`: unknown built-in module; built-ins are gate, status-rules, recovery-trigger, cooldown")]
+    #[error(
+        "slot `{0}`: unknown built-in module; built-ins are gate, status-rules, recovery-trigger, cooldown"
+    )]
     UnknownBuiltin(String),
     #[error("the chain is invalid: {0}")]
     Invalid(String),
@@ -162,7 +161,9 @@ impl Chain {
     /// Build a chain from its spec; relative module paths are under `base`.
     pub fn from_spec(engine: &Engine, spec: &ChainSpec, base: &Path) -> Result<Chain, ChainError> {
         if spec.slot.is_empty() {
-            return Err(ChainError::Invalid("a chain needs at least one slot".into()));
+            return Err(ChainError::Invalid(
+                "a chain needs at least one slot".into(),
+            ));
         }
         let mut slots: Vec<Slot> = Vec::with_capacity(spec.slot.len());
         for s in &spec.slot {

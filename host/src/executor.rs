@@ -363,8 +363,8 @@ impl Executor {
                     attempts,
                     &format!("failed:{}", failure.failure.kind.as_str()),
                 );
-                w.decision.final_actions_json = serde_json::to_string(&FailedOutcome { failure })
-                    .unwrap_or_default();
+                w.decision.final_actions_json =
+                    serde_json::to_string(&FailedOutcome { failure }).unwrap_or_default();
                 tracing::warn!(
                     workspace_id = %input.workspace.id,
                     slot = %failure.slot,
@@ -447,7 +447,9 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
     } in actions
     {
         if workspace_id != &input.workspace.id {
-            return Err(invalid(format!("an action targets another workspace `{workspace_id}`")));
+            return Err(invalid(format!(
+                "an action targets another workspace `{workspace_id}`"
+            )));
         }
         match effect {
             Effect::SetStatus {
@@ -503,7 +505,9 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
                         .bytes()
                         .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
                 if !well_formed {
-                    return Err(invalid(format!("event type `{event_type}` must be 1-64 of A-Z, 0-9, _")));
+                    return Err(invalid(format!(
+                        "event type `{event_type}` must be 1-64 of A-Z, 0-9, _"
+                    )));
                 }
                 let payload: serde_json::Value = serde_json::from_str(payload_json)
                     .map_err(|e| invalid(format!("event payload is not JSON: {e}")))?;
@@ -525,7 +529,11 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
                         "marker `{key}`: keys are 1-{MAX_MARKER_KEY} bytes, values at most {MAX_MARKER_VALUE}"
                     )));
                 }
-                upsert(&mut marker_writes, (owner.clone(), key.clone()), Some(value.clone()));
+                upsert(
+                    &mut marker_writes,
+                    (owner.clone(), key.clone()),
+                    Some(value.clone()),
+                );
             }
             Effect::ClearMarker { owner, key } => {
                 upsert(&mut marker_writes, (owner.clone(), key.clone()), None);
@@ -535,7 +543,9 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
     effects.markers = marker_writes
         .into_iter()
         .filter_map(|((owner, key), new)| {
-            let before = seen.get(&(owner.as_str(), key.as_str())).map(|v| v.to_string());
+            let before = seen
+                .get(&(owner.as_str(), key.as_str()))
+                .map(|v| v.to_string());
             // A write that changes nothing needs no compare-and-set.
             (before != new).then_some(MarkerWrite {
                 owner,

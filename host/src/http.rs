@@ -225,12 +225,8 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
 }
 
 async fn read_body(app: &App, req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
-    let bearer = auth::bearer(
-        req.headers()
-            .get(AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    )
-    .map(str::to_string);
+    let bearer = auth::bearer(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))
+        .map(str::to_string);
     let limit = app.config.max_body_bytes;
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok((bearer, collected.to_bytes())),
@@ -240,6 +236,46 @@ async fn read_body(app: &App, req: Request<Incoming>) -> Result<(Option<String>,
         )),
         Err(_) => Err(ApiError::invalid_body()),
     }
+}
+
+/// The deepest JSON nesting accepted, ignored fields included.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Parse a JSON body, refusing bad JSON, wrong types and deep nesting alike.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if json_depth(body) > MAX_JSON_DEPTH {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body nested deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|_| ApiError::invalid_body())
+}
+
+/// The deepest nesting of arrays and objects in `body`, outside strings.
+fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// Run blocking executor work on a blocking thread, at most `max_in_flight`
@@ -274,10 +310,16 @@ struct RegisterBody {
     loaded_mcp_tools: Option<Vec<String>>,
 }
 
-async fn register(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn register(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let body: RegisterBody = serde_json::from_slice(&body).map_err(|_| ApiError::invalid_body())?;
-    let id = body.id.filter(|id| !id.is_empty()).ok_or_else(ApiError::invalid_body)?;
+    let body: RegisterBody = parse_json(&body)?;
+    let id = body
+        .id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(ApiError::invalid_body)?;
     tracing::Span::current().record("workspace_id", id.as_str());
     let agent_card = match body.agent_card {
         Some(card @ serde_json::Value::Object(_)) => card,
@@ -296,7 +338,10 @@ async fn register(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full
     let kind = match body.kind.as_deref() {
         None | Some("") => None,
         Some(k) => Some(WorkspaceKind::parse(k).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "kind must be 'workspace' or 'platform'")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "kind must be 'workspace' or 'platform'",
+            )
         })?),
     };
     let request = RegisterRequest {
@@ -342,8 +387,7 @@ async fn heartbeat(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let body: HeartbeatBody =
-        serde_json::from_slice(&body).map_err(|_| ApiError::invalid_body())?;
+    let body: HeartbeatBody = parse_json(&body)?;
     let workspace_id = body
         .workspace_id
         .filter(|id| !id.is_empty())
@@ -374,4 +418,17 @@ async fn heartbeat(
     let verdict = blocking(&app, move || executor.heartbeat(&request)).await??;
     tracing::Span::current().record("verdict", verdict.as_str());
     Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_depth;
+
+    #[test]
+    fn json_depth_counts_nesting_outside_strings() {
+        assert_eq!(json_depth(br#"{"a":1}"#), 1);
+        assert_eq!(json_depth(br#"{"a":[{"b":[]}]}"#), 4);
+        assert_eq!(json_depth(br#"{"a":"[[[{{{\"[["}"#), 1);
+        assert_eq!(json_depth(b"[[[]]]"), 3);
+    }
 }

@@ -18,10 +18,19 @@ use heartgate::telemetry::{self, LogFormat};
 use heartgate::{ServiceOptions, auth, open_store};
 
 #[derive(Parser)]
-#[command(name = "heartgate", version, about = "Agent-fleet liveness decided by sandboxed WebAssembly policies")]
+#[command(
+    name = "heartgate",
+    version,
+    about = "Agent-fleet liveness decided by sandboxed WebAssembly policies"
+)]
 struct Cli {
     /// The SQLite database file.
-    #[arg(long, global = true, env = "HEARTGATE_DB", default_value = "heartgate.db")]
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTGATE_DB",
+        default_value = "heartgate.db"
+    )]
     db: PathBuf,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]

@@ -403,11 +403,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self
-            .readers
-            .lock()
-            .map_err(|_| StoreError::Poisoned)?
-            .pop();
+        let pooled = self.readers.lock().map_err(|_| StoreError::Poisoned)?.pop();
         let mut conn = match pooled {
             Some(c) => c,
             None => open_connection(&self.path)?,
@@ -437,9 +433,17 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if found > supported {
         return Err(StoreError::SchemaTooNew { found, supported });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
     }
     tx.commit()?;
     Ok(())

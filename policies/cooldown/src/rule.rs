@@ -56,7 +56,10 @@ mod tests {
     use heartgate_policy::{Effect, Input};
 
     fn fires(input: &Input) -> bool {
-        let proposed = vec![Action::request_reconcile("ws", ReconcileTrigger::McpRecovery)];
+        let proposed = vec![Action::request_reconcile(
+            "ws",
+            ReconcileTrigger::McpRecovery,
+        )];
         decide(input, proposed)
             .iter()
             .any(|a| a.is_reconcile(ReconcileTrigger::McpRecovery))
@@ -72,12 +75,17 @@ mod tests {
     fn first_request_fires_and_records_the_time_before_dispatch() {
         let out = decide(
             &heartbeat("ws"),
-            vec![Action::request_reconcile("ws", ReconcileTrigger::McpRecovery)],
+            vec![Action::request_reconcile(
+                "ws",
+                ReconcileTrigger::McpRecovery,
+            )],
         );
         let marker_at = out
             .iter()
-            .position(|a| matches!(&a.effect, Effect::SetMarker(m)
-                if m.key == LAST_FIRE_KEY && m.value == T0_MS.to_string() && m.owner == NAME))
+            .position(|a| {
+                matches!(&a.effect, Effect::SetMarker(m)
+                if m.key == LAST_FIRE_KEY && m.value == T0_MS.to_string() && m.owner == NAME)
+            })
             .expect("marker written");
         let fire_at = out
             .iter()

@@ -105,7 +105,10 @@ mod tests {
 
     #[test]
     fn model_missing_wins_over_mcp_missing() {
-        let input = heartbeat("ws").platform().with_model(false).mcp_present(Some(false));
+        let input = heartbeat("ws")
+            .platform()
+            .with_model(false)
+            .mcp_present(Some(false));
         let (reason, message) = failed_with(&decide(&input, vec![])).expect("failed");
         assert_eq!(reason, MODEL_MISSING);
         assert_eq!(message.as_deref(), Some(HEARTBEAT_MODEL_MESSAGE));
@@ -139,8 +142,16 @@ mod tests {
     fn ordinary_and_frozen_workspaces_are_not_gated() {
         let ordinary = heartbeat("ws").with_model(false).mcp_present(Some(false));
         assert!(decide(&ordinary, vec![]).is_empty());
-        for frozen in [Status::Removed, Status::Paused, Status::Hibernated, Status::Hibernating] {
-            let input = heartbeat("ws").platform().with_status(frozen).mcp_present(Some(false));
+        for frozen in [
+            Status::Removed,
+            Status::Paused,
+            Status::Hibernated,
+            Status::Hibernating,
+        ] {
+            let input = heartbeat("ws")
+                .platform()
+                .with_status(frozen)
+                .mcp_present(Some(false));
             assert!(decide(&input, vec![]).is_empty(), "{frozen:?}");
         }
     }

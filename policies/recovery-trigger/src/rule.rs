@@ -40,7 +40,13 @@ mod tests {
     use heartgate_policy::testing::heartbeat;
 
     fn failed(reason: &str) -> Vec<Action> {
-        vec![Action::set_status("ws", Status::Online, Status::Failed, reason, None)]
+        vec![Action::set_status(
+            "ws",
+            Status::Online,
+            Status::Failed,
+            reason,
+            None,
+        )]
     }
 
     fn recoveries(actions: &[Action]) -> usize {
@@ -60,7 +66,10 @@ mod tests {
 
     #[test]
     fn model_missing_does_not_fire() {
-        assert_eq!(recoveries(&decide(&heartbeat("ws"), failed("model_missing"))), 0);
+        assert_eq!(
+            recoveries(&decide(&heartbeat("ws"), failed("model_missing"))),
+            0
+        );
     }
 
     #[test]
@@ -74,7 +83,10 @@ mod tests {
     #[test]
     fn an_existing_request_is_not_duplicated() {
         let mut proposed = failed("mcp_server_missing");
-        proposed.push(Action::request_reconcile("ws", ReconcileTrigger::McpRecovery));
+        proposed.push(Action::request_reconcile(
+            "ws",
+            ReconcileTrigger::McpRecovery,
+        ));
         assert_eq!(recoveries(&decide(&heartbeat("ws"), proposed)), 1);
     }
 }

@@ -25,11 +25,11 @@ pub mod bindings {
     });
 }
 
-pub use bindings::{Action, Guest, Input, Metadata, PolicyError, export_policy};
 pub use bindings::heartgate::policy::types::{
     Effect, Event, EventRecord, HeartbeatEvent, Marker, MarkerKey, ReconcileTrigger, RegisterEvent,
     Rejection, Status, StatusChange, Workspace, WorkspaceKind,
 };
+pub use bindings::{Action, Guest, Input, Metadata, PolicyError, export_policy};
 
 pub mod testing;
 

@@ -2,7 +2,9 @@
 //! [`register`], adjust with the `with_*` methods, and pass the result to the
 //! policy's decision function.
 
-use crate::{Event, HeartbeatEvent, Input, Marker, RegisterEvent, Status, Workspace, WorkspaceKind};
+use crate::{
+    Event, HeartbeatEvent, Input, Marker, RegisterEvent, Status, Workspace, WorkspaceKind,
+};
 
 /// The clock every builder starts at: 2026-06-24T12:00:00Z in milliseconds.
 pub const T0_MS: i64 = 1_782_302_400_000;

@@ -424,7 +424,10 @@ mod tests {
         let out = decide(&absent, vec![]);
         let message = out[0].as_status_change().and_then(|c| c.message.clone());
         assert_eq!(message.as_deref(), Some(TOOLS_ABSENT_MESSAGE));
-        assert!(event(&out, "WORKSPACE_DEGRADED").is_some_and(|p| p.contains("\"loaded_mcp_tools_absent\":true")));
+        assert!(
+            event(&out, "WORKSPACE_DEGRADED")
+                .is_some_and(|p| p.contains("\"loaded_mcp_tools_absent\":true"))
+        );
     }
 
     #[test]
@@ -452,7 +455,10 @@ mod tests {
     fn legacy_runtime_and_undeclared_plugin_skip_the_tools_check() {
         let legacy = heartbeat("ws").platform().declaring(MANAGEMENT_PLUGIN);
         assert!(decide(&legacy, vec![]).is_empty());
-        let undeclared = heartbeat("ws").platform().mcp_present(Some(true)).tools(Some(&[]));
+        let undeclared = heartbeat("ws")
+            .platform()
+            .mcp_present(Some(true))
+            .tools(Some(&[]));
         assert!(decide(&undeclared, vec![]).is_empty());
     }
 

@@ -1,0 +1,249 @@
+//! Test harness: the real service on `127.0.0.1:0` with a temp SQLite file, a
+//! manual clock, and a small HTTP client.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use heartgate::clock::ManualClock;
+use heartgate::model::WorkspaceKind;
+use heartgate::store::{NewWorkspace, Store};
+use heartgate::{ServiceOptions, auth, open_store};
+
+/// 2026-06-24T12:00:00Z, the day the PR merged.
+pub const T0_MS: i64 = 1_782_302_400_000;
+pub const MINUTE_MS: i64 = 60_000;
+
+pub struct Service {
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+    pub clock: ManualClock,
+    pub store: Arc<dyn Store>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    /// Start the service on the database `db` with `clock`.
+    pub async fn start(db: &Path, clock: ManualClock) -> Service {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut opts = ServiceOptions::new(db);
+        opts.clock = Arc::new(clock.clone());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(heartgate::run(listener, opts, async move {
+            let _ = rx.await;
+        }));
+        let store = open_store(db).unwrap();
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let svc = Service {
+            addr,
+            db: db.to_path_buf(),
+            clock,
+            store,
+            client,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        };
+        svc.wait_ready().await;
+        svc
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((StatusCode::OK, _)) = self.get("/healthz").await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "service did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stop the service and wait for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn get(
+        &self,
+        path: &str,
+    ) -> Result<(StatusCode, Value), hyper_util::client::legacy::Error> {
+        let req = Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.client.request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    }
+
+    /// POST raw bytes to `path`.
+    pub async fn post_raw(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json");
+        if let Some(token) = bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(body.into())).unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+        (status, json)
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        body: &Value,
+    ) -> (StatusCode, Value) {
+        self.post_raw("POST", path, bearer, body.to_string()).await
+    }
+
+    pub async fn heartbeat(&self, token: &str, body: Value) -> (StatusCode, Value) {
+        self.post("/registry/heartbeat", Some(token), &body).await
+    }
+
+    pub async fn register(&self, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.post("/registry/register", token, &body).await
+    }
+
+    /// Provision a workspace and issue it a token.
+    pub fn provision(&self, id: &str, kind: WorkspaceKind, model: bool) -> String {
+        self.store
+            .add_workspace(
+                &NewWorkspace {
+                    id: id.into(),
+                    name: id.into(),
+                    kind,
+                    model_configured: model,
+                },
+                self.clock_now(),
+            )
+            .unwrap();
+        self.issue_token(id)
+    }
+
+    pub fn issue_token(&self, id: &str) -> String {
+        let token = auth::mint().unwrap();
+        self.store
+            .issue_token(id, &token.stored, self.clock_now())
+            .unwrap();
+        token.plaintext
+    }
+
+    fn clock_now(&self) -> i64 {
+        use heartgate::clock::Clock;
+        self.clock.now_ms()
+    }
+
+    /// A workspace's stored fields as JSON.
+    pub fn workspace(&self, id: &str) -> Value {
+        serde_json::to_value(self.store.workspace(id).unwrap().unwrap()).unwrap()
+    }
+
+    pub fn status(&self, id: &str) -> String {
+        self.workspace(id)["status"].as_str().unwrap().to_string()
+    }
+
+    /// Reconcile runs of `id` with `trigger`.
+    pub fn runs(&self, id: &str, trigger: &str) -> usize {
+        self.store
+            .reconcile_runs(Some(id))
+            .unwrap()
+            .iter()
+            .filter(|r| r.trigger == trigger)
+            .count()
+    }
+
+    pub fn events(&self, id: &str, event_type: &str) -> Vec<Value> {
+        self.store
+            .events(id)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type == event_type)
+            .map(|e| e.payload)
+            .collect()
+    }
+
+    /// Put a workspace in `status` directly (as another part of the control
+    /// plane would).
+    pub fn force_status(&self, id: &str, status: &str) {
+        let conn = rusqlite::Connection::open(&self.db).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute(
+            "UPDATE workspaces SET status = ?2 WHERE id = ?1",
+            rusqlite::params![id, status],
+        )
+        .unwrap();
+    }
+}
+
+/// Every row of every table, as text: compare before and after to prove that
+/// a request wrote nothing.
+pub fn dump(db: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut out = Vec::new();
+    for t in tables {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).unwrap();
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                let mut cells = vec![t.clone()];
+                for i in 0..n {
+                    let v: rusqlite::types::Value = r.get(i)?;
+                    cells.push(format!("{v:?}"));
+                }
+                Ok(cells.join("|"))
+            })
+            .unwrap();
+        for row in rows {
+            out.push(row.unwrap());
+        }
+    }
+    out.sort();
+    out
+}
