@@ -18,8 +18,8 @@ use anyhow::{Context, Result, bail};
 
 const TARGET: &str = "wasm32-unknown-unknown";
 
-/// (crate name, file stem of its core module, name of the embedded component)
-const POLICIES: [(&str, &str, &str); 4] = [
+/// (crate name, file stem of its core module, name of the component file)
+const POLICIES: [(&str, &str, &str); 5] = [
     ("heartgate-policy-gate", "heartgate_policy_gate", "gate"),
     (
         "heartgate-policy-status-rules",
@@ -36,6 +36,13 @@ const POLICIES: [(&str, &str, &str); 4] = [
         "heartgate_policy_cooldown",
         "cooldown",
     ),
+    // Not embedded: a misbehaving policy the tests load from OUT_DIR (the
+    // path is exported as HEARTGATE_TEST_GUESTS_DIR).
+    (
+        "heartgate-guest-hostile",
+        "heartgate_guest_hostile",
+        "hostile",
+    ),
 ];
 
 fn main() -> Result<()> {
@@ -44,7 +51,13 @@ fn main() -> Result<()> {
         .parent()
         .context("host/ has no parent directory")?
         .to_path_buf();
-    for watched in ["policies", "wit", "Cargo.toml", "Cargo.lock"] {
+    for watched in [
+        "policies",
+        "tests/guests",
+        "wit",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
@@ -68,6 +81,10 @@ fn main() -> Result<()> {
         let component = componentize(&core_path)?;
         std::fs::write(out_dir.join(format!("{name}.wasm")), component)?;
     }
+    println!(
+        "cargo:rustc-env=HEARTGATE_TEST_GUESTS_DIR={}",
+        out_dir.display()
+    );
     Ok(())
 }
 

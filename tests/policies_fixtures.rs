@@ -1,7 +1,7 @@
 //! Each compiled built-in policy, run by the real engine against the fixture
 //! files in `policies/<name>/fixtures/`: input + proposed -> expected actions.
 
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! compiled policies: the cases of spec section 8 that concern register,
 //! heartbeat, the gate, the recovery trigger and the cooldown.
 
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
 

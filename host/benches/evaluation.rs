@@ -1,1 +1,118 @@
-fn main() {}
+//! Micro-benchmark: one evaluation of the default chain with a fresh sandbox
+//! per policy, against the same rules compiled as native Rust, in one run.
+//!
+//! `cargo bench --bench evaluation` prints medians and p99s in microseconds.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark fails loudly"
+)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use heartgate::chain::Chain;
+use heartgate::engine::Engine;
+use heartgate::model::{Event, HeartbeatEvent, Input, Status, Workspace, WorkspaceKind};
+
+const T0_MS: i64 = 1_782_302_400_000;
+
+fn host_input(mcp_present: Option<bool>) -> Input {
+    Input {
+        event: Event::Heartbeat(HeartbeatEvent {
+            error_rate: 0.0,
+            sample_error: String::new(),
+            active_tasks: 0,
+            current_task: None,
+            uptime_seconds: 60,
+            runtime_state: String::new(),
+            mcp_server_present: mcp_present,
+            loaded_mcp_tools: None,
+        }),
+        workspace: Workspace {
+            id: "ws".into(),
+            kind: WorkspaceKind::Platform,
+            status: Status::Online,
+            model_configured: true,
+            declared_plugins: vec![],
+            last_register_failure_ms: None,
+        },
+        markers: vec![],
+        now_ms: T0_MS,
+    }
+}
+
+fn native_chain(input: &heartgate_policy::Input) -> Vec<heartgate_policy::Action> {
+    let out = heartgate_policy_gate::rule::decide(input, Vec::new());
+    let out = heartgate_policy_status_rules::rule::decide(input, out);
+    let out = heartgate_policy_recovery_trigger::rule::decide(input, out);
+    heartgate_policy_cooldown::rule::decide(input, out)
+}
+
+fn measure(iterations: usize, mut f: impl FnMut()) -> (Duration, Duration) {
+    for _ in 0..iterations / 10 {
+        f();
+    }
+    let mut samples: Vec<Duration> = (0..iterations)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    samples.sort();
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    let engine = Engine::new().unwrap();
+    let chain = Chain::builtin(&engine).unwrap();
+    let iterations = 5_000;
+    println!(
+        "heartgate evaluation benchmark ({iterations} iterations each, fresh Store per policy)"
+    );
+
+    for (label, present) in [
+        ("healthy heartbeat", Some(true)),
+        ("mcp-missing heartbeat", Some(false)),
+    ] {
+        let input = host_input(present);
+        let outcome = chain.evaluate(&input);
+        assert!(outcome.result.is_ok());
+        let (median, p99) = measure(iterations, || {
+            black_box(chain.evaluate(black_box(&input)));
+        });
+
+        let native_input = heartgate_policy::testing::heartbeat("ws")
+            .platform()
+            .mcp_present(present);
+        let (n_median, n_p99) = measure(iterations, || {
+            black_box(native_chain(black_box(&native_input)));
+        });
+        println!(
+            "{label}: chain of {} (wasm, fresh sandbox) median={:.1}us p99={:.1}us | native median={:.2}us p99={:.2}us | ratio={:.0}x",
+            chain.slots.len(),
+            us(median),
+            us(p99),
+            us(n_median),
+            us(n_p99),
+            us(median) / us(n_median).max(0.001),
+        );
+    }
+
+    let input = host_input(Some(false));
+    for slot in &chain.slots {
+        let (median, _) = measure(iterations, || {
+            black_box(slot.module.evaluate(&input, &[], slot.limits).ok());
+        });
+        println!("  slot {:<18} median={:.1}us", slot.name, us(median));
+    }
+}

@@ -40,12 +40,22 @@ pub struct Service {
 }
 
 impl Service {
-    /// Start the service on the database `db` with `clock`.
+    /// Start the service on the database `db` with `clock` and the built-in chain.
     pub async fn start(db: &Path, clock: ManualClock) -> Service {
+        Service::start_with_chain(db, clock, None).await
+    }
+
+    /// Start the service with a chain of its own.
+    pub async fn start_with_chain(
+        db: &Path,
+        clock: ManualClock,
+        chain: Option<heartgate::chain::ChainSpec>,
+    ) -> Service {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut opts = ServiceOptions::new(db);
         opts.clock = Arc::new(clock.clone());
+        opts.chain = chain.map(|spec| (spec, PathBuf::from("/")));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(heartgate::run(listener, opts, async move {
             let _ = rx.await;
@@ -246,4 +256,19 @@ pub fn dump(db: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// A chain slot for `module` (`builtin:<name>` or an absolute path).
+pub fn slot(name: &str, module: &str) -> heartgate::chain::SlotSpec {
+    heartgate::chain::SlotSpec {
+        name: name.into(),
+        module: module.into(),
+        timeout_ms: None,
+        max_memory_mib: None,
+    }
+}
+
+/// The hostile test guest's component file.
+pub fn hostile_guest() -> String {
+    format!("{}/hostile.wasm", env!("HEARTGATE_TEST_GUESTS_DIR"))
 }
