@@ -52,13 +52,13 @@ pub const MAX_STRING_BYTES: usize = 4096;
 /// Why a chain could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
-    #[error("slot `{slot}`: {source}")]
-    Load { slot: String, source: LoadError },
-    #[error("slot `{slot}`: cannot read module `{path}`: {source}")]
+    #[error("slot `{slot}`: {error}")]
+    Load { slot: String, error: LoadError },
+    #[error("slot `{slot}`: cannot read module `{path}`: {error}")]
     Read {
         slot: String,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "slot `{0}`: unknown built-in module; built-ins are gate, status-rules, recovery-trigger, cooldown"
@@ -181,16 +181,16 @@ impl Chain {
                     .ok_or_else(|| ChainError::UnknownBuiltin(s.name.clone()))?,
                 None => {
                     let path = base.join(&s.module);
-                    std::fs::read(&path).map_err(|source| ChainError::Read {
+                    std::fs::read(&path).map_err(|error| ChainError::Read {
                         slot: s.name.clone(),
                         path,
-                        source,
+                        error,
                     })?
                 }
             };
-            let module = engine.load(&bytes).map_err(|source| ChainError::Load {
+            let module = engine.load(&bytes).map_err(|error| ChainError::Load {
                 slot: s.name.clone(),
-                source,
+                error,
             })?;
             let mut limits = Limits::default();
             if let Some(ms) = s.timeout_ms {

@@ -1,33 +1,60 @@
 //! The service's configuration file (TOML), validated before anything starts.
-//!
-//! ```toml
-//! listen = "127.0.0.1:8080"      # optional; --listen wins
-//! max_body_bytes = 262144         # optional
-//!
-//! [[chain.slot]]                  # optional; the built-in chain otherwise
-//! name = "gate"
-//! module = "builtin:gate"         # or a component file, relative to this file
-//! timeout_ms = 100
-//! max_memory_mib = 16
-//! ```
+//! Every key is optional; `deploy/heartgate.example.toml` documents them all.
+//! Relative paths are relative to the file's directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ServiceOptions;
 use crate::chain::ChainSpec;
+use crate::deliverer::restart::RestartHook;
+use crate::deliverer::{GiteaConfig, Secret};
 
 /// Why a configuration file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read `{path}`: {source}")]
+    #[error("cannot read `{}`: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("`{path}`: {message}")]
+    #[error("`{}`: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
+}
+
+/// `[reconcile]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSection {
+    pub concurrency: Option<usize>,
+    pub deadline_secs: Option<u64>,
+    pub max_plugin_mib: Option<u64>,
+    pub max_plugin_files: Option<usize>,
+    pub git_timeout_secs: Option<u64>,
+}
+
+/// `[gitea]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiteaSection {
+    pub base_url: Option<String>,
+    /// The environment variable holding the token for private sources.
+    pub token_env: Option<String>,
+}
+
+/// `[restart]`: either `command` or `url`, or neither.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSection {
+    pub command: Option<Vec<String>>,
+    pub url: Option<String>,
+    /// The environment variable holding the webhook's HMAC secret.
+    pub secret_env: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub attempts: Option<u32>,
 }
 
 /// The configuration file.
@@ -36,28 +63,125 @@ pub enum ConfigError {
 pub struct ConfigFile {
     pub listen: Option<SocketAddr>,
     pub max_body_bytes: Option<usize>,
+    /// The environment variable holding the admin API's bearer token.
+    pub admin_token_env: Option<String>,
+    pub configs_root: Option<PathBuf>,
+    pub plugins_dir: Option<PathBuf>,
+    pub allow_unpinned: Option<bool>,
+    #[serde(default)]
+    pub reconcile: ReconcileSection,
+    #[serde(default)]
+    pub gitea: GiteaSection,
+    #[serde(default)]
+    pub restart: RestartSection,
     pub chain: Option<ChainSpec>,
 }
 
 impl ConfigFile {
     /// Read and validate `path`; errors name the key and the line.
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        let config: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let config: ConfigFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if let Some(n) = config.max_body_bytes
             && !(1024..=16 << 20).contains(&n)
         {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message: format!("`max_body_bytes` must be 1024-16777216, not {n}"),
-            });
+            return Err(invalid(format!(
+                "`max_body_bytes` must be 1024-16777216, not {n}"
+            )));
+        }
+        let r = &config.reconcile;
+        if r.concurrency.is_some_and(|n| !(1..=64).contains(&n)) {
+            return Err(invalid("`reconcile.concurrency` must be 1-64".into()));
+        }
+        if r.deadline_secs.is_some_and(|n| !(1..=86_400).contains(&n)) {
+            return Err(invalid("`reconcile.deadline_secs` must be 1-86400".into()));
+        }
+        if r.max_plugin_mib.is_some_and(|n| !(1..=4096).contains(&n)) {
+            return Err(invalid("`reconcile.max_plugin_mib` must be 1-4096".into()));
+        }
+        let restart = &config.restart;
+        if restart.command.is_some() && restart.url.is_some() {
+            return Err(invalid(
+                "`restart` takes `command` or `url`, not both".into(),
+            ));
+        }
+        if restart.command.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid("`restart.command` must name a program".into()));
+        }
+        if let Some(url) = &restart.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(format!(
+                "`restart.url` must be an http(s) URL, not `{url}`"
+            )));
+        }
+        if let Some(url) = &config.gitea.base_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(format!(
+                "`gitea.base_url` must be an http(s) URL, not `{url}`"
+            )));
         }
         Ok(config)
+    }
+
+    /// Apply the file to `opts`; relative paths are taken from `base`.
+    pub fn apply(self, opts: &mut ServiceOptions, base: &Path) {
+        if let Some(n) = self.max_body_bytes {
+            opts.server.max_body_bytes = n;
+        }
+        if let Some(name) = self.admin_token_env {
+            opts.admin_token = Some(Secret::Env(name));
+        }
+        let d = &mut opts.deliverer;
+        if let Some(p) = self.configs_root {
+            d.configs_root = base.join(p);
+        }
+        if let Some(p) = self.plugins_dir {
+            d.plugins_dir = base.join(p);
+        }
+        if let Some(b) = self.allow_unpinned {
+            d.allow_unpinned = b;
+        }
+        let r = self.reconcile;
+        if let Some(n) = r.concurrency {
+            opts.worker.concurrency = n;
+        }
+        if let Some(n) = r.deadline_secs {
+            opts.worker.deadline = Duration::from_secs(n);
+        }
+        if let Some(n) = r.max_plugin_mib {
+            d.limits.max_bytes = n << 20;
+        }
+        if let Some(n) = r.max_plugin_files {
+            d.limits.max_files = n;
+        }
+        if let Some(n) = r.git_timeout_secs {
+            d.git_timeout = Duration::from_secs(n);
+        }
+        let defaults = GiteaConfig::default();
+        d.gitea = GiteaConfig {
+            base_url: self.gitea.base_url.unwrap_or(defaults.base_url),
+            token: self.gitea.token_env.map(Secret::Env).or(defaults.token),
+        };
+        let timeout = Duration::from_secs(self.restart.timeout_secs.unwrap_or(30));
+        d.restart = match (self.restart.command, self.restart.url) {
+            (Some(argv), _) => RestartHook::Command { argv, timeout },
+            (None, Some(url)) => RestartHook::Http {
+                url,
+                secret: self.restart.secret_env.map(Secret::Env),
+                attempts: self.restart.attempts.unwrap_or(3),
+                timeout,
+            },
+            (None, None) => RestartHook::None,
+        };
+        opts.chain = self.chain.map(|spec| (spec, base.to_path_buf()));
     }
 }

@@ -1,7 +1,9 @@
 //! The HTTP layer: the only code that knows hyper and JSON bodies.
 //!
 //! Routes: `POST /registry/register`, `POST /registry/heartbeat`,
-//! `GET /healthz`. Bodies are size-limited, unknown JSON fields are ignored,
+//! `GET /healthz`, and the admin API behind the admin bearer token:
+//! `GET /admin/reconciles[?workspace=ID]`, `GET /admin/reconciles/{id}`,
+//! `GET /admin/workspaces/{id}/plugins`. Bodies are size-limited, unknown JSON fields are ignored,
 //! wrong types and bad JSON are 400 with nothing written. Every error is one
 //! [`ApiError`] rendered as `{"error": "..."}`; database text never reaches a
 //! client. Evaluation and storage run on blocking threads, at most
@@ -26,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::admin::Admin;
 use crate::auth;
 use crate::executor::{Executor, HeartbeatRequest, RegisterRequest, RegistryError};
 use crate::model::{HeartbeatEvent, WorkspaceKind};
@@ -57,14 +60,16 @@ impl Default for ServerConfig {
 /// What the request handlers share.
 pub struct App {
     executor: Arc<Executor>,
+    admin: Arc<Admin>,
     permits: Semaphore,
     config: ServerConfig,
 }
 
 impl App {
-    pub fn new(executor: Arc<Executor>, config: ServerConfig) -> App {
+    pub fn new(executor: Arc<Executor>, admin: Admin, config: ServerConfig) -> App {
         App {
             executor,
+            admin: Arc::new(admin),
             permits: Semaphore::new(config.max_in_flight.max(1)),
             config,
         }
@@ -216,6 +221,11 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         (&Method::POST, "/registry/register") => register(app, req).await,
         (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, p) if p.starts_with("/admin/") => admin(app, req).await,
+        (_, p) if p.starts_with("/admin/") => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method `{}` not allowed on `{path}`", req.method()),
+        )),
         (_, "/registry/register" | "/registry/heartbeat" | "/healthz") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method `{}` not allowed on `{path}`", req.method()),
@@ -296,6 +306,76 @@ async fn blocking<T: Send + 'static>(
             tracing::error!(error = %e, "request worker panicked");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         })
+}
+
+fn check_admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(expected) = app.admin.token_hash() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: no admin token is configured",
+        ));
+    };
+    let presented = auth::bearer(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing admin token"))?;
+    if auth::check(Some(presented), &[expected]) != auth::AuthCheck::Token {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid admin token",
+        ));
+    }
+    Ok(())
+}
+
+async fn admin(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    check_admin(&app, &req)?;
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segments: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
+    let store_error = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "admin read failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database could not be read",
+        )
+    };
+    let admin = app.admin.clone();
+    let body = match segments.as_slice() {
+        ["reconciles"] => {
+            let workspace = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("workspace="))
+                .map(str::to_string);
+            let runs = blocking(&app, move || admin.runs(workspace.as_deref()))
+                .await?
+                .map_err(store_error)?;
+            json!({ "runs": runs })
+        }
+        ["reconciles", id] => {
+            let id: i64 = id.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("run id `{id}` is not a number"),
+                )
+            })?;
+            let run = blocking(&app, move || admin.run(id))
+                .await?
+                .map_err(store_error)?;
+            let run = run.ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, format!("no reconcile run {id}"))
+            })?;
+            serde_json::to_value(run).unwrap_or_default()
+        }
+        ["workspaces", id, "plugins"] => {
+            let id = id.to_string();
+            let view = blocking(&app, move || admin.plugins(&id))
+                .await?
+                .map_err(store_error)?
+                .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown workspace"))?;
+            serde_json::to_value(view).unwrap_or_default()
+        }
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
+    };
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// The register body. Unknown fields are ignored.

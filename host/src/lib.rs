@@ -10,10 +10,15 @@
 //!   a chain slot by slot.
 //! - [`engine`]: the only code that knows wasmtime.
 //! - [`store`]: the only code that knows SQL.
-//! - [`deliverer`]: where queued reconciles go after commit.
+//! - [`reconcile`]: the worker that runs queued reconciles off the request
+//!   path.
+//! - [`deliverer`]: the only code that touches workspace config volumes and
+//!   restart hooks: sources, staging, atomic delivery, restart hooks.
+//! - [`admin`]: read models for the admin API and the CLI.
 //! - [`auth`], [`clock`], [`model`], [`telemetry`]: tokens, time, the
 //!   contract's data on the host side, logging.
 
+pub mod admin;
 pub mod auth;
 pub mod chain;
 pub mod clock;
@@ -23,6 +28,7 @@ pub mod engine;
 pub mod executor;
 pub mod http;
 pub mod model;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 
@@ -34,9 +40,10 @@ use anyhow::Context;
 
 use crate::chain::Chain;
 use crate::clock::Clock;
-use crate::deliverer::Deliverer;
+use crate::deliverer::{DelivererConfig, PluginDeliverer, Secret};
 use crate::engine::Engine;
 use crate::executor::Executor;
+use crate::reconcile::{Worker, WorkerConfig};
 use crate::store::{SqliteStore, Store};
 
 /// Everything needed to run the service.
@@ -47,18 +54,25 @@ pub struct ServiceOptions {
     /// `None` uses the built-in chain.
     pub chain: Option<(chain::ChainSpec, PathBuf)>,
     pub clock: Arc<dyn Clock>,
-    pub deliverer: Arc<dyn Deliverer>,
+    pub deliverer: DelivererConfig,
+    pub worker: WorkerConfig,
+    /// The admin API's bearer token; `None` disables the admin API.
+    pub admin_token: Option<Secret>,
     pub server: http::ServerConfig,
 }
 
 impl ServiceOptions {
-    /// The embedded default: built-in chain, system clock, runs left queued.
+    /// The embedded default: built-in chain, system clock, config volumes
+    /// under `./configs`, local plugins under `./plugins`, no restart hook,
+    /// admin token from `HEARTGATE_ADMIN_TOKEN`.
     pub fn new(db: impl Into<PathBuf>) -> ServiceOptions {
         ServiceOptions {
             db: db.into(),
             chain: None,
             clock: Arc::new(clock::SystemClock),
-            deliverer: Arc::new(deliverer::QueueOnly),
+            deliverer: DelivererConfig::default(),
+            worker: WorkerConfig::default(),
+            admin_token: Some(Secret::Env("HEARTGATE_ADMIN_TOKEN".into())),
             server: http::ServerConfig::default(),
         }
     }
@@ -71,8 +85,14 @@ pub fn open_store(path: &Path) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
-/// Build the engine, load the chain and open the store.
-pub fn build_executor(opts: &ServiceOptions) -> anyhow::Result<Arc<Executor>> {
+/// The parts of a running service.
+pub struct Service {
+    pub executor: Arc<Executor>,
+    pub worker: Arc<Worker>,
+}
+
+/// Build the engine, load the chain, open the store, create the worker.
+pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     let engine = Engine::new().context("creating the WebAssembly engine")?;
     let chain = match &opts.chain {
         Some((spec, base)) => Chain::from_spec(&engine, spec, base)?,
@@ -84,23 +104,43 @@ pub fn build_executor(opts: &ServiceOptions) -> anyhow::Result<Arc<Executor>> {
         "chain loaded"
     );
     let store = open_store(&opts.db)?;
-    Ok(Arc::new(Executor::new(
+    let deliverer = PluginDeliverer::new(opts.deliverer.clone(), store.clone(), opts.clock.clone());
+    let worker = Worker::new(store.clone(), opts.clock.clone(), deliverer, opts.worker);
+    let executor = Arc::new(Executor::new(
         store,
         chain,
         opts.clock.clone(),
-        opts.deliverer.clone(),
-    )))
+        Arc::new(worker.handle()),
+    ));
+    Ok(Service { executor, worker })
 }
 
-/// Run the service on `listener` until `shutdown` completes.
+/// Run the service on `listener` until `shutdown` completes: stop accepting,
+/// finish in-flight requests, stop the worker (runs in flight stay durable
+/// and are re-queued at the next start).
 pub async fn run(
     listener: tokio::net::TcpListener,
     opts: ServiceOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let executor = tokio::task::block_in_place(|| build_executor(&opts))?;
-    let app = Arc::new(http::App::new(executor, opts.server.clone()));
+    let service = tokio::task::block_in_place(|| build(&opts))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(service.worker.clone().run(async move {
+        let mut stopped = stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    let admin = admin::Admin::new(
+        service.executor.store().clone(),
+        opts.deliverer.configs_root.clone(),
+        opts.admin_token.clone(),
+    );
+    let app = Arc::new(http::App::new(service.executor, admin, opts.server.clone()));
     tracing::info!(addr = %listener.local_addr()?, "serving");
-    http::serve(listener, app, shutdown).await?;
+    let served = http::serve(listener, app, shutdown).await;
+    let _ = stop.send(true);
+    if let Err(e) = worker.await {
+        tracing::error!(error = %e, "the reconcile worker failed");
+    }
+    served?;
     Ok(())
 }

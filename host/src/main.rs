@@ -103,6 +103,8 @@ enum ReconcileCommand {
         #[arg(long)]
         workspace: Option<String>,
     },
+    /// Print one run: times, per-plugin results, the cause of a failure.
+    Show { id: i64 },
 }
 
 fn main() -> std::process::ExitCode {
@@ -157,10 +159,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Reconcile(ReconcileCommand::List { workspace }) => {
+        Command::Reconcile(cmd) => {
             let store = open_store(&cli.db)?;
-            for run in store.reconcile_runs(workspace.as_deref())? {
-                print_json(&run)?;
+            match cmd {
+                ReconcileCommand::List { workspace } => {
+                    for run in store.reconcile_runs(workspace.as_deref())? {
+                        print_json(&run)?;
+                    }
+                }
+                ReconcileCommand::Show { id } => match store.reconcile_run(id)? {
+                    Some(run) => println!("{}", serde_json::to_string_pretty(&run)?),
+                    None => bail!("no reconcile run {id}"),
+                },
             }
             Ok(())
         }
@@ -215,14 +225,12 @@ fn serve(db: PathBuf, listen: Option<SocketAddr>, config: Option<PathBuf>) -> Re
         if let Some(a) = file.listen {
             addr = a;
         }
-        if let Some(n) = file.max_body_bytes {
-            opts.server.max_body_bytes = n;
-        }
         let base = path
             .parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."));
-        opts.chain = file.chain.map(|spec| (spec, base));
+        file.apply(&mut opts, &base);
     }
     if let Some(a) = listen {
         addr = a;
@@ -235,6 +243,8 @@ fn serve(db: PathBuf, listen: Option<SocketAddr>, config: Option<PathBuf>) -> Re
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
+        // One line on stdout saying where to connect (port 0 picks a free one).
+        println!("heartgate listening on http://{}", listener.local_addr()?);
         heartgate::run(listener, opts, shutdown_signal()).await
     })?;
     tracing::info!("stopped");

@@ -188,9 +188,40 @@ pub struct ReconcileRun {
     pub id: i64,
     pub workspace_id: String,
     pub trigger: String,
+    /// `queued`, `running`, `succeeded` or `failed`.
     pub state: String,
     pub requested_ms: i64,
     pub decision_id: Option<i64>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub attempts: i64,
+    pub cause: Option<String>,
+    pub detail: Option<serde_json::Value>,
+}
+
+/// An installed plugin as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InstalledPlugin {
+    pub name: String,
+    pub source: String,
+    pub tracked_ref: String,
+    pub installed_sha: Option<String>,
+    pub installed_ms: i64,
+}
+
+/// What a reconcile of one workspace works from.
+#[derive(Clone, Debug)]
+pub struct ReconcilePlan {
+    pub kind: WorkspaceKind,
+    pub declared: Vec<DeclaredPlugin>,
+    pub installed: Vec<InstalledPlugin>,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    Succeeded,
+    Failed,
 }
 
 /// A recorded event.
@@ -251,6 +282,34 @@ pub trait Store: Send + Sync + 'static {
     fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError>;
     /// Reconcile runs, oldest first, optionally of one workspace.
     fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError>;
+    /// One reconcile run.
+    fn reconcile_run(&self, id: i64) -> Result<Option<ReconcileRun>, StoreError>;
+    /// Put runs left `running` by a process that died back in the queue;
+    /// returns how many. Called once by the worker at start.
+    fn requeue_interrupted(&self) -> Result<usize, StoreError>;
+    /// Atomically start the oldest queued run whose workspace has no run in
+    /// progress, so a workspace never has two runs at once.
+    fn claim_run(&self, now_ms: i64) -> Result<Option<ReconcileRun>, StoreError>;
+    /// Record how a run ended.
+    fn finish_run(
+        &self,
+        id: i64,
+        outcome: RunOutcome,
+        now_ms: i64,
+        cause: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    /// The declared and installed plugins of a workspace.
+    fn reconcile_plan(&self, workspace_id: &str) -> Result<ReconcilePlan, StoreError>;
+    /// Record a delivered plugin (the management plugin only on a platform
+    /// workspace).
+    fn record_install(
+        &self,
+        workspace_id: &str,
+        plugin: &InstalledPlugin,
+    ) -> Result<(), StoreError>;
+    /// The installed plugins of a workspace, by name.
+    fn installed_plugins(&self, workspace_id: &str) -> Result<Vec<InstalledPlugin>, StoreError>;
     /// Events of a workspace, oldest first.
     fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError>;
     /// The newest `limit` decisions of a workspace, oldest first.
@@ -360,6 +419,11 @@ CREATE TABLE reconcile_runs (
     decision_id INTEGER REFERENCES decisions(id),
     started_ms INTEGER,
     finished_ms INTEGER,
+    -- How many times a worker started it (a crash re-queues a running run).
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- For a failure, the cause in plain words.
+    cause TEXT,
+    -- JSON: per-plugin results and the restart hook's outcome.
     detail TEXT
 ) STRICT;
 CREATE INDEX reconcile_runs_by_state ON reconcile_runs (state, id);
@@ -467,6 +531,47 @@ fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
             format!("unknown kind `{s}`").into(),
         )
     })
+}
+
+const RUN_COLUMNS: &str = "SELECT id, workspace_id, trigger, state, requested_ms, decision_id,
+    started_ms, finished_ms, attempts, cause, detail FROM reconcile_runs";
+
+fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReconcileRun> {
+    Ok(ReconcileRun {
+        id: r.get(0)?,
+        workspace_id: r.get(1)?,
+        trigger: r.get(2)?,
+        state: r.get(3)?,
+        requested_ms: r.get(4)?,
+        decision_id: r.get(5)?,
+        started_ms: r.get(6)?,
+        finished_ms: r.get(7)?,
+        attempts: r.get(8)?,
+        cause: r.get(9)?,
+        detail: r.get::<_, Option<String>>(10)?.map(json_or_null),
+    })
+}
+
+fn read_installed(
+    conn: &Connection,
+    workspace_id: &str,
+) -> Result<Vec<InstalledPlugin>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT plugin_name, source, tracked_ref, installed_sha, installed_ms
+         FROM installed_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
+    )?;
+    let rows = stmt
+        .query_map([workspace_id], |r| {
+            Ok(InstalledPlugin {
+                name: r.get(0)?,
+                source: r.get(1)?,
+                tracked_ref: r.get(2)?,
+                installed_sha: r.get(3)?,
+                installed_ms: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }
 
 fn json_or_null(s: String) -> serde_json::Value {
@@ -918,24 +1023,149 @@ impl Store for SqliteStore {
 
     fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, workspace_id, trigger, state, requested_ms, decision_id
-                 FROM reconcile_runs WHERE ?1 IS NULL OR workspace_id = ?1 ORDER BY id",
-            )?;
+            let mut stmt = c.prepare(&format!(
+                "{RUN_COLUMNS} WHERE ?1 IS NULL OR workspace_id = ?1 ORDER BY id"
+            ))?;
             let rows = stmt
-                .query_map([workspace_id], |r| {
-                    Ok(ReconcileRun {
-                        id: r.get(0)?,
-                        workspace_id: r.get(1)?,
-                        trigger: r.get(2)?,
-                        state: r.get(3)?,
-                        requested_ms: r.get(4)?,
-                        decision_id: r.get(5)?,
-                    })
-                })?
+                .query_map([workspace_id], run_from_row)?
                 .collect::<Result<_, _>>()?;
             Ok(rows)
         })
+    }
+
+    fn reconcile_run(&self, id: i64) -> Result<Option<ReconcileRun>, StoreError> {
+        self.with_reader(|c| {
+            Ok(
+                c.query_row(&format!("{RUN_COLUMNS} WHERE id = ?1"), [id], run_from_row)
+                    .optional()?,
+            )
+        })
+    }
+
+    fn requeue_interrupted(&self) -> Result<usize, StoreError> {
+        self.with_writer(|c| {
+            Ok(c.execute(
+                "UPDATE reconcile_runs SET state = 'queued', started_ms = NULL WHERE state = 'running'",
+                [],
+            )?)
+        })
+    }
+
+    fn claim_run(&self, now_ms: i64) -> Result<Option<ReconcileRun>, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let id: Option<i64> = tx
+                .query_row(
+                    "SELECT r.id FROM reconcile_runs r
+                     WHERE r.state = 'queued' AND NOT EXISTS (
+                         SELECT 1 FROM reconcile_runs x
+                         WHERE x.workspace_id = r.workspace_id AND x.state = 'running')
+                     ORDER BY r.id LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(id) = id else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE reconcile_runs SET state = 'running', started_ms = ?2,
+                     attempts = attempts + 1
+                 WHERE id = ?1",
+                params![id, now_ms],
+            )?;
+            let run = tx.query_row(&format!("{RUN_COLUMNS} WHERE id = ?1"), [id], run_from_row)?;
+            tx.commit()?;
+            Ok(Some(run))
+        })
+    }
+
+    fn finish_run(
+        &self,
+        id: i64,
+        outcome: RunOutcome,
+        now_ms: i64,
+        cause: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let state = match outcome {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed => "failed",
+        };
+        self.with_writer(|c| {
+            c.execute(
+                "UPDATE reconcile_runs SET state = ?2, finished_ms = ?3, cause = ?4, detail = ?5
+                 WHERE id = ?1",
+                params![id, state, now_ms, cause, detail.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn reconcile_plan(&self, workspace_id: &str) -> Result<ReconcilePlan, StoreError> {
+        self.with_reader(|c| {
+            let tx = c.transaction()?;
+            let kind = require_workspace(&tx, workspace_id)?;
+            let declared = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT plugin_name, source FROM declared_plugins
+                     WHERE workspace_id = ?1 ORDER BY plugin_name",
+                )?;
+                stmt.query_map([workspace_id], |r| {
+                    Ok(DeclaredPlugin {
+                        name: r.get(0)?,
+                        source: r.get(1)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            let installed = read_installed(&tx, workspace_id)?;
+            tx.commit()?;
+            Ok(ReconcilePlan {
+                kind,
+                declared,
+                installed,
+            })
+        })
+    }
+
+    fn record_install(
+        &self,
+        workspace_id: &str,
+        plugin: &InstalledPlugin,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let kind = require_workspace(&tx, workspace_id)?;
+            if plugin.name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
+                return Err(StoreError::Refused(format!(
+                    "refusing to record privileged plugin `{}` on non-platform workspace `{workspace_id}`",
+                    plugin.name
+                )));
+            }
+            tx.execute(
+                "INSERT INTO installed_plugins
+                     (workspace_id, plugin_name, source, tracked_ref, installed_sha, installed_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (workspace_id, plugin_name) DO UPDATE SET
+                     source = excluded.source, tracked_ref = excluded.tracked_ref,
+                     installed_sha = excluded.installed_sha, installed_ms = excluded.installed_ms",
+                params![
+                    workspace_id,
+                    plugin.name,
+                    plugin.source,
+                    plugin.tracked_ref,
+                    plugin.installed_sha,
+                    plugin.installed_ms
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn installed_plugins(&self, workspace_id: &str) -> Result<Vec<InstalledPlugin>, StoreError> {
+        self.with_reader(|c| read_installed(c, workspace_id))
     }
 
     fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError> {

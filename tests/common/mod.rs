@@ -51,11 +51,28 @@ impl Service {
         clock: ManualClock,
         chain: Option<heartgate::chain::ChainSpec>,
     ) -> Service {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Service::start_with(db, clock, "127.0.0.1:0", |opts| {
+            opts.chain = chain.map(|spec| (spec, PathBuf::from("/")));
+        })
+        .await
+    }
+
+    /// Start the service on `addr` with options adjusted by `customize`.
+    pub async fn start_with(
+        db: &Path,
+        clock: ManualClock,
+        addr: &str,
+        customize: impl FnOnce(&mut ServiceOptions),
+    ) -> Service {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut opts = ServiceOptions::new(db);
         opts.clock = Arc::new(clock.clone());
-        opts.chain = chain.map(|spec| (spec, PathBuf::from("/")));
+        opts.worker.poll = Duration::from_millis(50);
+        let scratch = db.parent().unwrap();
+        opts.deliverer.configs_root = scratch.join("configs");
+        opts.deliverer.plugins_dir = scratch.join("plugins");
+        customize(&mut opts);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(heartgate::run(listener, opts, async move {
             let _ = rx.await;
@@ -89,6 +106,37 @@ impl Service {
         }
     }
 
+    /// The service's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Wait until `check` holds, polling; panics after `secs` seconds.
+    pub async fn wait_for(&self, what: &str, secs: u64, mut check: impl FnMut(&Service) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while !check(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Wait until the reconcile worker has nothing queued or running, then
+    /// dump the database (so its own writes do not race a comparison).
+    pub async fn quiet_dump(&self) -> Vec<String> {
+        self.wait_for("the reconcile worker to go idle", 30, |s| {
+            s.store
+                .reconcile_runs(None)
+                .unwrap()
+                .iter()
+                .all(|r| r.state == "succeeded" || r.state == "failed")
+        })
+        .await;
+        dump(&self.db)
+    }
+
     /// Stop the service and wait for it to finish.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -103,9 +151,19 @@ impl Service {
         &self,
         path: &str,
     ) -> Result<(StatusCode, Value), hyper_util::client::legacy::Error> {
-        let req = Request::get(format!("http://{}{path}", self.addr))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        self.get_as(path, None).await
+    }
+
+    pub async fn get_as(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+    ) -> Result<(StatusCode, Value), hyper_util::client::legacy::Error> {
+        let mut req = Request::get(format!("http://{}{path}", self.addr));
+        if let Some(token) = bearer {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
         let resp = self.client.request(req).await?;
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -271,4 +329,14 @@ pub fn slot(name: &str, module: &str) -> heartgate::chain::SlotSpec {
 /// The hostile test guest's component file.
 pub fn hostile_guest() -> String {
     format!("{}/hostile.wasm", env!("HEARTGATE_TEST_GUESTS_DIR"))
+}
+
+/// Assert two dumps are equal, printing only the rows that differ.
+pub fn assert_unchanged(before: &[String], after: &[String]) {
+    let added: Vec<_> = after.iter().filter(|r| !before.contains(r)).collect();
+    let removed: Vec<_> = before.iter().filter(|r| !after.contains(r)).collect();
+    assert!(
+        added.is_empty() && removed.is_empty(),
+        "the database changed:\n  added {added:#?}\n  removed {removed:#?}"
+    );
 }

@@ -1,0 +1,92 @@
+//! Read models for operators: reconcile runs and plugins per workspace, for
+//! the admin API (`GET /admin/...`) and the CLI. Blocking.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::deliverer::Secret;
+use crate::deliverer::volume;
+use crate::store::{DeclaredPlugin, InstalledPlugin, ReconcileRun, Store, StoreError};
+
+/// An installed plugin and whether its files are there.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstalledView {
+    #[serde(flatten)]
+    pub plugin: InstalledPlugin,
+    /// The files are present and complete in the config volume.
+    pub present: bool,
+}
+
+/// A workspace's plugins.
+#[derive(Clone, Debug, Serialize)]
+pub struct PluginsView {
+    pub workspace_id: String,
+    pub declared: Vec<DeclaredPlugin>,
+    pub installed: Vec<InstalledView>,
+}
+
+/// What the admin API reads from.
+pub struct Admin {
+    store: Arc<dyn Store>,
+    configs_root: PathBuf,
+    token: Option<Secret>,
+}
+
+impl Admin {
+    pub fn new(store: Arc<dyn Store>, configs_root: PathBuf, token: Option<Secret>) -> Admin {
+        Admin {
+            store,
+            configs_root,
+            token,
+        }
+    }
+
+    /// The admin token's SHA-256, if one is configured and set.
+    pub fn token_hash(&self) -> Option<Vec<u8>> {
+        self.token
+            .as_ref()
+            .and_then(Secret::resolve)
+            .map(|t| crate::auth::hash(&t))
+    }
+
+    pub fn runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError> {
+        self.store.reconcile_runs(workspace_id)
+    }
+
+    pub fn run(&self, id: i64) -> Result<Option<ReconcileRun>, StoreError> {
+        self.store.reconcile_run(id)
+    }
+
+    /// `None` for an unknown workspace.
+    pub fn plugins(&self, workspace_id: &str) -> Result<Option<PluginsView>, StoreError> {
+        plugins(self.store.as_ref(), &self.configs_root, workspace_id)
+    }
+}
+
+/// A workspace's declared and installed plugins, with presence on disk.
+pub fn plugins(
+    store: &dyn Store,
+    configs_root: &std::path::Path,
+    workspace_id: &str,
+) -> Result<Option<PluginsView>, StoreError> {
+    let plan = match store.reconcile_plan(workspace_id) {
+        Ok(plan) => plan,
+        Err(StoreError::UnknownWorkspace(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let installed = plan
+        .installed
+        .into_iter()
+        .map(|plugin| InstalledView {
+            present: volume::is_present(configs_root, workspace_id, &plugin.name),
+            plugin,
+        })
+        .collect();
+    Ok(Some(PluginsView {
+        workspace_id: workspace_id.to_string(),
+        declared: plan.declared,
+        installed,
+    }))
+}
