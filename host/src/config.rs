@@ -185,3 +185,41 @@ impl ConfigFile {
         opts.chain = self.chain.map(|spec| (spec, base.to_path_buf()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/heartgate.example.toml");
+        let config = ConfigFile::load(&path).unwrap();
+        assert_eq!(config.listen, Some(([127, 0, 0, 1], 8080).into()));
+        let mut opts = ServiceOptions::new("x.db");
+        config.apply(&mut opts, Path::new("/srv/heartgate"));
+        assert_eq!(
+            opts.deliverer.configs_root,
+            Path::new("/srv/heartgate/configs")
+        );
+        assert_eq!(opts.worker.deadline, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:8080\"\n\n[reconcile]\nconcurency = 2\n",
+        )
+        .unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("concurency") && err.contains("line 4"),
+            "{err}"
+        );
+        std::fs::write(&path, "[restart]\ncommand = []\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("restart.command"), "{err}");
+    }
+}
