@@ -808,3 +808,83 @@ async fn admin_api_shows_runs_and_plugins_behind_its_token() {
     );
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_webhook_is_signed_and_retried() {
+    use http_body_util::BodyExt;
+
+    // A control plane that fails the first call and records what it got.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let calls = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let calls = calls.clone();
+                        async move {
+                            let sig = req
+                                .headers()
+                                .get("x-heartgate-signature")
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_default();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let mut calls = calls.lock().unwrap();
+                            calls.push((sig, String::from_utf8(body.to_vec()).unwrap()));
+                            let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                            if calls.len() == 1 {
+                                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    write_plugin(&dir.path().join("plugins/seo-all"), &[("plugin.yaml", "x")]);
+    let url = format!("http://{hook_addr}/restart");
+    let svc = Service::start_with(
+        &dir.path().join("heartgate.db"),
+        ManualClock::at(T0_MS),
+        "127.0.0.1:0",
+        |o| {
+            o.deliverer.restart = RestartHook::Http {
+                url,
+                secret: Some(Secret::Value("hook-secret".into())),
+                attempts: 3,
+                timeout: Duration::from_secs(5),
+            };
+        },
+    )
+    .await;
+    let token = svc.provision("ws", Workspace, false);
+    svc.store
+        .declare_plugin("ws", "seo-all", "local://seo-all", T0_MS)
+        .unwrap();
+    let run = trigger_online_reconcile(&svc, "ws", &token).await;
+    let r = svc.store.reconcile_run(run).unwrap().unwrap();
+    assert_eq!(r.state, "succeeded", "{r:?}");
+    assert_eq!(r.detail.unwrap()["restart"]["ok"], true);
+
+    let calls = seen.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "retried once after the 503");
+    for (sig, body) in &calls {
+        let payload: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(payload, json!({"workspace_id": "ws", "run_id": run}));
+        let expected = heartgate::deliverer::restart::sign(b"hook-secret", body.as_bytes());
+        assert_eq!(sig, &format!("sha256={expected}"));
+    }
+    svc.stop().await;
+}
