@@ -5,9 +5,9 @@
 //!   and re-exported at the crate root (`Input`, `Action`, `Effect`, ...);
 //! - friendly constructors and accessors on those types ([`Action::set_status`],
 //!   [`Input::heartbeat`], [`Input::marker`], ...);
-//! - [`export_policy!`], the component export glue: a policy implements
-//!   [`Guest`] and calls `export_policy!(MyPolicy)` under
-//!   `#[cfg(target_arch = "wasm32")]`;
+//! - [`policy!`], the whole component adapter in one line:
+//!   `heartgate_policy::policy!(NAME, decide);` (built on [`export_policy!`]
+//!   for policies that implement [`Guest`] themselves);
 //! - [`testing`]: input builders for native unit tests.
 //!
 //! A policy is a plain Rust function from `(&Input, Vec<Action>)` to
@@ -217,4 +217,35 @@ pub fn json_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Make a crate a policy component: `policy!(NAME, decide)` defines the
+/// exported type, reports `NAME` and the crate's version as metadata, and
+/// evaluates with `decide(&input, proposed) -> Vec<Action>`. The export glue
+/// is only emitted for wasm32, so the crate also builds and tests natively.
+#[macro_export]
+macro_rules! policy {
+    ($name:expr, $decide:path) => {
+        /// The component's export.
+        pub struct Policy;
+
+        impl $crate::Guest for Policy {
+            fn metadata() -> $crate::Metadata {
+                $crate::Metadata {
+                    name: ($name).to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                }
+            }
+
+            fn evaluate(
+                input: $crate::Input,
+                proposed: Vec<$crate::Action>,
+            ) -> Result<Vec<$crate::Action>, $crate::PolicyError> {
+                Ok($decide(&input, proposed))
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        $crate::export_policy!(Policy);
+    };
 }
