@@ -119,18 +119,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn valid_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !ok {
-        bail!("workspace id `{id}` must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`");
-    }
-    Ok(())
-}
-
 fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
@@ -185,7 +173,6 @@ fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
             name,
             model_configured,
         } => {
-            valid_id(&id)?;
             let kind = WorkspaceKind::parse(&kind).context("kind must be workspace or platform")?;
             store.add_workspace(
                 &NewWorkspace {

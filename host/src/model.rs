@@ -68,6 +68,18 @@ impl Status {
     }
 }
 
+/// Whether `id` can be a workspace id: 1-128 of `A-Z a-z 0-9 - _ .`, not
+/// starting with `.`. Ids become directory names and restart-hook arguments,
+/// so nothing else is ever stored.
+pub fn valid_workspace_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The kind of a workspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -281,6 +293,26 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", st.as_str()));
         }
         assert_eq!(Status::parse("bogus"), None);
+    }
+
+    #[test]
+    fn workspace_ids_are_safe_as_paths_and_arguments() {
+        for ok in ["ws", "3f2b6c1e-0000-4000-8000-000000000001", "a.b_c-D"] {
+            assert!(valid_workspace_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "a;rm -rf /",
+            "$(x)",
+            &"a".repeat(129),
+        ] {
+            assert!(!valid_workspace_id(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! and for a failure the cause in plain words. A failed run is not retried by
 //! itself; the next trigger retries, as often as the cooldown policy allows.
 //!
+//! A run past its deadline is recorded as failed; a git command or a file
+//! copy already under way finishes on its blocking thread (each has its own
+//! time or size limit), and delivery stays atomic either way.
+//!
 //! At start it re-queues runs that a previous process left `running` (it
 //! died mid-run); delivery is atomic, so running such a run again is safe. At
 //! shutdown it stops claiming and abandons runs in flight, which the next

@@ -899,6 +899,12 @@ impl Store for SqliteStore {
     }
 
     fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError> {
+        if !crate::model::valid_workspace_id(&new.id) {
+            return Err(StoreError::Refused(format!(
+                "workspace id `{}` must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.`",
+                new.id
+            )));
+        }
         self.with_writer(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let inserted = tx.execute(

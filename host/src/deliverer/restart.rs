@@ -77,6 +77,15 @@ pub async fn restart(
             stderr: String::new(),
         },
         RestartHook::Command { argv, timeout } => {
+            if !crate::model::valid_workspace_id(workspace_id) {
+                return RestartOutcome {
+                    hook: "command",
+                    ok: false,
+                    detail: format!("refusing to pass workspace id `{workspace_id}` to a command"),
+                    stdout: String::new(),
+                    stderr: String::new(),
+                };
+            }
             let argv: Vec<String> = argv
                 .iter()
                 .map(|a| a.replace("{workspace_id}", workspace_id))

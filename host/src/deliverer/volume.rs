@@ -53,13 +53,7 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DeliverError
 }
 
 fn check_workspace_id(id: &str) -> Result<(), DeliverError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if crate::model::valid_workspace_id(id) {
         Ok(())
     } else {
         Err(DeliverError::BadWorkspaceId(id.to_string()))
