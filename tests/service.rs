@@ -737,3 +737,48 @@ async fn every_decision_is_logged_with_its_chain_and_policies() {
     assert_eq!(d.input["workspace"]["status"], "online");
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_registration_creates_unknown_workspaces_when_turned_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_with(
+        &dir.path().join("heartgate.db"),
+        ManualClock::at(T0_MS),
+        "127.0.0.1:0",
+        |o| o.open_registration = true,
+    )
+    .await;
+    let (status, body) = svc
+        .register(
+            None,
+            json!({"id": "fresh-1", "url": "http://a", "agent_card": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["auth_token"].is_string());
+    let ws = svc.workspace("fresh-1");
+    assert_eq!(
+        (ws["status"].as_str(), ws["kind"].as_str()),
+        (Some("online"), Some("workspace"))
+    );
+
+    // Never platform, and never an id that cannot be a directory name.
+    let (status, _) = svc
+        .register(
+            None,
+            json!({"id": "fresh-2", "url": "http://a", "agent_card": {}, "kind": "platform"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(svc.store.workspace("fresh-2").unwrap().is_none());
+    let (status, _) = svc
+        .register(
+            None,
+            json!({"id": "../etc", "url": "http://a", "agent_card": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(svc.store.workspace("../etc").unwrap().is_none());
+    assert!(svc.quiet_dump().await.iter().all(|r| !r.contains("../etc")));
+    svc.stop().await;
+}

@@ -68,6 +68,7 @@ pub struct ConfigFile {
     pub configs_root: Option<PathBuf>,
     pub plugins_dir: Option<PathBuf>,
     pub allow_unpinned: Option<bool>,
+    pub open_registration: Option<bool>,
     #[serde(default)]
     pub reconcile: ReconcileSection,
     #[serde(default)]
@@ -136,6 +137,9 @@ impl ConfigFile {
     pub fn apply(self, opts: &mut ServiceOptions, base: &Path) {
         if let Some(n) = self.max_body_bytes {
             opts.server.max_body_bytes = n;
+        }
+        if let Some(open) = self.open_registration {
+            opts.open_registration = open;
         }
         if let Some(name) = self.admin_token_env {
             opts.admin_token = Some(Secret::Env(name));

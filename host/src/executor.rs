@@ -33,8 +33,8 @@ use crate::model::{
     WorkspaceKind,
 };
 use crate::store::{
-    Applied, DecisionRecord, Liveness, MarkerWrite, Registration, Snapshot, StatusWrite, Store,
-    StoreError, VerdictWrite,
+    Applied, DecisionRecord, Liveness, MarkerWrite, NewWorkspace, Registration, Snapshot,
+    StatusWrite, Store, StoreError, VerdictWrite,
 };
 
 /// How many times a verdict is re-evaluated after conflicting writes.
@@ -62,6 +62,8 @@ pub enum RegistryError {
     Rejected { http_status: u16, message: String },
     #[error("url is required for push-mode workspaces")]
     UrlRequired,
+    #[error("{0}")]
+    BadWorkspaceId(String),
     #[error("registration failed: {0}")]
     RegistrationFailed(String),
     #[error("failed to update: {0}")]
@@ -107,6 +109,7 @@ pub struct Executor {
     chain: ArcSwap<Chain>,
     clock: Arc<dyn Clock>,
     deliverer: Arc<dyn Deliverer>,
+    open_registration: bool,
 }
 
 /// The checked final actions of a chain, grouped for the store.
@@ -135,7 +138,16 @@ impl Executor {
             chain: ArcSwap::from_pointee(chain),
             clock,
             deliverer,
+            open_registration: false,
         }
+    }
+
+    /// Let a register for an unknown id create the workspace (an ordinary
+    /// `workspace`, never `platform`). Off by default: workspaces are
+    /// provisioned by the operator.
+    pub fn with_open_registration(mut self, open: bool) -> Executor {
+        self.open_registration = open;
+        self
     }
 
     /// The active chain.
@@ -212,7 +224,17 @@ impl Executor {
     /// Evaluate and apply a register.
     pub fn register(&self, req: &RegisterRequest) -> Result<Registered, RegistryError> {
         for attempt in 1..=MAX_ATTEMPTS {
-            let snap = self.load_and_authenticate(&req.id, req.bearer.as_deref())?;
+            let snap = match self.load_and_authenticate(&req.id, req.bearer.as_deref()) {
+                Err(RegistryError::UnknownWorkspace) if self.open_registration => {
+                    // `platform` is granted by an operator, never by a runtime.
+                    if req.kind == Some(WorkspaceKind::Platform) {
+                        return Err(RegistryError::PlatformKindRefused);
+                    }
+                    self.open_register(&req.id)?;
+                    self.load_and_authenticate(&req.id, req.bearer.as_deref())?
+                }
+                other => other?,
+            };
             let now_ms = self.clock.now_ms();
             if snap.workspace.status == Status::Removed {
                 return Err(RegistryError::UnknownWorkspace);
@@ -304,6 +326,20 @@ impl Executor {
         Err(RegistryError::RegistrationFailed(format!(
             "state kept changing under {MAX_ATTEMPTS} evaluations"
         )))
+    }
+
+    fn open_register(&self, id: &str) -> Result<(), RegistryError> {
+        let new = NewWorkspace {
+            id: id.to_string(),
+            name: String::new(),
+            kind: WorkspaceKind::Workspace,
+            model_configured: false,
+        };
+        match self.store.add_workspace(&new, self.clock.now_ms()) {
+            Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
+            Err(StoreError::Refused(reason)) => Err(RegistryError::BadWorkspaceId(reason)),
+            Err(e) => Err(RegistryError::RegistrationFailed(e.to_string())),
+        }
     }
 
     fn stamp_failure(&self, id: &str, now_ms: i64) {

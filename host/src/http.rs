@@ -126,7 +126,9 @@ impl From<RegistryError> for ApiError {
                 StatusCode::from_u16(http_status).unwrap_or(StatusCode::BAD_REQUEST),
                 message,
             ),
-            E::UrlRequired => ApiError::new(StatusCode::BAD_REQUEST, err.to_string()),
+            E::UrlRequired | E::BadWorkspaceId(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, err.to_string())
+            }
             E::RegistrationFailed(detail) => {
                 tracing::error!(detail, "registration failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registration failed")

@@ -58,6 +58,8 @@ pub struct ServiceOptions {
     pub worker: WorkerConfig,
     /// The admin API's bearer token; `None` disables the admin API.
     pub admin_token: Option<Secret>,
+    /// A register for an unknown id creates the workspace (off by default).
+    pub open_registration: bool,
     pub server: http::ServerConfig,
 }
 
@@ -73,6 +75,7 @@ impl ServiceOptions {
             deliverer: DelivererConfig::default(),
             worker: WorkerConfig::default(),
             admin_token: Some(Secret::Env("HEARTGATE_ADMIN_TOKEN".into())),
+            open_registration: false,
             server: http::ServerConfig::default(),
         }
     }
@@ -106,12 +109,10 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     let store = open_store(&opts.db)?;
     let deliverer = PluginDeliverer::new(opts.deliverer.clone(), store.clone(), opts.clock.clone());
     let worker = Worker::new(store.clone(), opts.clock.clone(), deliverer, opts.worker);
-    let executor = Arc::new(Executor::new(
-        store,
-        chain,
-        opts.clock.clone(),
-        Arc::new(worker.handle()),
-    ));
+    let executor = Arc::new(
+        Executor::new(store, chain, opts.clock.clone(), Arc::new(worker.handle()))
+            .with_open_registration(opts.open_registration),
+    );
     Ok(Service { executor, worker })
 }
 
