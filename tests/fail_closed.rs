@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Service, T0_MS, hostile_guest, slot};
-use heartgate::chain::ChainSpec;
+use heartgate::chain::{ChainSpec, Grant};
 use heartgate::clock::ManualClock;
 use heartgate::model::WorkspaceKind::Workspace;
 use hyper::StatusCode;
@@ -45,6 +45,8 @@ async fn misbehaving_policy_fails_closed_and_the_service_keeps_serving() {
         ("foreign-1", "failed:invalid_output"),
         ("steal-1", "failed:invalid_output"),
         ("flood-1", "failed:invalid_output"),
+        ("event-1", "failed:ungranted_action"),
+        ("drop-1", "failed:ungranted_action"),
     ];
     for (id, outcome) in cases {
         let token = svc.provision(id, Workspace, false);
@@ -119,5 +121,47 @@ async fn a_failing_register_evaluation_is_an_opaque_500_and_promotes_nothing() {
         )
     );
     assert_eq!(svc.status("trap-reg"), "provisioning");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_actions_pass_and_ungranted_ones_fail_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hostile = slot("hostile", &hostile_guest());
+    hostile.grants = Some(vec![Grant::RecordEvent]);
+    let chain = ChainSpec {
+        slot: vec![slot("status-rules", "builtin:status-rules"), hostile],
+    };
+    let svc = Service::start_with_chain(
+        &dir.path().join("heartgate.db"),
+        ManualClock::at(T0_MS),
+        Some(chain),
+    )
+    .await;
+
+    // Granted: the event is recorded with the rest of the verdict.
+    let token = svc.provision("event-2", Workspace, false);
+    svc.force_status("event-2", "offline");
+    svc.heartbeat(&token, json!({"workspace_id": "event-2"}))
+        .await;
+    assert_eq!(svc.status("event-2"), "online");
+    assert_eq!(svc.events("event-2", "HOSTILE_NOTE").len(), 1);
+
+    // Not granted `drop`: dropping the promotion fails the slot, closed.
+    let token = svc.provision("drop-2", Workspace, false);
+    svc.force_status("drop-2", "offline");
+    svc.heartbeat(&token, json!({"workspace_id": "drop-2"}))
+        .await;
+    assert_eq!(svc.status("drop-2"), "offline");
+    let decision = &svc.store.decisions("drop-2", 1).unwrap()[0];
+    assert_eq!(decision.outcome, "failed:ungranted_action");
+    assert!(
+        decision
+            .final_actions
+            .to_string()
+            .contains("not granted `drop`"),
+        "{}",
+        decision.final_actions
+    );
     svc.stop().await;
 }

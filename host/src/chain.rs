@@ -82,6 +82,70 @@ pub struct SlotSpec {
     /// Memory cap in MiB (default 16, at most 32).
     #[serde(default)]
     pub max_memory_mib: Option<usize>,
+    /// What the slot may do. A built-in module has its own default; any
+    /// other module may only pass the proposed actions through unless
+    /// granted more.
+    #[serde(default)]
+    pub grants: Option<Vec<Grant>>,
+}
+
+/// A kind of thing a slot may do to the list of actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// Add `set_status` actions.
+    SetStatus,
+    /// Add `reject` actions.
+    Reject,
+    /// Add `record_event` actions.
+    RecordEvent,
+    /// Add `request_reconcile` actions.
+    RequestReconcile,
+    /// Set or clear its own markers.
+    Markers,
+    /// Drop actions proposed before it.
+    Drop,
+}
+
+impl Grant {
+    /// The snake_case name used in chain files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::SetStatus => "set_status",
+            Grant::Reject => "reject",
+            Grant::RecordEvent => "record_event",
+            Grant::RequestReconcile => "request_reconcile",
+            Grant::Markers => "markers",
+            Grant::Drop => "drop",
+        }
+    }
+
+    /// The grant adding `effect` needs.
+    fn to_add(effect: &crate::model::Effect) -> Grant {
+        use crate::model::Effect as E;
+        match effect {
+            E::SetStatus { .. } => Grant::SetStatus,
+            E::Reject { .. } => Grant::Reject,
+            E::RecordEvent { .. } => Grant::RecordEvent,
+            E::RequestReconcile { .. } => Grant::RequestReconcile,
+            E::SetMarker { .. } | E::ClearMarker { .. } => Grant::Markers,
+        }
+    }
+}
+
+/// The grants of a built-in policy: exactly what its rules need.
+fn builtin_grants(name: &str) -> Vec<Grant> {
+    use Grant::*;
+    match name {
+        // Fails closed: sets status, records why, refuses a register, and
+        // drops any status change proposed before it.
+        "gate" => vec![SetStatus, RecordEvent, Reject, Drop],
+        "status-rules" => vec![SetStatus, RecordEvent, RequestReconcile, Markers],
+        "recovery-trigger" => vec![RequestReconcile],
+        // Drops recovery requests inside the window; writes its fire time.
+        "cooldown" => vec![Markers, Drop],
+        _ => Vec::new(),
+    }
 }
 
 /// A chain file: `[[slot]]` tables in evaluation order.
@@ -97,6 +161,7 @@ pub struct Slot {
     pub name: String,
     pub module: Arc<PolicyModule>,
     pub limits: Limits,
+    pub grants: Vec<Grant>,
 }
 
 /// An ordered, loaded chain of policies.
@@ -153,6 +218,7 @@ impl Chain {
                 module: format!("builtin:{name}"),
                 timeout_ms: None,
                 max_memory_mib: None,
+                grants: None,
             })
             .collect();
         Chain::from_spec(engine, &ChainSpec { slot: specs }, Path::new("."))
@@ -173,7 +239,13 @@ impl Chain {
                     s.name
                 )));
             }
-            let bytes: Vec<u8> = match s.module.strip_prefix("builtin:") {
+            let builtin = s.module.strip_prefix("builtin:");
+            let grants = match (&s.grants, builtin) {
+                (Some(g), _) => g.clone(),
+                (None, Some(name)) => builtin_grants(name),
+                (None, None) => Vec::new(),
+            };
+            let bytes: Vec<u8> = match builtin {
                 Some(name) => BUILTIN
                     .iter()
                     .find(|(n, _)| *n == name)
@@ -215,6 +287,7 @@ impl Chain {
                 name: s.name.clone(),
                 module: Arc::new(module),
                 limits,
+                grants,
             });
         }
         let mut hasher = Sha256::new();
@@ -255,7 +328,15 @@ impl Chain {
             let result = slot
                 .module
                 .evaluate(&own, &proposed, slot.limits)
-                .and_then(|out| check_output(&input.workspace.id, &meta.name, &proposed, out));
+                .and_then(|out| {
+                    check_output(
+                        &input.workspace.id,
+                        &meta.name,
+                        &slot.grants,
+                        &proposed,
+                        out,
+                    )
+                });
             let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let mut step = Step {
                 slot: slot.name.clone(),
@@ -292,11 +373,13 @@ impl Chain {
     }
 }
 
-/// Check one slot's output: size limits, the workspace it targets, and that
-/// every marker write it introduces is its own.
+/// Check one slot's output: size limits, the workspace it targets, that every
+/// marker write it introduces is its own, and that everything it added or
+/// dropped is granted.
 fn check_output(
     workspace_id: &str,
     policy: &str,
+    grants: &[Grant],
     before: &[Action],
     out: Vec<Action>,
 ) -> Result<Vec<Action>, EvalFailure> {
@@ -333,8 +416,23 @@ fn check_output(
                 truncate(owner)
             ));
         }
+        let needed = Grant::to_add(&action.effect);
+        if !grants.contains(&needed) {
+            return Err(ungranted(needed));
+        }
+    }
+    // Whatever of the proposed list is not in the output was dropped.
+    if !inherited.is_empty() && !grants.contains(&Grant::Drop) {
+        return Err(ungranted(Grant::Drop));
     }
     Ok(out)
+}
+
+fn ungranted(grant: Grant) -> EvalFailure {
+    EvalFailure::new(
+        FailureKind::Ungranted,
+        format!("the slot is not granted `{}`", grant.as_str()),
+    )
 }
 
 fn longest_string(action: &Action) -> Option<usize> {

@@ -88,6 +88,8 @@ pub enum FailureKind {
     PolicyError,
     /// The policy returned actions the host refuses.
     InvalidOutput,
+    /// The policy added or dropped an action its slot is not granted.
+    Ungranted,
 }
 
 impl FailureKind {
@@ -100,6 +102,7 @@ impl FailureKind {
             FailureKind::Instantiation => "instantiation",
             FailureKind::PolicyError => "policy_error",
             FailureKind::InvalidOutput => "invalid_output",
+            FailureKind::Ungranted => "ungranted_action",
         }
     }
 }

@@ -323,6 +323,7 @@ pub fn slot(name: &str, module: &str) -> heartgate::chain::SlotSpec {
         module: module.into(),
         timeout_ms: None,
         max_memory_mib: None,
+        grants: None,
     }
 }
 

@@ -7,6 +7,9 @@
 //! - `foreign-`: returns an action for another workspace;
 //! - `steal-`: writes another policy's marker;
 //! - `flood-`: returns ten thousand actions;
+//! - `event-`: adds a well-formed event (fails unless the slot is granted
+//!   `record_event`);
+//! - `drop-`: drops every proposed action (fails unless granted `drop`);
 //!
 //! and otherwise passes the proposed actions through unchanged.
 
@@ -80,6 +83,14 @@ impl Guest for Hostile {
             return Ok((0..10_000)
                 .map(|_| Action::request_reconcile(id, ReconcileTrigger::Online))
                 .collect());
+        }
+        if id.starts_with("event-") {
+            let mut out = proposed;
+            out.push(Action::record_event(id, "HOSTILE_NOTE", "{}".to_string()));
+            return Ok(out);
+        }
+        if id.starts_with("drop-") {
+            return Ok(Vec::new());
         }
         Ok(proposed)
     }
