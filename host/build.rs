@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 const TARGET: &str = "wasm32-unknown-unknown";
 
 /// (crate name, file stem of its core module, name of the component file)
-const POLICIES: [(&str, &str, &str); 5] = [
+const POLICIES: [(&str, &str, &str); 10] = [
     ("heartgate-policy-gate", "heartgate_policy_gate", "gate"),
     (
         "heartgate-policy-status-rules",
@@ -36,12 +36,34 @@ const POLICIES: [(&str, &str, &str); 5] = [
         "heartgate_policy_cooldown",
         "cooldown",
     ),
-    // Not embedded: a misbehaving policy the tests load from OUT_DIR (the
-    // path is exported as HEARTGATE_TEST_GUESTS_DIR).
+    // Not embedded: test guests (a misbehaving policy, bad candidates, a
+    // one-minute cooldown) that the tests load from OUT_DIR (the path is
+    // exported as HEARTGATE_TEST_GUESTS_DIR).
     (
         "heartgate-guest-hostile",
         "heartgate_guest_hostile",
         "hostile",
+    ),
+    (
+        "heartgate-guest-always-trap",
+        "heartgate_guest_always_trap",
+        "always_trap",
+    ),
+    (
+        "heartgate-guest-always-loop",
+        "heartgate_guest_always_loop",
+        "always_loop",
+    ),
+    (
+        "heartgate-guest-no-metadata",
+        "heartgate_guest_no_metadata",
+        "no_metadata",
+    ),
+    ("heartgate-guest-noisy", "heartgate_guest_noisy", "noisy"),
+    (
+        "heartgate-guest-cooldown-1m",
+        "heartgate_guest_cooldown_1m",
+        "cooldown_1m",
     ),
 ];
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::deliverer::Secret;
 use crate::deliverer::volume;
+use crate::policy_set::PolicySet;
 use crate::store::{DeclaredPlugin, InstalledPlugin, ReconcileRun, Store, StoreError};
 
 /// An installed plugin and whether its files are there.
@@ -32,15 +33,27 @@ pub struct Admin {
     store: Arc<dyn Store>,
     configs_root: PathBuf,
     token: Option<Secret>,
+    policies: Arc<PolicySet>,
 }
 
 impl Admin {
-    pub fn new(store: Arc<dyn Store>, configs_root: PathBuf, token: Option<Secret>) -> Admin {
+    pub fn new(
+        store: Arc<dyn Store>,
+        configs_root: PathBuf,
+        token: Option<Secret>,
+        policies: Arc<PolicySet>,
+    ) -> Admin {
         Admin {
             store,
             configs_root,
             token,
+            policies,
         }
+    }
+
+    /// The policy set (push, stage, activate, roll back, evaluate).
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
     }
 
     /// The admin token's SHA-256, if one is configured and set.

@@ -69,23 +69,24 @@ pub enum ChainError {
 }
 
 /// One slot of a chain file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlotSpec {
     /// The slot's name, unique within the chain.
     pub name: String,
-    /// `builtin:<name>` or a path to a component file (relative to the file).
+    /// `builtin:<name>`, `sha256:<digest>` of a stored module, or a path to a
+    /// component file (relative to the chain file).
     pub module: String,
     /// Time limit in milliseconds (default 100).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// Memory cap in MiB (default 16, at most 32).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_memory_mib: Option<usize>,
     /// What the slot may do. A built-in module has its own default; any
     /// other module may only pass the proposed actions through unless
     /// granted more.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grants: Option<Vec<Grant>>,
 }
 
@@ -149,7 +150,7 @@ fn builtin_grants(name: &str) -> Vec<Grant> {
 }
 
 /// A chain file: `[[slot]]` tables in evaluation order.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainSpec {
     pub slot: Vec<SlotSpec>,
@@ -167,10 +168,14 @@ pub struct Slot {
 /// An ordered, loaded chain of policies.
 #[derive(Clone, Debug)]
 pub struct Chain {
-    /// A content version: the first 16 hex digits of the sha256 over the slot
-    /// names and module digests, so equal chains have equal versions.
+    /// A content version: the first 16 hex digits of the sha256 of the
+    /// normalized spec (slot names, module digests, limits, grants), so equal
+    /// chains have equal versions.
     pub version: String,
     pub slots: Vec<Slot>,
+    /// The spec with every module named by content: `builtin:<name>` or
+    /// `sha256:<digest>`, so it can be stored and rebuilt anywhere.
+    pub spec: ChainSpec,
 }
 
 /// What one slot did in one evaluation (a decision-log entry).
@@ -221,17 +226,26 @@ impl Chain {
                 grants: None,
             })
             .collect();
-        Chain::from_spec(engine, &ChainSpec { slot: specs }, Path::new("."))
+        Chain::from_spec(engine, &ChainSpec { slot: specs }, Path::new("."), &|_| {
+            None
+        })
     }
 
-    /// Build a chain from its spec; relative module paths are under `base`.
-    pub fn from_spec(engine: &Engine, spec: &ChainSpec, base: &Path) -> Result<Chain, ChainError> {
+    /// Build a chain from its spec; relative module paths are under `base`,
+    /// and `sha256:<digest>` modules come from `stored`.
+    pub fn from_spec(
+        engine: &Engine,
+        spec: &ChainSpec,
+        base: &Path,
+        stored: &dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Chain, ChainError> {
         if spec.slot.is_empty() {
             return Err(ChainError::Invalid(
                 "a chain needs at least one slot".into(),
             ));
         }
         let mut slots: Vec<Slot> = Vec::with_capacity(spec.slot.len());
+        let mut normalized: Vec<SlotSpec> = Vec::with_capacity(spec.slot.len());
         for s in &spec.slot {
             if s.name.is_empty() || slots.iter().any(|o| o.name == s.name) {
                 return Err(ChainError::Invalid(format!(
@@ -245,13 +259,19 @@ impl Chain {
                 (None, Some(name)) => builtin_grants(name),
                 (None, None) => Vec::new(),
             };
-            let bytes: Vec<u8> = match builtin {
-                Some(name) => BUILTIN
+            let bytes: Vec<u8> = match (builtin, s.module.strip_prefix("sha256:")) {
+                (Some(name), _) => BUILTIN
                     .iter()
                     .find(|(n, _)| *n == name)
                     .map(|(_, b)| b.to_vec())
                     .ok_or_else(|| ChainError::UnknownBuiltin(s.name.clone()))?,
-                None => {
+                (None, Some(digest)) => stored(digest).ok_or_else(|| {
+                    ChainError::Invalid(format!(
+                        "slot `{}`: no stored module with digest `{digest}`",
+                        s.name
+                    ))
+                })?,
+                (None, None) => {
                     let path = base.join(&s.module);
                     std::fs::read(&path).map_err(|error| ChainError::Read {
                         slot: s.name.clone(),
@@ -283,6 +303,14 @@ impl Chain {
                 }
                 limits.max_memory_bytes = mib << 20;
             }
+            normalized.push(SlotSpec {
+                module: match builtin {
+                    Some(name) => format!("builtin:{name}"),
+                    None => format!("sha256:{}", module.digest()),
+                },
+                grants: Some(grants.clone()),
+                ..s.clone()
+            });
             slots.push(Slot {
                 name: s.name.clone(),
                 module: Arc::new(module),
@@ -290,15 +318,14 @@ impl Chain {
                 grants,
             });
         }
-        let mut hasher = Sha256::new();
-        for slot in &slots {
-            hasher.update(slot.name.as_bytes());
-            hasher.update([0]);
-            hasher.update(slot.module.digest().as_bytes());
-            hasher.update([0]);
-        }
-        let version = crate::engine::hex(&hasher.finalize()[..8]);
-        Ok(Chain { version, slots })
+        let spec = ChainSpec { slot: normalized };
+        let canonical = serde_json::to_vec(&spec).unwrap_or_default();
+        let version = crate::engine::hex(&Sha256::digest(&canonical)[..8]);
+        Ok(Chain {
+            version,
+            slots,
+            spec,
+        })
     }
 
     /// The policy names of the chain's slots, whose markers the host loads.

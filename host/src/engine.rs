@@ -243,7 +243,7 @@ impl Engine {
             engine: self.clone(),
             pre,
             digest,
-            size: bytes.len(),
+            bytes: Arc::from(bytes),
             metadata: model::Metadata {
                 name: String::new(),
                 version: String::new(),
@@ -303,7 +303,7 @@ pub struct PolicyModule {
     engine: Engine,
     pre: bindings::PolicyPre<StoreState>,
     digest: String,
-    size: usize,
+    bytes: Arc<[u8]>,
     metadata: model::Metadata,
 }
 
@@ -327,9 +327,9 @@ impl PolicyModule {
         &self.digest
     }
 
-    /// The size of the component in bytes.
-    pub fn size(&self) -> usize {
-        self.size
+    /// The component's bytes, as loaded (to store them by digest).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     fn metadata_call(&self, limits: Limits) -> Result<model::Metadata, EvalFailure> {

@@ -103,10 +103,62 @@ pub struct HeartbeatRequest {
     pub event: HeartbeatEvent,
 }
 
+/// One difference between the active chain and a shadow chain.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowDiff {
+    pub workspace_id: String,
+    pub event_kind: String,
+    pub at_ms: i64,
+    pub active: serde_json::Value,
+    pub shadow: serde_json::Value,
+}
+
+/// What a shadow chain has seen so far.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShadowStats {
+    /// Requests evaluated by both chains.
+    pub evaluated: u64,
+    /// Requests whose final actions differed.
+    pub differed: u64,
+    /// The most recent differences, oldest first (at most 100).
+    pub recent: Vec<ShadowDiff>,
+}
+
+/// A staged chain running beside the active one, without effects.
+pub struct Shadow {
+    pub chain_id: i64,
+    pub chain: Chain,
+    stats: std::sync::Mutex<ShadowStats>,
+}
+
+impl Shadow {
+    pub fn new(chain_id: i64, chain: Chain) -> Shadow {
+        Shadow {
+            chain_id,
+            chain,
+            stats: std::sync::Mutex::new(ShadowStats::default()),
+        }
+    }
+
+    /// A copy of the statistics.
+    pub fn stats(&self) -> ShadowStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// What a chain finally decided, for comparing two chains.
+fn final_view(outcome: &ChainOutcome) -> serde_json::Value {
+    match &outcome.result {
+        Ok(actions) => serde_json::to_value(actions).unwrap_or_default(),
+        Err(f) => serde_json::json!({"failed": f.failure.kind.as_str()}),
+    }
+}
+
 /// The executor and what it works with.
 pub struct Executor {
     store: Arc<dyn Store>,
     chain: ArcSwap<Chain>,
+    shadow: arc_swap::ArcSwapOption<Shadow>,
     clock: Arc<dyn Clock>,
     deliverer: Arc<dyn Deliverer>,
     open_registration: bool,
@@ -136,6 +188,7 @@ impl Executor {
         Executor {
             store,
             chain: ArcSwap::from_pointee(chain),
+            shadow: arc_swap::ArcSwapOption::empty(),
             clock,
             deliverer,
             open_registration: false,
@@ -153,6 +206,58 @@ impl Executor {
     /// The active chain.
     pub fn chain(&self) -> Arc<Chain> {
         self.chain.load_full()
+    }
+
+    /// Run `shadow` beside the active chain (or stop, with `None`); returns
+    /// the shadow that was running.
+    pub fn set_shadow(&self, shadow: Option<Shadow>) -> Option<Arc<Shadow>> {
+        self.shadow.swap(shadow.map(Arc::new))
+    }
+
+    /// The shadow chain running, if any.
+    pub fn shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.load_full()
+    }
+
+    /// Evaluate the shadow chain, if any, on the input the active chain just
+    /// decided, and count and log a difference in the final actions.
+    fn compare_with_shadow(&self, input: &Input, active: &ChainOutcome) {
+        let Some(shadow) = self.shadow.load_full() else {
+            return;
+        };
+        let theirs = final_view(&shadow.chain.evaluate(input));
+        let ours = final_view(active);
+        let Ok(mut stats) = shadow.stats.lock() else {
+            return;
+        };
+        stats.evaluated += 1;
+        if theirs != ours {
+            stats.differed += 1;
+            tracing::info!(
+                target: "heartgate::shadow",
+                workspace_id = %input.workspace.id,
+                shadow_chain = shadow.chain_id,
+                active = %ours,
+                shadow = %theirs,
+                "the shadow chain decided differently"
+            );
+            if stats.recent.len() == 100 {
+                stats.recent.remove(0);
+            }
+            stats.recent.push(ShadowDiff {
+                workspace_id: input.workspace.id.clone(),
+                event_kind: input.event.kind().to_string(),
+                at_ms: input.now_ms,
+                active: ours,
+                shadow: theirs,
+            });
+        }
+    }
+
+    /// Replace the active chain at once; evaluations that already loaded the
+    /// old one finish on it. Returns the old chain.
+    pub fn swap_chain(&self, chain: Chain) -> Arc<Chain> {
+        self.chain.swap(Arc::new(chain))
     }
 
     /// The store.
@@ -210,6 +315,7 @@ impl Executor {
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
+                    self.compare_with_shadow(&input, &outcome);
                     return Ok(summary);
                 }
                 Ok(Applied::Conflict) => continue,
@@ -312,6 +418,7 @@ impl Executor {
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
+                    self.compare_with_shadow(&input, &outcome);
                     result?;
                     return Ok(Registered {
                         delivery_mode,

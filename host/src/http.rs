@@ -3,7 +3,11 @@
 //! Routes: `POST /registry/register`, `POST /registry/heartbeat`,
 //! `GET /healthz`, and the admin API behind the admin bearer token:
 //! `GET /admin/reconciles[?workspace=ID]`, `GET /admin/reconciles/{id}`,
-//! `GET /admin/workspaces/{id}/plugins`. Bodies are size-limited, unknown JSON fields are ignored,
+//! `GET /admin/workspaces/{id}/plugins`, and the policy set:
+//! `GET /admin/chain`, `POST /admin/modules` (raw component bytes),
+//! `POST /admin/chains` (stage), `POST /admin/chains/{id}/activate`,
+//! `POST /admin/chains/rollback`, `POST /admin/eval`, and shadow mode:
+//! `POST|GET|DELETE /admin/shadow`. Bodies are size-limited, unknown JSON fields are ignored,
 //! wrong types and bad JSON are 400 with nothing written. Every error is one
 //! [`ApiError`] rendered as `{"error": "..."}`; database text never reaches a
 //! client. Evaluation and storage run on blocking threads, at most
@@ -32,6 +36,7 @@ use crate::admin::Admin;
 use crate::auth;
 use crate::executor::{Executor, HeartbeatRequest, RegisterRequest, RegistryError};
 use crate::model::{HeartbeatEvent, WorkspaceKind};
+use crate::policy_set::{PolicySetError, SlotFixtures};
 
 /// Limits of the HTTP layer.
 #[derive(Clone, Debug)]
@@ -224,6 +229,9 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, p) if p.starts_with("/admin/") => admin(app, req).await,
+        (&Method::POST | &Method::DELETE, p) if p.starts_with("/admin/") => {
+            admin_write(app, req).await
+        }
         (_, p) if p.starts_with("/admin/") => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method `{}` not allowed on `{path}`", req.method()),
@@ -237,9 +245,18 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
 }
 
 async fn read_body(app: &App, req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
+    read_body_limited(req, app.config.max_body_bytes).await
+}
+
+/// The largest policy module or chain upload accepted by the admin API.
+pub const MAX_ADMIN_BODY_BYTES: usize = 16 << 20;
+
+async fn read_body_limited(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<(Option<String>, Bytes), ApiError> {
     let bearer = auth::bearer(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))
         .map(str::to_string);
-    let limit = app.config.max_body_bytes;
     match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok((bearer, collected.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
@@ -367,6 +384,11 @@ async fn admin(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             })?;
             serde_json::to_value(run).unwrap_or_default()
         }
+        ["chain"] => {
+            let view = blocking(&app, move || admin.policies().active()).await??;
+            serde_json::to_value(view).unwrap_or_default()
+        }
+        ["shadow"] => serde_json::to_value(admin.policies().shadow_report()).unwrap_or_default(),
         ["workspaces", id, "plugins"] => {
             let id = id.to_string();
             let view = blocking(&app, move || admin.plugins(&id))
@@ -378,6 +400,148 @@ async fn admin(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
     };
     Ok(json_response(StatusCode::OK, &body))
+}
+
+impl From<PolicySetError> for ApiError {
+    fn from(err: PolicySetError) -> Self {
+        use PolicySetError as E;
+        let status = match &err {
+            E::Module(_) | E::Chain(_) | E::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::NoPrevious => StatusCode::CONFLICT,
+            E::Store(e) => {
+                tracing::error!(error = %e, "policy set storage failed");
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the database could not be written",
+                );
+            }
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+/// A stage request: the chain and, optionally, fixtures per slot.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageBody {
+    slot: Vec<crate::chain::SlotSpec>,
+    #[serde(default)]
+    fixtures: Vec<SlotFixtures>,
+}
+
+/// An evaluation request: an input, against the active chain or chain `chain`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalBody {
+    input: crate::model::Input,
+    #[serde(default)]
+    chain: Option<i64>,
+}
+
+/// Who is acting, for the record: the `X-Heartgate-Operator` header, else `admin`.
+fn operator(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-heartgate-operator")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "admin".to_string())
+}
+
+async fn admin_write(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    check_admin(&app, &req)?;
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let by = operator(&req);
+    let (_, body) = read_body_limited(req, MAX_ADMIN_BODY_BYTES).await?;
+    let segments: Vec<String> = path
+        .trim_start_matches("/admin/")
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let admin = app.admin.clone();
+    let (status, value) = match (method, segments.as_slice()) {
+        (Method::POST, ["modules"]) => {
+            let bytes = body.to_vec();
+            let view = blocking(&app, move || admin.policies().push(bytes, &by)).await??;
+            (
+                StatusCode::CREATED,
+                serde_json::to_value(view).unwrap_or_default(),
+            )
+        }
+        (Method::POST, ["chains"]) => {
+            let stage: StageBody = parse_json(&body)?;
+            let spec = crate::chain::ChainSpec { slot: stage.slot };
+            let fixtures = stage.fixtures;
+            let chain =
+                blocking(&app, move || admin.policies().stage(spec, fixtures, &by)).await??;
+            (
+                StatusCode::CREATED,
+                serde_json::to_value(chain).unwrap_or_default(),
+            )
+        }
+        (Method::POST, ["chains", "rollback"]) => {
+            let chain = blocking(&app, move || admin.policies().rollback(&by)).await??;
+            (
+                StatusCode::OK,
+                serde_json::to_value(chain).unwrap_or_default(),
+            )
+        }
+        (Method::POST, ["chains", id, "activate"]) => {
+            let id: i64 = id.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("chain id `{id}` is not a number"),
+                )
+            })?;
+            let chain = blocking(&app, move || admin.policies().activate(id, &by)).await??;
+            (
+                StatusCode::OK,
+                serde_json::to_value(chain).unwrap_or_default(),
+            )
+        }
+        (Method::POST, ["eval"]) => {
+            let eval: EvalBody = parse_json(&body)?;
+            let view =
+                blocking(&app, move || admin.policies().eval(&eval.input, eval.chain)).await??;
+            (
+                StatusCode::OK,
+                serde_json::to_value(view).unwrap_or_default(),
+            )
+        }
+        (Method::POST, ["shadow"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct ShadowBody {
+                chain: i64,
+            }
+            let shadow: ShadowBody = parse_json(&body)?;
+            let view = blocking(&app, move || admin.policies().shadow(shadow.chain)).await??;
+            (
+                StatusCode::OK,
+                serde_json::to_value(view).unwrap_or_default(),
+            )
+        }
+        (Method::DELETE, ["shadow"]) => {
+            let view = blocking(&app, move || admin.policies().clear_shadow()).await?;
+            (
+                StatusCode::OK,
+                serde_json::to_value(view).unwrap_or_default(),
+            )
+        }
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
+    };
+    Ok(json_response(status, &value))
 }
 
 /// The register body. Unknown fields are ignored.

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod executor;
 pub mod http;
 pub mod model;
+pub mod policy_set;
 pub mod reconcile;
 pub mod store;
 pub mod telemetry;
@@ -60,6 +61,8 @@ pub struct ServiceOptions {
     pub admin_token: Option<Secret>,
     /// A register for an unknown id creates the workspace (off by default).
     pub open_registration: bool,
+    /// Watch this directory for `<slot>.wasm` files to activate.
+    pub watch_dir: Option<PathBuf>,
     pub server: http::ServerConfig,
 }
 
@@ -76,6 +79,7 @@ impl ServiceOptions {
             worker: WorkerConfig::default(),
             admin_token: Some(Secret::Env("HEARTGATE_ADMIN_TOKEN".into())),
             open_registration: false,
+            watch_dir: None,
             server: http::ServerConfig::default(),
         }
     }
@@ -92,28 +96,46 @@ pub fn open_store(path: &Path) -> anyhow::Result<Arc<dyn Store>> {
 pub struct Service {
     pub executor: Arc<Executor>,
     pub worker: Arc<Worker>,
+    pub policies: Arc<policy_set::PolicySet>,
 }
 
 /// Build the engine, load the chain, open the store, create the worker.
 pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     let engine = Engine::new().context("creating the WebAssembly engine")?;
-    let chain = match &opts.chain {
-        Some((spec, base)) => Chain::from_spec(&engine, spec, base)?,
-        None => Chain::builtin(&engine)?,
-    };
+    let store = open_store(&opts.db)?;
+    // The chain last activated wins over the configured one: activations are
+    // what an operator did most recently.
+    let chain = policy_set::startup_chain(&engine, store.as_ref(), || match &opts.chain {
+        Some((spec, base)) => Chain::from_spec(&engine, spec, base, &|_| None),
+        None => Chain::builtin(&engine),
+    })?;
     tracing::info!(
         chain_version = %chain.version,
         slots = ?chain.slots.iter().map(|s| format!("{}={}@{}", s.name, s.module.metadata().name, &s.module.digest()[..12])).collect::<Vec<_>>(),
         "chain loaded"
     );
-    let store = open_store(&opts.db)?;
     let deliverer = PluginDeliverer::new(opts.deliverer.clone(), store.clone(), opts.clock.clone());
     let worker = Worker::new(store.clone(), opts.clock.clone(), deliverer, opts.worker);
     let executor = Arc::new(
-        Executor::new(store, chain, opts.clock.clone(), Arc::new(worker.handle()))
-            .with_open_registration(opts.open_registration),
+        Executor::new(
+            store.clone(),
+            chain,
+            opts.clock.clone(),
+            Arc::new(worker.handle()),
+        )
+        .with_open_registration(opts.open_registration),
     );
-    Ok(Service { executor, worker })
+    let policies = Arc::new(policy_set::PolicySet::new(
+        engine,
+        store.clone(),
+        executor.clone(),
+        opts.clock.clone(),
+    ));
+    Ok(Service {
+        executor,
+        worker,
+        policies,
+    })
 }
 
 /// Run the service on `listener` until `shutdown` completes: stop accepting,
@@ -126,19 +148,32 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let service = tokio::task::block_in_place(|| build(&opts))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(service.worker.clone().run(async move {
-        let mut stopped = stopped;
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
+    let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let worker = tokio::spawn(service.worker.clone().run(stop_signal(stopped.clone())));
+    let watcher = opts.watch_dir.clone().map(|dir| {
+        tracing::info!(dir = %dir.display(), "watching for policy modules");
+        tokio::spawn(policy_set::watch(
+            service.policies.clone(),
+            dir,
+            std::time::Duration::from_secs(1),
+            stop_signal(stopped.clone()),
+        ))
+    });
     let admin = admin::Admin::new(
         service.executor.store().clone(),
         opts.deliverer.configs_root.clone(),
         opts.admin_token.clone(),
+        service.policies.clone(),
     );
     let app = Arc::new(http::App::new(service.executor, admin, opts.server.clone()));
     tracing::info!(addr = %listener.local_addr()?, "serving");
     let served = http::serve(listener, app, shutdown).await;
     let _ = stop.send(true);
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     if let Err(e) = worker.await {
         tracing::error!(error = %e, "the reconcile worker failed");
     }

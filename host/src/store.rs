@@ -249,6 +249,20 @@ pub struct DecisionRow {
     pub attempts: i64,
 }
 
+/// A chain as stored: its spec (JSON, modules as `builtin:` or `sha256:`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StoredChain {
+    pub id: i64,
+    pub version: String,
+    pub spec: String,
+    /// `staged`, `active` or `retired`.
+    pub state: String,
+    pub created_ms: i64,
+    pub created_by: String,
+    pub activated_ms: Option<i64>,
+    pub activated_by: Option<String>,
+}
+
 /// The store's interface. Blocking; every method is one transaction.
 pub trait Store: Send + Sync + 'static {
     /// Read the workspace, its markers and its live token hashes.
@@ -314,9 +328,38 @@ pub trait Store: Send + Sync + 'static {
     fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError>;
     /// The newest `limit` decisions of a workspace, oldest first.
     fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError>;
+
+    /// Keep a policy module's bytes under its digest (idempotent).
+    fn put_module(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        meta: &crate::model::Metadata,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// A stored module's bytes.
+    fn module_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Record a validated chain as `staged`.
+    fn stage_chain(
+        &self,
+        version: &str,
+        spec: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<StoredChain, StoreError>;
+    /// Make chain `id` the active one; the active one before it is retired.
+    fn activate_chain(&self, id: i64, by: &str, now_ms: i64) -> Result<StoredChain, StoreError>;
+    /// The active chain, if one was ever activated.
+    fn active_chain(&self) -> Result<Option<StoredChain>, StoreError>;
+    /// One chain.
+    fn chain(&self, id: i64) -> Result<Option<StoredChain>, StoreError>;
+    /// The chain that was active before the current one.
+    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError>;
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE workspaces (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL DEFAULT '',
@@ -428,7 +471,33 @@ CREATE TABLE reconcile_runs (
 ) STRICT;
 CREATE INDEX reconcile_runs_by_state ON reconcile_runs (state, id);
 CREATE INDEX reconcile_runs_by_workspace ON reconcile_runs (workspace_id, id);
-"#];
+"#,
+    r#"
+-- Policy modules by content, so an activated chain survives restarts and
+-- never depends on files staying where they were.
+CREATE TABLE policy_modules (
+    digest TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    uploaded_ms INTEGER NOT NULL,
+    uploaded_by TEXT NOT NULL
+) STRICT;
+
+-- Chains as staged and activated; at most one is active.
+CREATE TABLE chains (
+    id INTEGER PRIMARY KEY,
+    version TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('staged', 'active', 'retired')),
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    activated_ms INTEGER,
+    activated_by TEXT
+) STRICT;
+CREATE UNIQUE INDEX chains_one_active ON chains (state) WHERE state = 'active';
+"#,
+];
 
 /// The embedded SQLite store: one writer connection, a small pool of readers.
 pub struct SqliteStore {
@@ -530,6 +599,22 @@ fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
             rusqlite::types::Type::Text,
             format!("unknown kind `{s}`").into(),
         )
+    })
+}
+
+const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, created_by,
+    activated_ms, activated_by FROM chains";
+
+fn chain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredChain> {
+    Ok(StoredChain {
+        id: r.get(0)?,
+        version: r.get(1)?,
+        spec: r.get(2)?,
+        state: r.get(3)?,
+        created_ms: r.get(4)?,
+        created_by: r.get(5)?,
+        activated_ms: r.get(6)?,
+        activated_by: r.get(7)?,
     })
 }
 
@@ -1220,6 +1305,126 @@ impl Store for SqliteStore {
                 .collect::<Result<_, _>>()?;
             rows.reverse();
             Ok(rows)
+        })
+    }
+
+    fn put_module(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        meta: &crate::model::Metadata,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            c.execute(
+                "INSERT INTO policy_modules (digest, bytes, name, version, uploaded_ms, uploaded_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                params![digest, bytes, meta.name, meta.version, now_ms, by],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn module_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT bytes FROM policy_modules WHERE digest = ?1",
+                [digest],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
+    fn stage_chain(
+        &self,
+        version: &str,
+        spec: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<StoredChain, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO chains (version, spec, state, created_ms, created_by)
+                 VALUES (?1, ?2, 'staged', ?3, ?4)",
+                params![version, spec, now_ms, by],
+            )?;
+            let id = tx.last_insert_rowid();
+            let chain = tx.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                [id],
+                chain_from_row,
+            )?;
+            tx.commit()?;
+            Ok(chain)
+        })
+    }
+
+    fn activate_chain(&self, id: i64, by: &str, now_ms: i64) -> Result<StoredChain, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM chains WHERE id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Err(StoreError::Refused(format!("no chain {id}")));
+            }
+            tx.execute(
+                "UPDATE chains SET state = 'retired' WHERE state = 'active' AND id != ?1",
+                [id],
+            )?;
+            tx.execute(
+                "UPDATE chains SET state = 'active', activated_ms = ?2, activated_by = ?3
+                 WHERE id = ?1",
+                params![id, now_ms, by],
+            )?;
+            let chain = tx.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                [id],
+                chain_from_row,
+            )?;
+            tx.commit()?;
+            Ok(chain)
+        })
+    }
+
+    fn active_chain(&self) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE state = 'active'"),
+                [],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn chain(&self, id: i64) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                [id],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!(
+                    "{CHAIN_COLUMNS} WHERE state = 'retired' AND activated_ms IS NOT NULL
+                     ORDER BY activated_ms DESC, id DESC LIMIT 1"
+                ),
+                [],
+                chain_from_row,
+            )
+            .optional()?)
         })
     }
 }

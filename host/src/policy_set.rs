@@ -1,0 +1,579 @@
+//! The policy set in a running service: pushing modules, staging chains,
+//! validating them, activating, rolling back, evaluating without effects.
+//!
+//! Modules are stored by content (`sha256:<digest>`) and chains by their
+//! normalized spec, so the active chain survives a restart and never depends
+//! on files staying where they were. Validation happens before a chain can be
+//! staged, on its own thread: the module must be a component of the policy
+//! world importing nothing else, report its metadata, compile within limits,
+//! pass the fixtures given with it, and get through a smoke set of inputs
+//! without any slot failing. Activation swaps the whole chain at once (an
+//! evaluation that started on the old chain finishes on it); a failure at any
+//! step leaves the active chain untouched and says why.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chain::{Chain, ChainError, ChainSpec, SlotFailure, Step};
+use crate::clock::Clock;
+use crate::engine::{Engine, LoadError};
+use crate::executor::{Executor, Shadow, ShadowStats};
+use crate::model::{
+    Action, Event, HeartbeatEvent, Input, PolicyError, RegisterEvent, Status, Workspace,
+    WorkspaceKind,
+};
+use crate::store::{Store, StoreError, StoredChain};
+
+/// Why a policy-set operation was refused. The active chain is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicySetError {
+    #[error("the module was refused: {0}")]
+    Module(#[from] LoadError),
+    #[error("the chain was refused: {0}")]
+    Chain(#[from] ChainError),
+    #[error("the chain failed validation: {0}")]
+    Validation(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("there is no previous chain to roll back to")]
+    NoPrevious,
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A fixture for one slot: input and proposed actions, and the expected
+/// actions or the expected policy error.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fixture {
+    #[serde(default)]
+    pub name: String,
+    pub input: Input,
+    #[serde(default)]
+    pub proposed: Vec<Action>,
+    #[serde(default)]
+    pub expected: Option<Vec<Action>>,
+    #[serde(default)]
+    pub expected_error: Option<PolicyError>,
+}
+
+/// Fixtures by slot name.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SlotFixtures {
+    pub slot: String,
+    pub fixtures: Vec<Fixture>,
+}
+
+/// A stored module, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleView {
+    pub digest: String,
+    pub name: String,
+    pub version: String,
+    pub size: usize,
+    /// What to put in a chain spec's `module`.
+    pub module: String,
+}
+
+/// One slot of the active chain, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SlotView {
+    pub slot: String,
+    pub policy: String,
+    pub policy_version: String,
+    pub digest: String,
+    pub grants: Vec<crate::chain::Grant>,
+}
+
+/// The active chain, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActiveView {
+    pub version: String,
+    pub slots: Vec<SlotView>,
+    /// The normalized spec, to stage a variant of the active chain.
+    pub spec: ChainSpec,
+    /// The stored chain, `None` while the service runs the chain it started
+    /// with (built-in or from its configuration) and nothing was activated.
+    pub stored: Option<StoredChain>,
+}
+
+/// The result of an evaluation without effects.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalView {
+    pub chain_version: String,
+    pub steps: Vec<Step>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actions: Option<Vec<Action>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<SlotFailure>,
+}
+
+/// The shadow chain and what it has seen.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShadowReport {
+    pub chain: Option<i64>,
+    pub version: Option<String>,
+    #[serde(flatten)]
+    pub stats: ShadowStats,
+}
+
+/// The policy set of a running service.
+pub struct PolicySet {
+    engine: Engine,
+    store: Arc<dyn Store>,
+    executor: Arc<Executor>,
+    clock: Arc<dyn Clock>,
+}
+
+/// The chain to start with: the one last activated, or `fallback` when none
+/// ever was.
+pub fn startup_chain(
+    engine: &Engine,
+    store: &dyn Store,
+    fallback: impl FnOnce() -> Result<Chain, ChainError>,
+) -> Result<Chain, PolicySetError> {
+    match store.active_chain()? {
+        Some(stored) => {
+            let chain = build_stored(engine, store, &stored)?;
+            tracing::info!(chain = stored.id, version = %chain.version, "restored the last activated chain");
+            Ok(chain)
+        }
+        None => Ok(fallback()?),
+    }
+}
+
+fn build_stored(
+    engine: &Engine,
+    store: &dyn Store,
+    stored: &StoredChain,
+) -> Result<Chain, PolicySetError> {
+    let spec: ChainSpec = serde_json::from_str(&stored.spec).map_err(|e| {
+        PolicySetError::Validation(format!("stored chain {} is unreadable: {e}", stored.id))
+    })?;
+    let lookup = |digest: &str| store.module_bytes(digest).ok().flatten();
+    Ok(Chain::from_spec(engine, &spec, Path::new("."), &lookup)?)
+}
+
+/// The smoke set every candidate chain must get through without a failure.
+fn smoke_inputs() -> Vec<(&'static str, Input)> {
+    let heartbeat = |mcp: Option<bool>| {
+        Event::Heartbeat(HeartbeatEvent {
+            error_rate: 0.0,
+            sample_error: String::new(),
+            active_tasks: 0,
+            current_task: None,
+            uptime_seconds: 60,
+            runtime_state: String::new(),
+            mcp_server_present: mcp,
+            loaded_mcp_tools: None,
+        })
+    };
+    let workspace = |kind, status| Workspace {
+        id: "smoke-workspace".into(),
+        kind,
+        status,
+        model_configured: true,
+        declared_plugins: Vec::new(),
+        last_register_failure_ms: None,
+    };
+    let input = |event, ws| Input {
+        event,
+        workspace: ws,
+        markers: Vec::new(),
+        now_ms: 1_782_302_400_000,
+    };
+    vec![
+        (
+            "healthy heartbeat",
+            input(
+                heartbeat(None),
+                workspace(WorkspaceKind::Workspace, Status::Online),
+            ),
+        ),
+        (
+            "heartbeat from offline",
+            input(
+                heartbeat(None),
+                workspace(WorkspaceKind::Workspace, Status::Offline),
+            ),
+        ),
+        (
+            "platform heartbeat without its MCP",
+            input(
+                heartbeat(Some(false)),
+                workspace(WorkspaceKind::Platform, Status::Online),
+            ),
+        ),
+        (
+            "register",
+            input(
+                Event::Register(RegisterEvent {
+                    url: "http://agent".into(),
+                    delivery_mode: "push".into(),
+                    requested_kind: None,
+                    mcp_server_present: Some(true),
+                    loaded_mcp_tools: None,
+                }),
+                workspace(WorkspaceKind::Platform, Status::Provisioning),
+            ),
+        ),
+    ]
+}
+
+/// Run `f` on its own thread, so that compiling and validating a candidate
+/// never competes with request handling for a runtime thread.
+fn on_validation_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PolicySetError> + Send + 'static,
+) -> Result<T, PolicySetError> {
+    std::thread::Builder::new()
+        .name("heartgate-validate".into())
+        .spawn(f)
+        .map_err(|e| {
+            PolicySetError::Validation(format!("cannot start the validation thread: {e}"))
+        })?
+        .join()
+        .map_err(|_| PolicySetError::Validation("the validation thread panicked".into()))?
+}
+
+fn validate(chain: &Chain, fixtures: &[SlotFixtures]) -> Result<(), PolicySetError> {
+    for (case, input) in smoke_inputs() {
+        let outcome = chain.evaluate(&input);
+        if let Err(failure) = outcome.result {
+            return Err(PolicySetError::Validation(format!(
+                "smoke input `{case}`: {failure}"
+            )));
+        }
+    }
+    for set in fixtures {
+        let slot = chain
+            .slots
+            .iter()
+            .find(|s| s.name == set.slot)
+            .ok_or_else(|| {
+                PolicySetError::Validation(format!("fixtures name no slot `{}`", set.slot))
+            })?;
+        for (i, fx) in set.fixtures.iter().enumerate() {
+            let name = if fx.name.is_empty() {
+                format!("#{}", i + 1)
+            } else {
+                fx.name.clone()
+            };
+            let got = slot.module.evaluate(&fx.input, &fx.proposed, slot.limits);
+            let ok = match (&got, &fx.expected, &fx.expected_error) {
+                (Ok(actions), Some(expected), None) => actions == expected,
+                (Err(f), None, Some(expected)) => {
+                    f.kind == crate::engine::FailureKind::PolicyError
+                        && f.message == format!("{}: {}", expected.code, expected.message)
+                }
+                _ => false,
+            };
+            if !ok {
+                let actual = match got {
+                    Ok(a) => serde_json::to_string(&a).unwrap_or_default(),
+                    Err(f) => f.to_string(),
+                };
+                return Err(PolicySetError::Validation(format!(
+                    "slot `{}` fails fixture `{name}`: got {actual}",
+                    set.slot
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl PolicySet {
+    pub fn new(
+        engine: Engine,
+        store: Arc<dyn Store>,
+        executor: Arc<Executor>,
+        clock: Arc<dyn Clock>,
+    ) -> PolicySet {
+        PolicySet {
+            engine,
+            store,
+            executor,
+            clock,
+        }
+    }
+
+    /// Check a module and store it by digest.
+    pub fn push(&self, bytes: Vec<u8>, by: &str) -> Result<ModuleView, PolicySetError> {
+        let engine = self.engine.clone();
+        let module = on_validation_thread(move || Ok(engine.load(&bytes)?))?;
+        let meta = module.metadata().clone();
+        self.store.put_module(
+            module.digest(),
+            module.bytes(),
+            &meta,
+            by,
+            self.clock.now_ms(),
+        )?;
+        Ok(ModuleView {
+            digest: module.digest().to_string(),
+            name: meta.name,
+            version: meta.version,
+            size: module.bytes().len(),
+            module: format!("sha256:{}", module.digest()),
+        })
+    }
+
+    /// Validate a chain (modules `builtin:` or pushed `sha256:`) and stage it.
+    pub fn stage(
+        &self,
+        spec: ChainSpec,
+        fixtures: Vec<SlotFixtures>,
+        by: &str,
+    ) -> Result<StoredChain, PolicySetError> {
+        if let Some(s) = spec
+            .slot
+            .iter()
+            .find(|s| !s.module.starts_with("builtin:") && !s.module.starts_with("sha256:"))
+        {
+            return Err(PolicySetError::Validation(format!(
+                "slot `{}`: push the module first and name it `sha256:<digest>`",
+                s.name
+            )));
+        }
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        let chain = on_validation_thread(move || {
+            let lookup = |digest: &str| store.module_bytes(digest).ok().flatten();
+            let chain = Chain::from_spec(&engine, &spec, Path::new("."), &lookup)?;
+            validate(&chain, &fixtures)?;
+            Ok(chain)
+        })?;
+        let spec_json = serde_json::to_string(&chain.spec).unwrap_or_default();
+        Ok(self
+            .store
+            .stage_chain(&chain.version, &spec_json, by, self.clock.now_ms())?)
+    }
+
+    /// Activate a staged (or retired) chain: persist, then swap it in whole.
+    pub fn activate(&self, id: i64, by: &str) -> Result<StoredChain, PolicySetError> {
+        let stored = self
+            .store
+            .chain(id)?
+            .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        let candidate = stored.clone();
+        let chain =
+            on_validation_thread(move || build_stored(&engine, store.as_ref(), &candidate))?;
+        self.remember_startup_chain(by)?;
+        let activated = self.store.activate_chain(id, by, self.clock.now_ms())?;
+        let old = self.executor.swap_chain(chain);
+        tracing::info!(chain = id, from = %old.version, to = %activated.version, by, "chain activated");
+        Ok(activated)
+    }
+
+    /// Push `bytes` and activate the active chain with slot `slot` running
+    /// it (same limits and grants). What watch mode does with a changed file.
+    pub fn replace_slot(
+        &self,
+        slot: &str,
+        bytes: Vec<u8>,
+        by: &str,
+    ) -> Result<StoredChain, PolicySetError> {
+        let module = self.push(bytes, by)?;
+        let mut spec = self.executor.chain().spec.clone();
+        let target = spec
+            .slot
+            .iter_mut()
+            .find(|s| s.name == slot)
+            .ok_or_else(|| {
+                PolicySetError::NotFound(format!("the active chain has no slot `{slot}`"))
+            })?;
+        target.module = module.module;
+        let staged = self.stage(spec, Vec::new(), by)?;
+        self.activate(staged.id, by)
+    }
+
+    /// Go back to the chain that was active before the current one.
+    pub fn rollback(&self, by: &str) -> Result<StoredChain, PolicySetError> {
+        let previous = self
+            .store
+            .previous_chain()?
+            .ok_or(PolicySetError::NoPrevious)?;
+        self.activate(previous.id, by)
+    }
+
+    /// The first activation also stores the chain the service started with,
+    /// so that a rollback can return to it.
+    fn remember_startup_chain(&self, by: &str) -> Result<(), PolicySetError> {
+        if self.store.active_chain()?.is_some() {
+            return Ok(());
+        }
+        let running = self.executor.chain();
+        for (slot, spec) in running.slots.iter().zip(&running.spec.slot) {
+            if spec.module.starts_with("sha256:") {
+                self.store.put_module(
+                    slot.module.digest(),
+                    slot.module.bytes(),
+                    slot.module.metadata(),
+                    by,
+                    self.clock.now_ms(),
+                )?;
+            }
+        }
+        let spec_json = serde_json::to_string(&running.spec).unwrap_or_default();
+        let now = self.clock.now_ms();
+        let stored = self
+            .store
+            .stage_chain(&running.version, &spec_json, "startup", now)?;
+        self.store.activate_chain(stored.id, "startup", now)?;
+        Ok(())
+    }
+
+    /// Run stored chain `id` beside the active one on live traffic, without
+    /// effects, counting and logging every difference in the final actions.
+    pub fn shadow(&self, id: i64) -> Result<ShadowReport, PolicySetError> {
+        let stored = self
+            .store
+            .chain(id)?
+            .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        let chain = on_validation_thread(move || build_stored(&engine, store.as_ref(), &stored))?;
+        self.executor.set_shadow(Some(Shadow::new(id, chain)));
+        Ok(self.shadow_report())
+    }
+
+    /// Stop the shadow chain; returns what it saw.
+    pub fn clear_shadow(&self) -> ShadowReport {
+        let report = self.shadow_report();
+        self.executor.set_shadow(None);
+        report
+    }
+
+    /// What the shadow chain has seen so far.
+    pub fn shadow_report(&self) -> ShadowReport {
+        match self.executor.shadow() {
+            Some(shadow) => ShadowReport {
+                chain: Some(shadow.chain_id),
+                version: Some(shadow.chain.version.clone()),
+                stats: shadow.stats(),
+            },
+            None => ShadowReport {
+                chain: None,
+                version: None,
+                stats: ShadowStats::default(),
+            },
+        }
+    }
+
+    /// The active chain.
+    pub fn active(&self) -> Result<ActiveView, PolicySetError> {
+        let chain = self.executor.chain();
+        let stored = self
+            .store
+            .active_chain()?
+            .filter(|s| s.version == chain.version);
+        Ok(ActiveView {
+            version: chain.version.clone(),
+            spec: chain.spec.clone(),
+            slots: chain
+                .slots
+                .iter()
+                .map(|s| SlotView {
+                    slot: s.name.clone(),
+                    policy: s.module.metadata().name.clone(),
+                    policy_version: s.module.metadata().version.clone(),
+                    digest: s.module.digest().to_string(),
+                    grants: s.grants.clone(),
+                })
+                .collect(),
+            stored,
+        })
+    }
+
+    /// Evaluate `input` against the active chain or stored chain `id`,
+    /// without effects.
+    pub fn eval(&self, input: &Input, id: Option<i64>) -> Result<EvalView, PolicySetError> {
+        let chain = match id {
+            None => self.executor.chain(),
+            Some(id) => {
+                let stored = self
+                    .store
+                    .chain(id)?
+                    .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
+                Arc::new(build_stored(&self.engine, self.store.as_ref(), &stored)?)
+            }
+        };
+        let outcome = chain.evaluate(input);
+        let (actions, failure) = match outcome.result {
+            Ok(a) => (Some(a), None),
+            Err(f) => (None, Some(f)),
+        };
+        Ok(EvalView {
+            chain_version: chain.version.clone(),
+            steps: outcome.steps,
+            actions,
+            failure,
+        })
+    }
+}
+
+/// Watch `dir` for `<slot>.wasm` files: a new or changed file goes through
+/// the same validation and activation as a push, for the slot its name
+/// names. Runs until `shutdown` resolves.
+pub async fn watch(
+    policies: Arc<PolicySet>,
+    dir: std::path::PathBuf,
+    every: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    loop {
+        let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let path = e.path();
+                        (path.extension()? == "wasm").then_some(())?;
+                        let slot = path.file_stem()?.to_str()?.to_string();
+                        Some((slot, std::fs::read(&path).ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (slot, bytes) in files {
+            let digest = crate::engine::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if seen.get(&slot) == Some(&digest) {
+                continue;
+            }
+            let running = policies.executor.chain();
+            let current = running
+                .slots
+                .iter()
+                .find(|s| s.name == slot)
+                .map(|s| s.module.digest().to_string());
+            seen.insert(slot.clone(), digest.clone());
+            if current.as_deref() == Some(digest.as_str()) {
+                continue;
+            }
+            let policies = policies.clone();
+            let name = slot.clone();
+            let result =
+                tokio::task::spawn_blocking(move || policies.replace_slot(&name, bytes, "watch"))
+                    .await;
+            match result {
+                Ok(Ok(chain)) => {
+                    tracing::info!(slot, chain = chain.id, version = %chain.version, "watch: activated a changed module")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(slot, error = %e, "watch: the changed module was refused; the active chain is unchanged")
+                }
+                Err(e) => tracing::error!(slot, error = %e, "watch: the activation task failed"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = &mut shutdown => return,
+        }
+    }
+}
