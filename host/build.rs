@@ -101,7 +101,11 @@ fn main() -> Result<()> {
             .join("policy")
             .join(format!("{stem}.wasm"));
         let component = componentize(&core_path)?;
-        std::fs::write(out_dir.join(format!("{name}.wasm")), component)?;
+        std::fs::write(out_dir.join(format!("{name}.wasm")), &component)?;
+        // A stable path for people: `target/policies/components/<name>.wasm`.
+        let public = target_dir.join("components");
+        std::fs::create_dir_all(&public)?;
+        std::fs::write(public.join(format!("{name}.wasm")), &component)?;
     }
     println!(
         "cargo:rustc-env=HEARTGATE_TEST_GUESTS_DIR={}",
