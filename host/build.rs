@@ -17,6 +17,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 const TARGET: &str = "wasm32-unknown-unknown";
+/// Only for a test guest that must import WASI.
+const WASI_TARGET: &str = "wasm32-wasip2";
 
 /// (crate name, file stem of its core module, name of the component file)
 const POLICIES: [(&str, &str, &str); 10] = [
@@ -67,6 +69,14 @@ const POLICIES: [(&str, &str, &str); 10] = [
     ),
 ];
 
+/// Test guests built for `wasm32-wasip2`, which links a component by itself
+/// (with the WASI imports std brings): (crate, file stem, component name).
+const WASI_GUESTS: [(&str, &str, &str); 1] = [(
+    "heartgate-guest-wasi-user",
+    "heartgate_guest_wasi_user",
+    "wasi_user",
+)];
+
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest_dir
@@ -93,8 +103,21 @@ fn main() -> Result<()> {
             .join("policies"),
     };
 
-    ensure_wasm_target(&root)?;
-    build_guests(&root, &target_dir)?;
+    ensure_target(&root, TARGET)?;
+    ensure_target(&root, WASI_TARGET)?;
+    let crates: Vec<&str> = POLICIES.iter().map(|(c, _, _)| *c).collect();
+    build_guests(&root, &target_dir, TARGET, &crates)?;
+    let wasi: Vec<&str> = WASI_GUESTS.iter().map(|(c, _, _)| *c).collect();
+    build_guests(&root, &target_dir, WASI_TARGET, &wasi)?;
+    for (_, stem, name) in WASI_GUESTS {
+        let path = target_dir
+            .join(WASI_TARGET)
+            .join("policy")
+            .join(format!("{stem}.wasm"));
+        let component =
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        std::fs::write(out_dir.join(format!("{name}.wasm")), component)?;
+    }
     for (_, stem, name) in POLICIES {
         let core_path = target_dir
             .join(TARGET)
@@ -114,10 +137,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn ensure_wasm_target(root: &Path) -> Result<()> {
+fn ensure_target(root: &Path, target: &str) -> Result<()> {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
     let libdir = Command::new(&rustc)
-        .args(["--print", "target-libdir", "--target", TARGET])
+        .args(["--print", "target-libdir", "--target", target])
         .output()
         .context("running rustc --print target-libdir")?;
     let libdir = String::from_utf8_lossy(&libdir.stdout).trim().to_string();
@@ -125,27 +148,27 @@ fn ensure_wasm_target(root: &Path) -> Result<()> {
         return Ok(());
     }
     println!(
-        "cargo:warning=installing the {TARGET} target with `rustup target add {TARGET}` to build the built-in policies"
+        "cargo:warning=installing the {target} target with `rustup target add {target}` to build the policies"
     );
     let status = Command::new("rustup")
         .current_dir(root)
-        .args(["target", "add", TARGET])
+        .args(["target", "add", target])
         .status()
         .context("running rustup target add (is rustup installed?)")?;
     if !status.success() {
-        bail!("`rustup target add {TARGET}` failed with {status}");
+        bail!("`rustup target add {target}` failed with {status}");
     }
     Ok(())
 }
 
-fn build_guests(root: &Path, target_dir: &Path) -> Result<()> {
+fn build_guests(root: &Path, target_dir: &Path, target: &str, crates: &[&str]) -> Result<()> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["build", "--profile", "policy", "--target", TARGET])
+        .args(["build", "--profile", "policy", "--target", target])
         .arg("--target-dir")
         .arg(target_dir);
-    for (krate, _, _) in POLICIES {
+    for krate in crates {
         cmd.args(["-p", krate]);
     }
     // The outer build's settings are for the host, not for the guests.
@@ -162,7 +185,7 @@ fn build_guests(root: &Path, target_dir: &Path) -> Result<()> {
         .status()
         .context("running cargo to build the policies")?;
     if !status.success() {
-        bail!("building the policies for {TARGET} failed with {status}");
+        bail!("building the policies for {target} failed with {status}");
     }
     Ok(())
 }

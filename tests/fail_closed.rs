@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Service, T0_MS, hostile_guest, slot};
-use heartgate::chain::{ChainSpec, Grant};
+use heartgate::chain::{ChainSpec, Grant, OnFailure};
 use heartgate::clock::ManualClock;
 use heartgate::model::WorkspaceKind::Workspace;
 use hyper::StatusCode;
@@ -163,5 +163,34 @@ async fn granted_actions_pass_and_ungranted_ones_fail_the_slot() {
         "{}",
         decision.final_actions
     );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_set_to_skip_fails_open_and_the_rest_of_the_chain_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hostile = slot("hostile", &hostile_guest());
+    hostile.on_failure = Some(OnFailure::Skip);
+    let chain = ChainSpec {
+        slot: vec![slot("status-rules", "builtin:status-rules"), hostile],
+    };
+    let svc = Service::start_with_chain(
+        &dir.path().join("heartgate.db"),
+        ManualClock::at(T0_MS),
+        Some(chain),
+    )
+    .await;
+    let token = svc.provision("trap-3", Workspace, false);
+    svc.force_status("trap-3", "offline");
+    svc.heartbeat(&token, json!({"workspace_id": "trap-3"}))
+        .await;
+    assert_eq!(
+        svc.status("trap-3"),
+        "online",
+        "the skipped slot did not block the status rules"
+    );
+    let decision = &svc.store.decisions("trap-3", 1).unwrap()[0];
+    assert_eq!(decision.outcome, "applied");
+    assert_eq!(decision.steps[1]["failure"]["kind"], "trap");
     svc.stop().await;
 }

@@ -118,6 +118,13 @@ async fn bad_candidate_is_rejected_while_old_chain_serves() {
             .contains("not a valid policy component"),
         "{body}"
     );
+    let (status, body) = admin(&svc, "POST", "/admin/modules", guest("wasi_user")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("imports `wasi:") && error.contains("policies may import nothing"),
+        "{error}"
+    );
     let (status, body) = admin(&svc, "POST", "/admin/modules", guest("no_metadata")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
@@ -397,4 +404,60 @@ async fn hot_swap_under_load_loses_nothing() {
         "hot_swap_under_load_loses_nothing: {total} heartbeats, {decisions} decisions, 20 swaps, 0 failed"
     );
     Arc::try_unwrap(svc).ok().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_activates_changed_files_through_validation() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("policies.d");
+    std::fs::create_dir(&watched).unwrap();
+    let dir_for_opts = watched.clone();
+    let svc = Service::start_with(
+        &dir.path().join("heartgate.db"),
+        ManualClock::at(T0_MS),
+        "127.0.0.1:0",
+        move |o| {
+            o.admin_token = Some(Secret::Value(ADMIN.into()));
+            o.watch_dir = Some(dir_for_opts);
+        },
+    )
+    .await;
+    let digest = |bytes: &[u8]| heartgate::engine::hex(&sha2::Sha256::digest(bytes));
+    let cooldown_digest = |chain: &Value| {
+        chain["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["slot"] == "cooldown")
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // A changed file is validated and activated in its slot.
+    let candidate = guest("cooldown_1m");
+    std::fs::write(watched.join("cooldown.wasm"), &candidate).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cooldown_digest(&active(&svc).await) != digest(&candidate) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watched file was never activated"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let activated = active(&svc).await;
+    assert_eq!(activated["stored"]["activated_by"], "watch");
+
+    // A bad one is refused and the active chain stays.
+    let bad = guest("always_trap");
+    std::fs::write(watched.join("cooldown.wasm"), &bad).unwrap();
+    svc.wait_for("the watcher to take the bad file", 30, |s| {
+        s.store.module_bytes(&digest(&bad)).unwrap().is_some()
+    })
+    .await;
+    // It was pushed (a valid component) but its chain failed validation.
+    assert_eq!(active(&svc).await["version"], activated["version"]);
+    svc.stop().await;
 }

@@ -138,8 +138,12 @@ async fn deadlock_breaks_end_to_end() {
     let started = Instant::now();
     let ws_configs = configs.join("concierge");
     let _sim = Sim::start(&svc.url(), "concierge", &ws_configs, 200);
+    // Online, and the recovery run recorded (the runtime may come back
+    // before the worker has written the run's outcome).
     svc.wait_for("the concierge to come online", 60, |s| {
-        s.status("concierge") == "online" && !s.events("concierge", "WORKSPACE_ONLINE").is_empty()
+        s.status("concierge") == "online"
+            && !s.events("concierge", "WORKSPACE_ONLINE").is_empty()
+            && !finished_runs(s, "concierge", "mcp-recovery").is_empty()
     })
     .await;
     let converged = started.elapsed();
@@ -331,6 +335,7 @@ async fn private_source_without_token_stays_failed() {
     .await;
     svc.wait_for("the concierge to converge", 60, |s| {
         s.status("concierge") == "online"
+            && finished_runs(s, "concierge", "mcp-recovery").len() == 2
     })
     .await;
     let runs = finished_runs(&svc, "concierge", "mcp-recovery");

@@ -88,6 +88,23 @@ pub struct SlotSpec {
     /// granted more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grants: Option<Vec<Grant>>,
+    /// What a failure of this slot does to the evaluation (default
+    /// `fail_closed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+}
+
+/// What a slot's failure (trap, timeout, error, invalid or ungranted output)
+/// does to the evaluation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Nothing of the verdict is applied (the default).
+    #[default]
+    FailClosed,
+    /// The slot is skipped: the actions proposed before it pass through. For
+    /// advisory policies only; never for a gate.
+    Skip,
 }
 
 /// A kind of thing a slot may do to the list of actions.
@@ -163,6 +180,7 @@ pub struct Slot {
     pub module: Arc<PolicyModule>,
     pub limits: Limits,
     pub grants: Vec<Grant>,
+    pub on_failure: OnFailure,
 }
 
 /// An ordered, loaded chain of policies.
@@ -224,6 +242,7 @@ impl Chain {
                 timeout_ms: None,
                 max_memory_mib: None,
                 grants: None,
+                on_failure: None,
             })
             .collect();
         Chain::from_spec(engine, &ChainSpec { slot: specs }, Path::new("."), &|_| {
@@ -316,6 +335,7 @@ impl Chain {
                 module: Arc::new(module),
                 limits,
                 grants,
+                on_failure: s.on_failure.unwrap_or_default(),
             });
         }
         let spec = ChainSpec { slot: normalized };
@@ -379,6 +399,12 @@ impl Chain {
                     step.output = Some(out.clone());
                     steps.push(step);
                     proposed = out;
+                }
+                Err(failure) if slot.on_failure == OnFailure::Skip => {
+                    // Fail open, by the operator's choice for this slot: the
+                    // proposed actions pass through as if it were absent.
+                    step.failure = Some(failure);
+                    steps.push(step);
                 }
                 Err(failure) => {
                     step.failure = Some(failure.clone());

@@ -192,6 +192,8 @@ impl Engine {
             .memory_reservation(MAX_MEMORY_BYTES as u64)
             .memory_guard_size(64 << 10)
             .max_wasm_stack(512 << 10)
+            // Compiling a candidate must not take both cores from requests.
+            .parallel_compilation(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let inner = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&inner);

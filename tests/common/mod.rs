@@ -324,6 +324,7 @@ pub fn slot(name: &str, module: &str) -> heartgate::chain::SlotSpec {
         timeout_ms: None,
         max_memory_mib: None,
         grants: None,
+        on_failure: None,
     }
 }
 
