@@ -222,14 +222,22 @@ fn smoke_inputs() -> Vec<(&'static str, Input)> {
     ]
 }
 
-/// Run `f` on its own thread, so that compiling and validating a candidate
-/// never competes with request handling for a runtime thread.
+/// Run `f` on its own thread at the lowest scheduling priority, so that
+/// compiling and validating a candidate yields to request handling (and the
+/// engine compiles on one core only).
 fn on_validation_thread<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, PolicySetError> + Send + 'static,
 ) -> Result<T, PolicySetError> {
     std::thread::Builder::new()
         .name("heartgate-validate".into())
-        .spawn(f)
+        .spawn(move || {
+            if let Err(e) =
+                thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
+            {
+                tracing::debug!(error = ?e, "could not lower the validation thread's priority");
+            }
+            f()
+        })
         .map_err(|e| {
             PolicySetError::Validation(format!("cannot start the validation thread: {e}"))
         })?
