@@ -348,14 +348,6 @@ impl Chain {
         })
     }
 
-    /// The policy names of the chain's slots, whose markers the host loads.
-    pub fn policy_names(&self) -> Vec<String> {
-        self.slots
-            .iter()
-            .map(|s| s.module.metadata().name.clone())
-            .collect()
-    }
-
     /// Evaluate `input` through every slot.
     pub fn evaluate(&self, input: &Input) -> ChainOutcome {
         let mut steps = Vec::with_capacity(self.slots.len());

@@ -46,23 +46,6 @@ pub trait Deliverer: Send + Sync + 'static {
     fn queued(&self, runs: &[QueuedRun]);
 }
 
-/// Leaves queued runs in the database and logs them (no worker).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct QueueOnly;
-
-impl Deliverer for QueueOnly {
-    fn queued(&self, runs: &[QueuedRun]) {
-        for run in runs {
-            tracing::info!(
-                run = run.id,
-                workspace_id = %run.workspace_id,
-                trigger = run.trigger.as_str(),
-                "reconcile queued"
-            );
-        }
-    }
-}
-
 /// The HTTP(S) client used for archive downloads and restart webhooks.
 pub type HttpClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -211,11 +194,6 @@ impl PluginDeliverer {
             clock,
             client: http_client(),
         }
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &DelivererConfig {
-        &self.config
     }
 
     /// Reconcile one workspace for `run`. Errors reading the store are
