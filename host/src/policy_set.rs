@@ -307,6 +307,17 @@ impl PolicySet {
         }
     }
 
+    /// Build stored chain `id` (on the validation thread).
+    fn load_chain(&self, id: i64) -> Result<Chain, PolicySetError> {
+        let stored = self
+            .store
+            .chain(id)?
+            .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        on_validation_thread(move || build_stored(&engine, store.as_ref(), &stored))
+    }
+
     /// Check a module and store it by digest.
     pub fn push(&self, bytes: Vec<u8>, by: &str) -> Result<ModuleView, PolicySetError> {
         let engine = self.engine.clone();
@@ -361,15 +372,7 @@ impl PolicySet {
 
     /// Activate a staged (or retired) chain: persist, then swap it in whole.
     pub fn activate(&self, id: i64, by: &str) -> Result<StoredChain, PolicySetError> {
-        let stored = self
-            .store
-            .chain(id)?
-            .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
-        let engine = self.engine.clone();
-        let store = self.store.clone();
-        let candidate = stored.clone();
-        let chain =
-            on_validation_thread(move || build_stored(&engine, store.as_ref(), &candidate))?;
+        let chain = self.load_chain(id)?;
         self.remember_startup_chain(by)?;
         let activated = self.store.activate_chain(id, by, self.clock.now_ms())?;
         let old = self.executor.swap_chain(chain);
@@ -438,13 +441,7 @@ impl PolicySet {
     /// Run stored chain `id` beside the active one on live traffic, without
     /// effects, counting and logging every difference in the final actions.
     pub fn shadow(&self, id: i64) -> Result<ShadowReport, PolicySetError> {
-        let stored = self
-            .store
-            .chain(id)?
-            .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
-        let engine = self.engine.clone();
-        let store = self.store.clone();
-        let chain = on_validation_thread(move || build_stored(&engine, store.as_ref(), &stored))?;
+        let chain = self.load_chain(id)?;
         self.executor.set_shadow(Some(Shadow::new(id, chain)));
         Ok(self.shadow_report())
     }
@@ -502,13 +499,7 @@ impl PolicySet {
     pub fn eval(&self, input: &Input, id: Option<i64>) -> Result<EvalView, PolicySetError> {
         let chain = match id {
             None => self.executor.chain(),
-            Some(id) => {
-                let stored = self
-                    .store
-                    .chain(id)?
-                    .ok_or_else(|| PolicySetError::NotFound(format!("no chain {id}")))?;
-                Arc::new(build_stored(&self.engine, self.store.as_ref(), &stored)?)
-            }
+            Some(id) => Arc::new(self.load_chain(id)?),
         };
         let outcome = chain.evaluate(input);
         let (actions, failure) = match outcome.result {
