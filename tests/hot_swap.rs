@@ -459,5 +459,26 @@ async fn watch_mode_activates_changed_files_through_validation() {
     .await;
     // It was pushed (a valid component) but its chain failed validation.
     assert_eq!(active(&svc).await["version"], activated["version"]);
+
+    // The watcher handles files one at a time: once a later good file is
+    // active, the bad one has been fully dealt with, and no chain with it was
+    // ever staged or activated.
+    let good = guest("cooldown");
+    std::fs::write(watched.join("cooldown.wasm"), &good).unwrap();
+    while cooldown_digest(&active(&svc).await) != digest(&good) {
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(30),
+            "the good file was never activated"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let newest = active(&svc).await["stored"]["id"].as_i64().unwrap();
+    for id in 1..=newest {
+        let chain = svc.store.chain(id).unwrap().unwrap();
+        assert!(
+            !chain.spec.contains(&digest(&bad)),
+            "chain {id} runs the refused module"
+        );
+    }
     svc.stop().await;
 }

@@ -21,14 +21,9 @@ const T0_MS: i64 = 1_782_302_400_000;
 fn host_input(mcp_present: Option<bool>) -> Input {
     Input {
         event: Event::Heartbeat(HeartbeatEvent {
-            error_rate: 0.0,
-            sample_error: String::new(),
-            active_tasks: 0,
-            current_task: None,
             uptime_seconds: 60,
-            runtime_state: String::new(),
             mcp_server_present: mcp_present,
-            loaded_mcp_tools: None,
+            ..HeartbeatEvent::default()
         }),
         workspace: Workspace {
             id: "ws".into(),

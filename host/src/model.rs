@@ -142,8 +142,9 @@ pub struct RegisterEvent {
     pub loaded_mcp_tools: Option<Vec<String>>,
 }
 
-/// A heartbeat request, as seen by policies.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A heartbeat request, as seen by policies. The default is an empty healthy
+/// beat, which is also what a body with no optional field means.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatEvent {
     #[serde(default)]

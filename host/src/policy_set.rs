@@ -160,14 +160,9 @@ fn build_stored(
 fn smoke_inputs() -> Vec<(&'static str, Input)> {
     let heartbeat = |mcp: Option<bool>| {
         Event::Heartbeat(HeartbeatEvent {
-            error_rate: 0.0,
-            sample_error: String::new(),
-            active_tasks: 0,
-            current_task: None,
             uptime_seconds: 60,
-            runtime_state: String::new(),
             mcp_server_present: mcp,
-            loaded_mcp_tools: None,
+            ..HeartbeatEvent::default()
         })
     };
     let workspace = |kind, status| Workspace {
