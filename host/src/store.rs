@@ -518,13 +518,28 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 
 impl SqliteStore {
     /// Open (creating if needed) the database at `path` and migrate it.
+    ///
+    /// Two processes may open a fresh file at once (the service starting
+    /// while the CLI provisions a workspace). Switching to WAL and migrating
+    /// can then find the file locked without SQLite's busy handler being
+    /// asked, so both steps are retried for up to five seconds.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let mut conn = open_connection(path)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(mode, "sqlite refused WAL journal mode");
+        let started = std::time::Instant::now();
+        loop {
+            match init(&mut conn) {
+                Ok(()) => break,
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && started.elapsed() < std::time::Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        migrate(&mut conn)?;
         Ok(SqliteStore {
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
@@ -557,6 +572,15 @@ impl SqliteStore {
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         f(&mut conn)
     }
+}
+
+/// WAL journal mode, then the embedded migrations.
+fn init(conn: &mut Connection) -> Result<(), StoreError> {
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(mode, "sqlite refused WAL journal mode");
+    }
+    migrate(conn)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -1426,5 +1450,27 @@ impl Store for SqliteStore {
             )
             .optional()?)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_file_opened_by_many_at_once_opens_for_all() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("race.db");
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || SqliteStore::open(&path).map(|_| ()))
+                })
+                .collect();
+            for o in openers {
+                o.join().unwrap().unwrap();
+            }
+        }
     }
 }
