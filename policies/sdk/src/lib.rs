@@ -13,12 +13,21 @@
 //! A policy is a plain Rust function from `(&Input, Vec<Action>)` to
 //! `Result<Vec<Action>, PolicyError>`, tested natively with `cargo test`.
 
+// The generated code and the export macro name this crate by its own name, so
+// that a policy crate needs no dependency but this one.
+extern crate self as heartgate_policy;
+
+/// The `wit-bindgen` runtime the generated code uses (not part of the API).
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
 /// The bindings wit-bindgen generates from `wit/policy.wit`.
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
         world: "policy",
         default_bindings_module: "heartgate_policy::bindings",
+        runtime_path: "heartgate_policy::__wit_bindgen::rt",
         pub_export_macro: true,
         export_macro_name: "export_policy",
         additional_derives: [PartialEq],

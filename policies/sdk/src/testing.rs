@@ -1,9 +1,11 @@
-//! Builders for native unit tests of a policy: start from [`heartbeat`] or
-//! [`register`], adjust with the `with_*` methods, and pass the result to the
-//! policy's decision function.
+//! Builders and assertions for native unit tests of a policy: start from
+//! [`heartbeat`] or [`register`], adjust with the `with_*` methods, pass the
+//! result to the policy's decision function, and check its actions with the
+//! `assert_*` functions.
 
 use crate::{
-    Event, HeartbeatEvent, Input, Marker, RegisterEvent, Status, Workspace, WorkspaceKind,
+    Action, Event, HeartbeatEvent, Input, Marker, ReconcileTrigger, RegisterEvent, Status,
+    StatusChange, Workspace, WorkspaceKind,
 };
 
 /// The clock every builder starts at: 2026-06-24T12:00:00Z in milliseconds.
@@ -131,4 +133,60 @@ impl Input {
         }
         self
     }
+}
+
+/// The status changes among `actions`.
+pub fn status_changes(actions: &[Action]) -> Vec<&StatusChange> {
+    actions
+        .iter()
+        .filter_map(Action::as_status_change)
+        .collect()
+}
+
+/// Assert that `actions` hold exactly one status change, to `to` with reason
+/// code `reason`.
+#[track_caller]
+pub fn assert_sets_status(actions: &[Action], to: Status, reason: &str) {
+    match status_changes(actions).as_slice() {
+        [change] => assert!(
+            change.to == to && change.reason == reason,
+            "expected a change to `{}` ({reason}), got one to `{}` ({})",
+            to.as_str(),
+            change.to.as_str(),
+            change.reason
+        ),
+        other => panic!(
+            "expected one status change to `{}`, got {}: {actions:?}",
+            to.as_str(),
+            other.len()
+        ),
+    }
+}
+
+/// Assert that `actions` change no status.
+#[track_caller]
+pub fn assert_no_status_change(actions: &[Action]) {
+    let changes = status_changes(actions);
+    assert!(
+        changes.is_empty(),
+        "expected no status change, got {changes:?}"
+    );
+}
+
+/// Assert that `actions` request a reconcile with `trigger`.
+#[track_caller]
+pub fn assert_requests_reconcile(actions: &[Action], trigger: ReconcileTrigger) {
+    assert!(
+        actions.iter().any(|a| a.is_reconcile(trigger)),
+        "expected a {trigger:?} reconcile request in {actions:?}"
+    );
+}
+
+/// Assert that `actions` request no reconcile with `trigger`.
+#[track_caller]
+pub fn assert_no_reconcile(actions: &[Action], trigger: ReconcileTrigger) {
+    assert!(
+        !actions.iter().any(|a| a.is_reconcile(trigger)),
+        "expected no {trigger:?} reconcile request in {actions:?}"
+    );
 }
