@@ -126,6 +126,16 @@ pub enum Grant {
 }
 
 impl Grant {
+    /// Every grant: what a module tested on its own may do.
+    pub const ALL: [Grant; 6] = [
+        Grant::SetStatus,
+        Grant::Reject,
+        Grant::RecordEvent,
+        Grant::RequestReconcile,
+        Grant::Markers,
+        Grant::Drop,
+    ];
+
     /// The snake_case name used in chain files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -348,10 +358,43 @@ impl Chain {
         })
     }
 
+    /// A chain of one slot running `module` with every grant and the
+    /// default limits: how a policy is tested on its own, in the same
+    /// sandbox and with the same output checks as in a service.
+    pub fn single(name: &str, module: PolicyModule) -> Chain {
+        let spec = ChainSpec {
+            slot: vec![SlotSpec {
+                name: name.to_string(),
+                module: format!("sha256:{}", module.digest()),
+                timeout_ms: None,
+                max_memory_mib: None,
+                grants: Some(Grant::ALL.to_vec()),
+                on_failure: None,
+            }],
+        };
+        Chain {
+            version: module.digest()[..16].to_string(),
+            slots: vec![Slot {
+                name: name.to_string(),
+                module: Arc::new(module),
+                limits: Limits::default(),
+                grants: Grant::ALL.to_vec(),
+                on_failure: OnFailure::FailClosed,
+            }],
+            spec,
+        }
+    }
+
     /// Evaluate `input` through every slot.
     pub fn evaluate(&self, input: &Input) -> ChainOutcome {
+        self.evaluate_from(input, Vec::new())
+    }
+
+    /// Evaluate `input` through every slot, the first slot seeing `proposed`
+    /// (a fixture's actions of slots that would run before this chain).
+    pub fn evaluate_from(&self, input: &Input, proposed: Vec<Action>) -> ChainOutcome {
         let mut steps = Vec::with_capacity(self.slots.len());
-        let mut proposed: Vec<Action> = Vec::new();
+        let mut proposed = proposed;
         for slot in &self.slots {
             let meta = slot.module.metadata();
             let own = Input {

@@ -89,10 +89,27 @@ pub enum FailureKind {
     /// The policy returned actions the host refuses.
     InvalidOutput,
     /// The policy added or dropped an action its slot is not granted.
+    #[serde(rename = "ungranted_action")]
     Ungranted,
 }
 
 impl FailureKind {
+    /// Every kind.
+    pub const ALL: [FailureKind; 7] = [
+        FailureKind::Timeout,
+        FailureKind::OutOfMemory,
+        FailureKind::Trap,
+        FailureKind::Instantiation,
+        FailureKind::PolicyError,
+        FailureKind::InvalidOutput,
+        FailureKind::Ungranted,
+    ];
+
+    /// The kind named `name` (as [`FailureKind::as_str`] spells it).
+    pub fn parse(name: &str) -> Option<FailureKind> {
+        FailureKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     /// The snake_case name used in logs and the decision log.
     pub fn as_str(self) -> &'static str {
         match self {

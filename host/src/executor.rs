@@ -558,6 +558,14 @@ fn summarize(snap: &Snapshot, checked: &Result<Effects, SlotFailure>) -> String 
 
 /// Validate the chain's final actions against the request and the snapshot,
 /// and group them for the store. Any violation fails the whole verdict closed.
+/// Check a chain's final actions as the executor does before applying them
+/// (one status change expecting the stored status, a rejection only of a
+/// register, well-formed events and markers), applying nothing: what the
+/// authoring tools use to give a chain's verdict as the service would.
+pub fn check_verdict(input: &Input, outcome: &ChainOutcome) -> Result<(), SlotFailure> {
+    check_final(input, outcome).map(drop)
+}
+
 fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFailure> {
     let actions = outcome.result.as_ref().map_err(Clone::clone)?;
     let last_slot = outcome

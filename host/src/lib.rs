@@ -15,11 +15,14 @@
 //! - [`deliverer`]: the only code that touches workspace config volumes and
 //!   restart hooks: sources, staging, atomic delivery, restart hooks.
 //! - [`admin`]: read models for the admin API and the CLI.
+//! - [`authoring`]: the policy author's tools (template, build, fixture
+//!   runner, eval with trace, replay); used by the CLI, never by the service.
 //! - [`auth`], [`clock`], [`model`], [`telemetry`]: tokens, time, the
 //!   contract's data on the host side, logging.
 
 pub mod admin;
 pub mod auth;
+pub mod authoring;
 pub mod chain;
 pub mod clock;
 pub mod config;

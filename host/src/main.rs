@@ -5,7 +5,7 @@
 //! runs on it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -63,8 +63,10 @@ enum Command {
     /// Inspect reconcile runs.
     #[command(subcommand)]
     Reconcile(ReconcileCommand),
-    /// Change the policy chain of a running service (admin API; the token
-    /// comes from `HEARTGATE_ADMIN_TOKEN`).
+    /// Write, build, test and replay policies locally (new, build, test,
+    /// eval MODULE, replay), and change the policy chain of a running service
+    /// (list, push, stage, activate, rollback, eval, shadow: admin API, the
+    /// token comes from `HEARTGATE_ADMIN_TOKEN`).
     Policy {
         /// The running service.
         #[arg(
@@ -81,6 +83,66 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Create a policy crate NAME (in the current directory) on the guest SDK:
+    /// a sample rule, native tests and fixtures.
+    New {
+        name: String,
+        /// The directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The guest SDK crate (`policies/sdk` of a Heartgate checkout)
+        /// [default: the checkout this binary was built from].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build the policy crate in DIR (default: the current directory) into a
+    /// component, validated as the service would: `<package>.wasm`.
+    Build {
+        dir: Option<PathBuf>,
+        /// Where to write the component.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run fixture files through a module (or `builtin:NAME`), or a whole
+    /// chain, in the service's sandbox and limits; exits 1 on a failure.
+    Test {
+        /// The module; optional with `--chain`.
+        #[arg(required_unless_present = "chain")]
+        module: Option<String>,
+        /// The fixtures directory (*.json, *.yaml).
+        #[arg(long, default_value = "fixtures")]
+        fixtures: PathBuf,
+        /// Run the fixtures through the chain of this file (a chain or a
+        /// config file); MODULE, if given, runs in `--slot`.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// The slot of `--chain` MODULE replaces.
+        #[arg(long, requires = "chain")]
+        slot: Option<String>,
+    },
+    /// Replay recorded decisions of `--db` with a candidate module in one
+    /// slot of the chain that made them; report every decision that would
+    /// change.
+    Replay {
+        /// The candidate module.
+        #[arg(long)]
+        candidate: String,
+        /// The slot the candidate replaces.
+        #[arg(long)]
+        slot: String,
+        /// Only decisions of the last DURATION (e.g. 30m, 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Replay through this chain file instead of the recorded chain.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when a decision would change (for CI gates).
+        #[arg(long)]
+        fail_on_change: bool,
+    },
     /// Show the active chain.
     List,
     /// Upload a module; with `--slot`, stage the active chain with that slot
@@ -98,13 +160,23 @@ enum PolicyCommand {
     Activate { id: i64 },
     /// Go back to the chain active before the current one.
     Rollback,
-    /// Evaluate an input (JSON file) without effects.
+    /// Evaluate an input (JSON file, or a fixture) without effects: with
+    /// MODULE or a chain file, locally; otherwise by the running service.
     Eval {
+        /// A module (or `builtin:NAME`) to evaluate locally.
+        module: Option<String>,
         #[arg(long)]
         input: PathBuf,
-        /// A stored chain instead of the active one.
+        /// A chain file to evaluate locally (MODULE runs in `--slot`), or the
+        /// id of a chain stored in the running service.
         #[arg(long)]
-        chain: Option<i64>,
+        chain: Option<String>,
+        /// The slot of `--chain` MODULE replaces.
+        #[arg(long, requires = "chain")]
+        slot: Option<String>,
+        /// Show each policy's input, proposed actions and output.
+        #[arg(long)]
+        trace: bool,
     },
     /// Run a stored chain beside the active one (no effects), show what it
     /// saw, or stop it.
@@ -186,7 +258,15 @@ fn run(cli: Cli) -> Result<()> {
             config,
             watch,
         } => serve(cli.db, listen, config, watch),
-        Command::Policy { server, command } => policy(&server, command),
+        Command::Policy { server, command } => match local_policy(&cli.db, command)? {
+            Local::Done(code) => {
+                if code != 0 {
+                    std::process::exit(code);
+                }
+                Ok(())
+            }
+            Local::Remote(command) => policy(&server, command),
+        },
         Command::Workspace(cmd) => {
             let store = open_store(&cli.db)?;
             workspace(store.as_ref(), cmd, now)
@@ -420,7 +500,11 @@ fn policy(server: &str, command: PolicyCommand) -> Result<()> {
             PolicyCommand::Rollback => {
                 call("POST", "/admin/chains/rollback".into(), Vec::new()).await?
             }
-            PolicyCommand::Eval { input, chain } => {
+            PolicyCommand::Eval { input, chain, .. } => {
+                let chain: Option<i64> = chain
+                    .map(|c| c.parse())
+                    .transpose()
+                    .context("--chain of a running service is a stored chain id")?;
                 let input: serde_json::Value = serde_json::from_slice(
                     &std::fs::read(&input)
                         .with_context(|| format!("reading {}", input.display()))?,
@@ -437,8 +521,188 @@ fn policy(server: &str, command: PolicyCommand) -> Result<()> {
                 (None, true) => call("DELETE", "/admin/shadow".into(), Vec::new()).await?,
                 (None, false) => call("GET", "/admin/shadow".into(), Vec::new()).await?,
             },
+            PolicyCommand::New { .. }
+            | PolicyCommand::Build { .. }
+            | PolicyCommand::Test { .. }
+            | PolicyCommand::Replay { .. } => {
+                bail!("internal: a local command reached the admin API")
+            }
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
         Ok(())
     })
+}
+
+/// A `policy` subcommand run here, or one for the running service.
+enum Local {
+    /// Run here; the process's exit code.
+    Done(i32),
+    Remote(PolicyCommand),
+}
+
+/// Run the author's commands (new, build, test, local eval, replay) here;
+/// hand the others back for the admin API.
+fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
+    use heartgate::authoring::{self, compile, fixtures, replay, template, trace};
+    use heartgate::engine::Engine;
+
+    match command {
+        PolicyCommand::New { name, dir, sdk } => {
+            let sdk = sdk.unwrap_or_else(|| PathBuf::from(template::DEFAULT_SDK));
+            let files = template::create(&dir, &name, &sdk)?;
+            println!("created policy `{name}` in {}", dir.join(&name).display());
+            for f in files {
+                println!("  {}", f.display());
+            }
+            println!(
+                "next: cd {} && cargo test && heartgate policy build && heartgate policy test {name}.wasm",
+                dir.join(&name).display()
+            );
+            Ok(Local::Done(0))
+        }
+        PolicyCommand::Build { dir, out } => {
+            let engine = Engine::new()?;
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let built = compile::build(&engine, &dir, out.as_deref())?;
+            println!(
+                "built {} {} -> {} ({} bytes, sha256:{})",
+                built.metadata.name,
+                built.metadata.version,
+                built.path.display(),
+                built.bytes,
+                built.digest
+            );
+            Ok(Local::Done(0))
+        }
+        PolicyCommand::Test {
+            module,
+            fixtures: dir,
+            chain,
+            slot,
+        } => {
+            let engine = Engine::new()?;
+            let (chain, whole) = match &chain {
+                Some(file) => (
+                    authoring::chain_with(&engine, file, module.as_deref(), slot.as_deref())?,
+                    true,
+                ),
+                None => {
+                    let module = module.context("give a MODULE or --chain")?;
+                    let loaded = authoring::load_module(&engine, &module)?;
+                    let name = loaded.metadata().name.clone();
+                    (heartgate::chain::Chain::single(&name, loaded), false)
+                }
+            };
+            let cases = fixtures::load_dir(&dir)?;
+            let what: Vec<String> = chain
+                .slots
+                .iter()
+                .map(|s| {
+                    let m = s.module.metadata();
+                    format!("{} {}", m.name, m.version)
+                })
+                .collect();
+            println!(
+                "\nrunning {} fixture{} from {} against {}\n",
+                cases.len(),
+                if cases.len() == 1 { "" } else { "s" },
+                dir.display(),
+                what.join(" -> ")
+            );
+            let report = fixtures::run(&chain, &cases, whole);
+            print!("{}", report.render());
+            Ok(Local::Done(i32::from(report.failed() > 0)))
+        }
+        PolicyCommand::Eval {
+            module,
+            input,
+            chain,
+            slot,
+            trace: with_trace,
+        } => {
+            let chain_file = chain
+                .as_deref()
+                .filter(|c| c.parse::<i64>().is_err())
+                .map(PathBuf::from);
+            if module.is_none() && chain_file.is_none() {
+                if with_trace {
+                    bail!("--trace needs a local evaluation: give a MODULE or a chain file");
+                }
+                return Ok(Local::Remote(PolicyCommand::Eval {
+                    module,
+                    input,
+                    chain,
+                    slot,
+                    trace: with_trace,
+                }));
+            }
+            let engine = Engine::new()?;
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let yaml = input.extension().is_some_and(|e| e == "yaml" || e == "yml");
+            let (input_value, proposed) = trace::read_input(&text, yaml)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let (chain, whole) = match &chain_file {
+                Some(file) => (
+                    authoring::chain_with(&engine, file, module.as_deref(), slot.as_deref())?,
+                    true,
+                ),
+                None => {
+                    let module = module.context("give a MODULE or a chain file")?;
+                    let loaded = authoring::load_module(&engine, &module)?;
+                    let name = loaded.metadata().name.clone();
+                    (heartgate::chain::Chain::single(&name, loaded), false)
+                }
+            };
+            let out = trace::eval(&chain, &input_value, proposed, whole, with_trace);
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(Local::Done(0))
+        }
+        PolicyCommand::Replay {
+            candidate,
+            slot,
+            since,
+            chain,
+            json,
+            fail_on_change,
+        } => {
+            if !db.is_file() {
+                bail!(
+                    "no database at {}; pass the service's with --db",
+                    db.display()
+                );
+            }
+            let since_ms = match since {
+                Some(d) => {
+                    let span = heartgate::clock::parse_duration_ms(&d)
+                        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+                    SystemClock.now_ms().saturating_sub(span)
+                }
+                None => 0,
+            };
+            let engine = Engine::new()?;
+            let candidate = authoring::load_module(&engine, &candidate)?;
+            let chain = chain.map(|f| authoring::read_chain_file(&f)).transpose()?;
+            let store = open_store(db)?;
+            let report = replay::replay(
+                &engine,
+                store.as_ref(),
+                &replay::ReplayOptions {
+                    candidate: &candidate,
+                    slot: &slot,
+                    since_ms,
+                    chain,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", replay::render(&report));
+            }
+            Ok(Local::Done(i32::from(
+                fail_on_change && !report.changed.is_empty(),
+            )))
+        }
+        other => Ok(Local::Remote(other)),
+    }
 }

@@ -328,6 +328,15 @@ pub trait Store: Send + Sync + 'static {
     fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError>;
     /// The newest `limit` decisions of a workspace, oldest first.
     fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError>;
+    /// Up to `limit` decisions of every workspace made at or after `since_ms`
+    /// with an id above `after_id`, oldest first: page through the log by
+    /// passing the last id seen.
+    fn decisions_since(
+        &self,
+        since_ms: i64,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DecisionRow>, StoreError>;
 
     /// Keep a policy module's bytes under its digest (idempotent).
     fn put_module(
@@ -356,6 +365,8 @@ pub trait Store: Send + Sync + 'static {
     fn chain(&self, id: i64) -> Result<Option<StoredChain>, StoreError>;
     /// The chain that was active before the current one.
     fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError>;
+    /// The newest stored chain with content version `version`.
+    fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError>;
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -497,6 +508,10 @@ CREATE TABLE chains (
 ) STRICT;
 CREATE UNIQUE INDEX chains_one_active ON chains (state) WHERE state = 'active';
 "#,
+    // Replay reads the decision log by time across workspaces.
+    r#"
+CREATE INDEX decisions_by_time ON decisions (at_ms, id);
+"#,
 ];
 
 /// The embedded SQLite store: one writer connection, a small pool of readers.
@@ -628,6 +643,24 @@ fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
 
 const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, created_by,
     activated_ms, activated_by FROM chains";
+
+const DECISION_COLUMNS: &str = "SELECT id, workspace_id, at_ms, event_kind, chain_version,
+    outcome, input, steps, final_actions, attempts FROM decisions";
+
+fn decision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DecisionRow> {
+    Ok(DecisionRow {
+        id: r.get(0)?,
+        workspace_id: r.get(1)?,
+        at_ms: r.get(2)?,
+        event_kind: r.get(3)?,
+        chain_version: r.get(4)?,
+        outcome: r.get(5)?,
+        input: json_or_null(r.get(6)?),
+        steps: json_or_null(r.get(7)?),
+        final_actions: json_or_null(r.get(8)?),
+        attempts: r.get(9)?,
+    })
+}
 
 fn chain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredChain> {
     Ok(StoredChain {
@@ -1306,28 +1339,30 @@ impl Store for SqliteStore {
 
     fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, workspace_id, at_ms, event_kind, chain_version, outcome, input, steps,
-                        final_actions, attempts
-                 FROM decisions WHERE workspace_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
+            let mut stmt = c.prepare(&format!(
+                "{DECISION_COLUMNS} WHERE workspace_id = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
             let mut rows: Vec<DecisionRow> = stmt
-                .query_map(params![workspace_id, limit as i64], |r| {
-                    Ok(DecisionRow {
-                        id: r.get(0)?,
-                        workspace_id: r.get(1)?,
-                        at_ms: r.get(2)?,
-                        event_kind: r.get(3)?,
-                        chain_version: r.get(4)?,
-                        outcome: r.get(5)?,
-                        input: json_or_null(r.get(6)?),
-                        steps: json_or_null(r.get(7)?),
-                        final_actions: json_or_null(r.get(8)?),
-                        attempts: r.get(9)?,
-                    })
-                })?
+                .query_map(params![workspace_id, limit as i64], decision_from_row)?
                 .collect::<Result<_, _>>()?;
             rows.reverse();
+            Ok(rows)
+        })
+    }
+
+    fn decisions_since(
+        &self,
+        since_ms: i64,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DecisionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{DECISION_COLUMNS} WHERE at_ms >= ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+            ))?;
+            let rows = stmt
+                .query_map(params![since_ms, after_id, limit as i64], decision_from_row)?
+                .collect::<Result<_, _>>()?;
             Ok(rows)
         })
     }
@@ -1432,6 +1467,17 @@ impl Store for SqliteStore {
             Ok(c.query_row(
                 &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
                 [id],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE version = ?1 ORDER BY id DESC LIMIT 1"),
+                [version],
                 chain_from_row,
             )
             .optional()?)
