@@ -5,19 +5,9 @@
 
 use std::path::Path;
 
-use heartgate::chain::BUILTIN;
-use heartgate::engine::{Engine, Limits};
-use heartgate::model::{Action, Input};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Fixture {
-    input: Input,
-    #[serde(default)]
-    proposed: Vec<Action>,
-    expected: Vec<Action>,
-}
+use heartgate::authoring::fixtures;
+use heartgate::chain::{BUILTIN, Chain};
+use heartgate::engine::Engine;
 
 #[test]
 fn builtin_policies_pass_their_fixtures() {
@@ -27,34 +17,16 @@ fn builtin_policies_pass_their_fixtures() {
     let mut failures = Vec::new();
     for (name, bytes) in BUILTIN {
         let module = engine.load(bytes).unwrap();
-        let dir = root.join(name).join("fixtures");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
-        assert!(!files.is_empty(), "{name} has no fixtures");
-        for file in files {
-            let text = std::fs::read_to_string(&file).unwrap();
-            let fx: Fixture =
-                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            let got = module
-                .evaluate(&fx.input, &fx.proposed, Limits::default())
-                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            if got != fx.expected {
-                failures.push(format!(
-                    "{}:\n  expected {}\n  actual   {}",
-                    file.display(),
-                    serde_json::to_string(&fx.expected).unwrap(),
-                    serde_json::to_string(&got).unwrap()
-                ));
-            }
-            ran += 1;
+        let chain = Chain::single(name, module);
+        let cases = fixtures::load_dir(&root.join(name).join("fixtures")).unwrap();
+        let report = fixtures::run(&chain, &cases, false);
+        if report.failed() > 0 {
+            failures.push(format!("{name}:\n{}", report.render()));
         }
+        ran += report.results.len();
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(ran >= 11, "ran {ran} fixtures");
+    assert!(ran >= 60, "ran {ran} fixtures");
 }
 
 #[test]

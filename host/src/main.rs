@@ -151,6 +151,15 @@ enum PolicyCommand {
         module: PathBuf,
         #[arg(long)]
         slot: Option<String>,
+        /// Add `--slot` as a new slot after this one (instead of replacing
+        /// an existing slot).
+        #[arg(long, requires = "slot")]
+        after: Option<String>,
+        /// What the slot may do (repeat): set_status, reject, record_event,
+        /// request_reconcile, markers, drop [default: a replaced slot keeps
+        /// its grants; a new one gets none].
+        #[arg(long = "grant", requires = "slot", value_parser = ["set_status", "reject", "record_event", "request_reconcile", "markers", "drop"])]
+        grants: Vec<String>,
         #[arg(long, requires = "slot")]
         activate: bool,
     },
@@ -459,6 +468,8 @@ fn policy(server: &str, command: PolicyCommand) -> Result<()> {
             PolicyCommand::Push {
                 module,
                 slot,
+                after,
+                grants,
                 activate,
             } => {
                 let bytes = std::fs::read(&module)
@@ -472,11 +483,36 @@ fn policy(server: &str, command: PolicyCommand) -> Result<()> {
                         let slots = spec["slot"]
                             .as_array_mut()
                             .context("the service returned no chain spec")?;
+                        let exists = slots.iter().any(|s| s["name"] == slot.as_str());
+                        match &after {
+                            Some(_) if exists => {
+                                bail!("the active chain already has a slot `{slot}`; drop --after to replace it")
+                            }
+                            Some(prev) => {
+                                let at = slots
+                                    .iter()
+                                    .position(|s| s["name"] == prev.as_str())
+                                    .with_context(|| {
+                                        format!("the active chain has no slot `{prev}`")
+                                    })?;
+                                slots.insert(
+                                    at + 1,
+                                    serde_json::json!({"name": slot, "module": pushed["module"]}),
+                                );
+                            }
+                            None if !exists => bail!(
+                                "the active chain has no slot `{slot}`; add it with --after SLOT"
+                            ),
+                            None => {}
+                        }
                         let target = slots
                             .iter_mut()
                             .find(|s| s["name"] == slot.as_str())
                             .with_context(|| format!("the active chain has no slot `{slot}`"))?;
                         target["module"] = pushed["module"].clone();
+                        if !grants.is_empty() || after.is_some() {
+                            target["grants"] = serde_json::json!(grants);
+                        }
                         let staged =
                             call("POST", "/admin/chains".into(), serde_json::to_vec(&spec)?)
                                 .await?;
@@ -581,18 +617,12 @@ fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
             slot,
         } => {
             let engine = Engine::new()?;
-            let (chain, whole) = match &chain {
-                Some(file) => (
-                    authoring::chain_with(&engine, file, module.as_deref(), slot.as_deref())?,
-                    true,
-                ),
-                None => {
-                    let module = module.context("give a MODULE or --chain")?;
-                    let loaded = authoring::load_module(&engine, &module)?;
-                    let name = loaded.metadata().name.clone();
-                    (heartgate::chain::Chain::single(&name, loaded), false)
-                }
-            };
+            let (chain, whole) = authoring::local_chain(
+                &engine,
+                chain.as_deref(),
+                module.as_deref(),
+                slot.as_deref(),
+            )?;
             let cases = fixtures::load_dir(&dir)?;
             let what: Vec<String> = chain
                 .slots
@@ -637,23 +667,17 @@ fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
                 }));
             }
             let engine = Engine::new()?;
+            let (chain, whole) = authoring::local_chain(
+                &engine,
+                chain_file.as_deref(),
+                module.as_deref(),
+                slot.as_deref(),
+            )?;
             let text = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
             let yaml = input.extension().is_some_and(|e| e == "yaml" || e == "yml");
             let (input_value, proposed) = trace::read_input(&text, yaml)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
-            let (chain, whole) = match &chain_file {
-                Some(file) => (
-                    authoring::chain_with(&engine, file, module.as_deref(), slot.as_deref())?,
-                    true,
-                ),
-                None => {
-                    let module = module.context("give a MODULE or a chain file")?;
-                    let loaded = authoring::load_module(&engine, &module)?;
-                    let name = loaded.metadata().name.clone();
-                    (heartgate::chain::Chain::single(&name, loaded), false)
-                }
-            };
             let out = trace::eval(&chain, &input_value, proposed, whole, with_trace);
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(Local::Done(0))

@@ -70,8 +70,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Fixture, String> {
     let fixture: Fixture = if yaml {
         // Through a JSON value, so YAML has the same shape as JSON (a YAML
         // deserializer would want `!heartbeat` tags for the event).
-        let value: serde_json::Value =
-            serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        let value: serde_json::Value = serde_norway::from_str(text).map_err(|e| e.to_string())?;
         serde_json::from_value(value).map_err(|e| e.to_string())?
     } else {
         serde_json::from_str(text).map_err(|e| e.to_string())?

@@ -139,3 +139,24 @@ pub fn chain_with(
         .with_context(|| format!("building the chain of {}", chain_file.display()))?;
     Ok(chain)
 }
+
+/// The chain a local command runs: the chain of `chain_file` (with `module`
+/// in `slot`), or `module` alone as a one-slot chain with every grant.
+/// Returns it and whether it is a whole chain (whose verdict gets the
+/// executor's final check).
+pub fn local_chain(
+    engine: &Engine,
+    chain_file: Option<&Path>,
+    module: Option<&str>,
+    slot: Option<&str>,
+) -> Result<(Chain, bool)> {
+    match (chain_file, module) {
+        (Some(file), module) => Ok((chain_with(engine, file, module, slot)?, true)),
+        (None, Some(module)) => {
+            let loaded = load_module(engine, module)?;
+            let name = loaded.metadata().name.clone();
+            Ok((Chain::single(&name, loaded), false))
+        }
+        (None, None) => bail!("give a MODULE or a chain file (--chain)"),
+    }
+}

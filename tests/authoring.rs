@@ -1,0 +1,683 @@
+//! The policy author's tools, run as an author runs them: the `heartgate`
+//! binary as a child process, cargo building a real policy crate, real
+//! compiled components, and a decision log recorded by the real service.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+use common::{MINUTE_MS, Service};
+use heartgate::clock::{Clock, ManualClock, SystemClock};
+use heartgate::model::WorkspaceKind;
+
+const HEARTGATE: &str = env!("CARGO_BIN_EXE_heartgate");
+const GUESTS: &str = env!("HEARTGATE_TEST_GUESTS_DIR");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `heartgate ARGS` in `dir`.
+fn heartgate(dir: &Path, args: &[&str]) -> Output {
+    Command::new(HEARTGATE)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("HEARTGATE_DB")
+        .env_remove("HEARTGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The author's guide, followed literally
+
+/// One step of `policies/README.md`.
+#[derive(Debug)]
+enum Step {
+    /// A code block with `file=PATH`: write it.
+    Write { path: String, body: String },
+    /// A `$ command` of an `sh` block, with the output lines shown under it
+    /// (each must appear in the output) and whether the block says `fails`.
+    Run {
+        command: String,
+        expect: Vec<String>,
+        fails: bool,
+    },
+}
+
+/// The guide's steps, in order: blocks marked `norun` are skipped, blocks
+/// without `file=` that are not `sh` are prose.
+fn guide_steps(markdown: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        let Some(info) = line.strip_prefix("```") else {
+            continue;
+        };
+        let words: Vec<&str> = info.split_whitespace().collect();
+        let mut body = Vec::new();
+        for l in lines.by_ref() {
+            if l.starts_with("```") {
+                break;
+            }
+            body.push(l);
+        }
+        if words.contains(&"norun") {
+            continue;
+        }
+        if let Some(path) = words.iter().find_map(|w| w.strip_prefix("file=")) {
+            steps.push(Step::Write {
+                path: path.to_string(),
+                body: body.join("\n") + "\n",
+            });
+        } else if words.first() == Some(&"sh") {
+            let fails = words.contains(&"fails");
+            for l in body {
+                if let Some(command) = l.strip_prefix("$ ") {
+                    steps.push(Step::Run {
+                        command: command.to_string(),
+                        expect: Vec::new(),
+                        fails,
+                    });
+                } else if let Some(Step::Run { expect, .. }) = steps.last_mut()
+                    && !l.trim().is_empty()
+                {
+                    expect.push(l.trim().to_string());
+                }
+            }
+        }
+    }
+    steps
+}
+
+#[test]
+fn author_guide_followed_literally() {
+    let guide = std::fs::read_to_string(repo().join("policies/README.md")).unwrap();
+    let steps = guide_steps(&guide);
+    assert!(steps.len() >= 15, "the guide has {} steps", steps.len());
+
+    let home = tempfile::tempdir().unwrap();
+    let mut cwd = home.path().to_path_buf();
+    let bin_dir = Path::new(HEARTGATE).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // Shared between runs so a rerun does not compile the SDK's
+    // dependencies again; the guide's commands are unchanged by it.
+    let target = repo().join("target/author-guide");
+
+    let (mut wrote, mut ran, mut failed_as_told) = (0, 0, 0);
+    for step in &steps {
+        match step {
+            Step::Write { path, body } => {
+                let file = cwd.join(path);
+                std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                std::fs::write(&file, body).unwrap();
+                wrote += 1;
+            }
+            Step::Run {
+                command,
+                expect,
+                fails,
+            } => {
+                if let Some(dir) = command.strip_prefix("cd ") {
+                    cwd = cwd.join(dir);
+                    assert!(cwd.is_dir(), "`{command}`: no directory {}", cwd.display());
+                    continue;
+                }
+                let out = Command::new("sh")
+                    .arg("-c")
+                    .arg(command)
+                    .current_dir(&cwd)
+                    .env("PATH", &path)
+                    .env("CARGO_TARGET_DIR", &target)
+                    .env_remove("HEARTGATE_DB")
+                    .env_remove("CARGO_MANIFEST_DIR")
+                    .output()
+                    .unwrap();
+                let all = text(&out);
+                assert_eq!(
+                    out.status.success(),
+                    !fails,
+                    "`{command}` in {}: exit {:?}, the guide says it {}:\n{all}",
+                    cwd.display(),
+                    out.status.code(),
+                    if *fails { "fails" } else { "succeeds" }
+                );
+                for line in expect {
+                    assert!(
+                        all.contains(line.as_str()),
+                        "`{command}`: the guide shows `{line}`, the output is:\n{all}"
+                    );
+                }
+                ran += 1;
+                failed_as_told += usize::from(*fails);
+            }
+        }
+    }
+    // The walkthrough did what it claims: the template, native tests, a
+    // build, a failing then passing fixture run, and a chain.
+    assert!(
+        wrote >= 6 && ran >= 8,
+        "wrote {wrote} files, ran {ran} commands"
+    );
+    assert_eq!(failed_as_told, 1, "the deliberately failing fixture run");
+    assert!(cwd.join("busy-degrade.wasm").is_file());
+}
+
+// ---------------------------------------------------------------------------
+// The fixture runner
+
+#[test]
+fn builtin_fixture_sets_pass_through_the_runner() {
+    let root = repo();
+    let mut total = 0;
+    for (dir, component) in [
+        ("gate", "gate"),
+        ("status-rules", "status_rules"),
+        ("recovery-trigger", "recovery_trigger"),
+        ("cooldown", "cooldown"),
+    ] {
+        let module = format!("{GUESTS}/{component}.wasm");
+        let fixtures = root.join("policies").join(dir).join("fixtures");
+        let out = heartgate(
+            &root,
+            &[
+                "policy",
+                "test",
+                &module,
+                "--fixtures",
+                fixtures.to_str().unwrap(),
+            ],
+        );
+        let all = text(&out);
+        assert!(out.status.success(), "{dir}:\n{all}");
+        let summary = all
+            .lines()
+            .find(|l| l.starts_with("test result: ok. "))
+            .unwrap_or_else(|| panic!("{dir}: no summary:\n{all}"));
+        let passed: usize = summary["test result: ok. ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(summary.contains(&format!("{passed} passed, 0 failed")));
+        assert!(passed >= 10, "{dir}: only {passed} fixtures");
+        total += passed;
+    }
+    assert!(total >= 60, "{total} fixtures in all");
+}
+
+/// A scratch directory with `fixtures/` holding `files`.
+fn fixture_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("fixtures")).unwrap();
+    for (name, body) in files {
+        std::fs::write(dir.path().join("fixtures").join(name), body).unwrap();
+    }
+    dir
+}
+
+const ONLINE_HEARTBEAT: &str = r#""input": {"event": {"heartbeat": {}}, "workspace": {"id": "ws-1", "kind": "workspace", "status": "online", "model_configured": true}, "now_ms": 0}"#;
+
+#[test]
+fn bad_fixtures_fail_by_name_with_the_reason_and_the_rest_still_run() {
+    let good = format!(r#"{{{ONLINE_HEARTBEAT}, "expected": []}}"#);
+    let typo = format!(r#"{{{ONLINE_HEARTBEAT}, "expect": []}}"#);
+    let both = format!(r#"{{{ONLINE_HEARTBEAT}, "expected": [], "expected_error": {{}}}}"#);
+    let dir = fixture_dir(&[
+        ("a_good.json", &good),
+        ("b_typo.json", &typo),
+        ("c_not_json.json", "{\"input\": "),
+        ("d_both.json", &both),
+        ("e_bad.yaml", "input: [unclosed"),
+        ("notes.txt", "not a fixture"),
+    ]);
+    let out = heartgate(
+        dir.path(),
+        &["policy", "test", &format!("{GUESTS}/gate.wasm")],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("fixture a_good ... ok"), "{all}");
+    assert!(all.contains("fixture b_typo ... FAILED"), "{all}");
+    assert!(all.contains("unknown field `expect`"), "{all}");
+    assert!(all.contains("fixture c_not_json ... FAILED"), "{all}");
+    assert!(all.contains("not both"), "{all}");
+    assert!(all.contains("fixture e_bad ... FAILED"), "{all}");
+    assert!(!all.contains("notes"), "{all}");
+    assert!(
+        all.contains("test result: FAILED. 1 passed, 4 failed"),
+        "{all}"
+    );
+}
+
+#[test]
+fn expected_errors_match_the_sandbox_outcome() {
+    let trap = format!(r#"{{{ONLINE_HEARTBEAT}, "expected_error": {{"kind": "trap"}}}}"#);
+    let wrong_kind = format!(r#"{{{ONLINE_HEARTBEAT}, "expected_error": {{"kind": "timeout"}}}}"#);
+    let dir = fixture_dir(&[("traps.json", &trap), ("times_out.json", &wrong_kind)]);
+    let out = heartgate(
+        dir.path(),
+        &["policy", "test", &format!("{GUESTS}/always_trap.wasm")],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("fixture traps ... ok"), "{all}");
+    assert!(all.contains("fixture times_out ... FAILED"), "{all}");
+    assert!(all.contains("- expected: timeout"), "{all}");
+    assert!(all.contains("+ actual:   trap"), "{all}");
+
+    // A policy that never returns is stopped by the same deadline as in the
+    // service, and the runner reports it rather than hanging.
+    let looping = format!(r#"{{{ONLINE_HEARTBEAT}, "expected_error": {{"kind": "timeout"}}}}"#);
+    let dir = fixture_dir(&[("loops.json", &looping)]);
+    let out = heartgate(
+        dir.path(),
+        &["policy", "test", &format!("{GUESTS}/always_loop.wasm")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_refused_module_or_missing_fixtures_is_a_clear_error() {
+    let dir = fixture_dir(&[]);
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm but not really").unwrap();
+    let out = heartgate(dir.path(), &["policy", "test", garbage.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("loading module"), "{}", text(&out));
+
+    let out = heartgate(
+        dir.path(),
+        &["policy", "test", &format!("{GUESTS}/wasi_user.wasm")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("loading module"), "{}", text(&out));
+
+    let out = heartgate(
+        dir.path(),
+        &["policy", "test", &format!("{GUESTS}/gate.wasm")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no fixtures"), "{}", text(&out));
+
+    let out = heartgate(
+        dir.path(),
+        &["policy", "test", "builtin:nope", "--fixtures", "."],
+    );
+    assert!(
+        text(&out).contains("no built-in module `nope`"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_chain_file_runs_fixtures_through_every_slot() {
+    let dir = fixture_dir(&[]);
+    // The gate fails an MCP-missing concierge; the whole chain adds the
+    // recovery request and the cooldown stamps its fire time.
+    let fixture = json!({
+        "input": {
+            "event": {"heartbeat": {"mcp_server_present": false}},
+            "workspace": {"id": "c", "kind": "platform", "status": "online", "model_configured": true},
+            "now_ms": 1000
+        }
+    });
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "eval",
+            "--chain",
+            repo()
+                .join("deploy/heartgate.example.toml")
+                .to_str()
+                .unwrap(),
+            "--input",
+            "/dev/null",
+        ],
+    );
+    // The example config has no active chain section: a clear error.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no chain"), "{}", text(&out));
+
+    std::fs::write(
+        dir.path().join("chain.toml"),
+        format!(
+            "[[slot]]\nname = \"gate\"\nmodule = \"builtin:gate\"\n\
+             [[slot]]\nname = \"recovery-trigger\"\nmodule = \"builtin:recovery-trigger\"\n\
+             [[slot]]\nname = \"cooldown\"\nmodule = \"{GUESTS}/cooldown.wasm\"\ngrants = [\"markers\", \"drop\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("input.json"),
+        serde_json::to_string(&fixture["input"]).unwrap(),
+    )
+    .unwrap();
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "eval",
+            "--chain",
+            "chain.toml",
+            "--input",
+            "input.json",
+            "--trace",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = v["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "set_status",
+            "record_event",
+            "set_marker",
+            "request_reconcile"
+        ]
+    );
+    let steps = v["trace"]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3);
+    assert_eq!(steps[2]["slot"], "cooldown");
+    assert_eq!(steps[2]["proposed"].as_array().unwrap().len(), 3);
+
+    // The cooldown slot swapped for the one-minute candidate with --slot,
+    // and a whole-chain fixture may not give `proposed`.
+    let mut expected = fixture.clone();
+    expected["expected"] = v["actions"].clone();
+    let mut with_proposed = expected.clone();
+    with_proposed["proposed"] = json!([]);
+    with_proposed["proposed"]
+        .as_array_mut()
+        .unwrap()
+        .push(v["actions"][0].clone());
+    std::fs::write(
+        dir.path().join("fixtures/concierge_recovers.json"),
+        expected.to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("fixtures/gives_proposed.json"),
+        with_proposed.to_string(),
+    )
+    .unwrap();
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "test",
+            &format!("{GUESTS}/cooldown_1m.wasm"),
+            "--chain",
+            "chain.toml",
+            "--slot",
+            "cooldown",
+        ],
+    );
+    let all = text(&out);
+    assert!(all.contains("fixture concierge_recovers ... ok"), "{all}");
+    assert!(all.contains("fixture gives_proposed ... FAILED"), "{all}");
+    assert!(
+        all.contains("a chain starts with no proposed actions"),
+        "{all}"
+    );
+    assert!(all.contains("1 passed, 1 failed"), "{all}");
+
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "test",
+            "--chain",
+            "chain.toml",
+            "--slot",
+            "nope",
+            &format!("{GUESTS}/gate.wasm"),
+        ],
+    );
+    assert!(text(&out).contains("has no slot `nope`"), "{}", text(&out));
+}
+
+#[test]
+fn policy_new_refuses_bad_names_and_existing_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["Busy", "../escape", "a_b", "-x"] {
+        let out = heartgate(dir.path(), &["policy", "new", bad]);
+        assert!(!out.status.success(), "{bad} was accepted");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let out = heartgate(dir.path(), &["policy", "new", "ok-name"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = heartgate(dir.path(), &["policy", "new", "ok-name"]);
+    assert!(text(&out).contains("already exists"), "{}", text(&out));
+    let out = heartgate(
+        dir.path(),
+        &["policy", "new", "other", "--sdk", "/nonexistent"],
+    );
+    assert!(text(&out).contains("--sdk"), "{}", text(&out));
+    let out = heartgate(dir.path(), &["policy", "build", "/nonexistent"]);
+    assert!(text(&out).contains("has no Cargo.toml"), "{}", text(&out));
+}
+
+// ---------------------------------------------------------------------------
+// Replay
+
+/// An MCP-missing heartbeat of a platform workspace.
+fn mcp_missing(id: &str) -> Value {
+    json!({"workspace_id": id, "uptime_seconds": 60, "mcp_server_present": false})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reports_changed_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    // Recorded half an hour ago, so `--since` can include and exclude it.
+    let t0 = SystemClock.now_ms() - 30 * MINUTE_MS;
+    let clock = ManualClock::at(t0);
+    let svc = Service::start(&db, clock.clone()).await;
+    let concierge = svc.provision("concierge", WorkspaceKind::Platform, true);
+    svc.force_status("concierge", "online");
+    let worker = svc.provision("worker", WorkspaceKind::Workspace, true);
+    svc.force_status("worker", "online");
+
+    // The concierge boots without its MCP: a heartbeat every two minutes.
+    // With the five-minute cooldown the recovery fires at 0 and 6 minutes.
+    let mut at = Vec::new();
+    for minute in [0, 2, 4, 6] {
+        clock.set(t0 + minute * MINUTE_MS);
+        let (status, _) = svc.heartbeat(&concierge, mcp_missing("concierge")).await;
+        assert_eq!(status, 200);
+        at.push(t0 + minute * MINUTE_MS);
+        let (status, _) = svc
+            .heartbeat(
+                &worker,
+                json!({"workspace_id": "worker", "uptime_seconds": 60}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(svc.runs("concierge", "mcp-recovery"), 2);
+    svc.stop().await;
+
+    // A candidate cooldown of one minute would have fired at 2 and 4 too.
+    let candidate = format!("{GUESTS}/cooldown_1m.wasm");
+    let replay = |extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "replay",
+            "--db",
+            db.to_str().unwrap(),
+            "--candidate",
+            &candidate,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = heartgate(dir.path(), &args);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = replay(&["--slot", "cooldown"]);
+    assert_eq!(report["replayed"], 8, "{report:#}");
+    assert_eq!(report["skipped"], json!([]));
+    let changed = report["changed"].as_array().unwrap();
+    let changed_at: Vec<i64> = changed
+        .iter()
+        .map(|c| c["at_ms"].as_i64().unwrap())
+        .collect();
+    assert_eq!(changed_at, [at[1], at[2]], "{report:#}");
+    for c in changed {
+        assert_eq!(c["workspace_id"], "concierge");
+        assert_eq!(c["baseline_reproduces"], true);
+        let fires = |v: &Value| {
+            v["actions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == "request_reconcile" && a["trigger"] == "mcp-recovery")
+        };
+        assert!(!fires(&c["recorded"]) && fires(&c["candidate"]), "{c:#}");
+    }
+    assert_eq!(report["unchanged"], 6);
+
+    // The built-in cooldown as the candidate changes nothing.
+    let same = {
+        let out = heartgate(
+            dir.path(),
+            &[
+                "policy",
+                "replay",
+                "--db",
+                db.to_str().unwrap(),
+                "--candidate",
+                "builtin:cooldown",
+                "--slot",
+                "cooldown",
+                "--fail-on-change",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    assert!(
+        same.contains("replayed 8 decisions") && same.contains("0 would change"),
+        "{same}"
+    );
+
+    // --since: the last hour holds them all, the last ten minutes none.
+    assert_eq!(
+        replay(&["--slot", "cooldown", "--since", "1h"])["replayed"],
+        8
+    );
+    assert_eq!(
+        replay(&["--slot", "cooldown", "--since", "10m"])["replayed"],
+        0
+    );
+
+    // Human output, and the CI gate's exit code.
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "replay",
+            "--db",
+            db.to_str().unwrap(),
+            "--candidate",
+            &candidate,
+            "--slot",
+            "cooldown",
+            "--fail-on-change",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let all = text(&out);
+    assert!(
+        all.contains("2 would change, 6 unchanged, 0 skipped"),
+        "{all}"
+    );
+    assert!(all.contains("(concierge heartbeat at "), "{all}");
+
+    // A slot the recorded chain lacks: every decision skipped, with why.
+    let report = replay(&["--slot", "nope"]);
+    assert_eq!(report["replayed"], 0);
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 8);
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no slot `nope`")
+    );
+
+    // Bad input: no database, a bad duration, a module that is not one.
+    let missing = dir.path().join("missing.db");
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "replay",
+            "--db",
+            missing.to_str().unwrap(),
+            "--candidate",
+            &candidate,
+            "--slot",
+            "cooldown",
+        ],
+    );
+    assert!(text(&out).contains("no database at"), "{}", text(&out));
+    assert!(!missing.exists(), "replay must not create a database");
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "replay",
+            "--db",
+            db.to_str().unwrap(),
+            "--candidate",
+            &candidate,
+            "--slot",
+            "cooldown",
+            "--since",
+            "yesterday",
+        ],
+    );
+    assert!(text(&out).contains("is not a duration"), "{}", text(&out));
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "replay",
+            "--db",
+            db.to_str().unwrap(),
+            "--candidate",
+            db.to_str().unwrap(),
+            "--slot",
+            "cooldown",
+        ],
+    );
+    assert!(text(&out).contains("loading module"), "{}", text(&out));
+}
