@@ -526,18 +526,22 @@ async fn replay_reports_changed_decisions() {
 
     // A candidate cooldown of one minute would have fired at 2 and 4 too.
     let candidate = format!("{GUESTS}/cooldown_1m.wasm");
-    let replay = |extra: &[&str]| {
+    let run = |db: &Path, candidate: &str, extra: &[&str]| {
         let mut args = vec![
             "policy",
             "replay",
             "--db",
             db.to_str().unwrap(),
             "--candidate",
-            &candidate,
-            "--json",
+            candidate,
         ];
         args.extend_from_slice(extra);
-        let out = heartgate(dir.path(), &args);
+        heartgate(dir.path(), &args)
+    };
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let out = run(&db, &candidate, &args);
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
@@ -565,24 +569,13 @@ async fn replay_reports_changed_decisions() {
     assert_eq!(report["unchanged"], 6);
 
     // The built-in cooldown as the candidate changes nothing.
-    let same = {
-        let out = heartgate(
-            dir.path(),
-            &[
-                "policy",
-                "replay",
-                "--db",
-                db.to_str().unwrap(),
-                "--candidate",
-                "builtin:cooldown",
-                "--slot",
-                "cooldown",
-                "--fail-on-change",
-            ],
-        );
-        assert!(out.status.success(), "{}", text(&out));
-        text(&out)
-    };
+    let out = run(
+        &db,
+        "builtin:cooldown",
+        &["--slot", "cooldown", "--fail-on-change"],
+    );
+    let same = text(&out);
+    assert!(out.status.success(), "{same}");
     assert!(
         same.contains("replayed 8 decisions") && same.contains("0 would change"),
         "{same}"
@@ -599,20 +592,7 @@ async fn replay_reports_changed_decisions() {
     );
 
     // Human output, and the CI gate's exit code.
-    let out = heartgate(
-        dir.path(),
-        &[
-            "policy",
-            "replay",
-            "--db",
-            db.to_str().unwrap(),
-            "--candidate",
-            &candidate,
-            "--slot",
-            "cooldown",
-            "--fail-on-change",
-        ],
-    );
+    let out = run(&db, &candidate, &["--slot", "cooldown", "--fail-on-change"]);
     assert_eq!(out.status.code(), Some(1));
     let all = text(&out);
     assert!(
@@ -626,58 +606,20 @@ async fn replay_reports_changed_decisions() {
     assert_eq!(report["replayed"], 0);
     let skipped = report["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 8);
-    assert!(
-        skipped[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("no slot `nope`")
-    );
+    let reason = skipped[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("no slot `nope`"), "{reason}");
 
     // Bad input: no database, a bad duration, a module that is not one.
     let missing = dir.path().join("missing.db");
-    let out = heartgate(
-        dir.path(),
-        &[
-            "policy",
-            "replay",
-            "--db",
-            missing.to_str().unwrap(),
-            "--candidate",
-            &candidate,
-            "--slot",
-            "cooldown",
-        ],
-    );
+    let out = run(&missing, &candidate, &["--slot", "cooldown"]);
     assert!(text(&out).contains("no database at"), "{}", text(&out));
     assert!(!missing.exists(), "replay must not create a database");
-    let out = heartgate(
-        dir.path(),
-        &[
-            "policy",
-            "replay",
-            "--db",
-            db.to_str().unwrap(),
-            "--candidate",
-            &candidate,
-            "--slot",
-            "cooldown",
-            "--since",
-            "yesterday",
-        ],
+    let out = run(
+        &db,
+        &candidate,
+        &["--slot", "cooldown", "--since", "yesterday"],
     );
     assert!(text(&out).contains("is not a duration"), "{}", text(&out));
-    let out = heartgate(
-        dir.path(),
-        &[
-            "policy",
-            "replay",
-            "--db",
-            db.to_str().unwrap(),
-            "--candidate",
-            db.to_str().unwrap(),
-            "--slot",
-            "cooldown",
-        ],
-    );
+    let out = run(&db, db.to_str().unwrap(), &["--slot", "cooldown"]);
     assert!(text(&out).contains("loading module"), "{}", text(&out));
 }

@@ -362,25 +362,30 @@ impl Chain {
     /// default limits: how a policy is tested on its own, in the same
     /// sandbox and with the same output checks as in a service.
     pub fn single(name: &str, module: PolicyModule) -> Chain {
+        Chain::of_slot(Slot {
+            name: name.to_string(),
+            module: Arc::new(module),
+            limits: Limits::default(),
+            grants: Grant::ALL.to_vec(),
+            on_failure: OnFailure::FailClosed,
+        })
+    }
+
+    /// A chain of one slot of another chain, with its grants and limits.
+    pub fn of_slot(slot: Slot) -> Chain {
         let spec = ChainSpec {
             slot: vec![SlotSpec {
-                name: name.to_string(),
-                module: format!("sha256:{}", module.digest()),
+                name: slot.name.clone(),
+                module: format!("sha256:{}", slot.module.digest()),
                 timeout_ms: None,
                 max_memory_mib: None,
-                grants: Some(Grant::ALL.to_vec()),
-                on_failure: None,
+                grants: Some(slot.grants.clone()),
+                on_failure: Some(slot.on_failure),
             }],
         };
         Chain {
-            version: module.digest()[..16].to_string(),
-            slots: vec![Slot {
-                name: name.to_string(),
-                module: Arc::new(module),
-                limits: Limits::default(),
-                grants: Grant::ALL.to_vec(),
-                on_failure: OnFailure::FailClosed,
-            }],
+            version: slot.module.digest()[..16].to_string(),
+            slots: vec![slot],
             spec,
         }
     }

@@ -16,13 +16,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authoring::fixtures::{self, Fixture};
 use crate::chain::{Chain, ChainError, ChainSpec, SlotFailure, Step};
 use crate::clock::Clock;
 use crate::engine::{Engine, LoadError};
 use crate::executor::{Executor, Shadow, ShadowStats};
 use crate::model::{
-    Action, Event, HeartbeatEvent, Input, PolicyError, RegisterEvent, Status, Workspace,
-    WorkspaceKind,
+    Action, Event, HeartbeatEvent, Input, RegisterEvent, Status, Workspace, WorkspaceKind,
 };
 use crate::store::{Store, StoreError, StoredChain};
 
@@ -43,24 +43,9 @@ pub enum PolicySetError {
     Store(#[from] StoreError),
 }
 
-/// A fixture for one slot: input and proposed actions, and the expected
-/// actions or the expected policy error.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fixture {
-    #[serde(default)]
-    pub name: String,
-    pub input: Input,
-    #[serde(default)]
-    pub proposed: Vec<Action>,
-    #[serde(default)]
-    pub expected: Option<Vec<Action>>,
-    #[serde(default)]
-    pub expected_error: Option<PolicyError>,
-}
-
-/// Fixtures by slot name.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Fixtures by slot name, in the format of fixture files
+/// ([`crate::authoring::fixtures::Fixture`], with an optional `name`).
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct SlotFixtures {
     pub slot: String,
     pub fixtures: Vec<Fixture>,
@@ -257,28 +242,15 @@ fn validate(chain: &Chain, fixtures: &[SlotFixtures]) -> Result<(), PolicySetErr
             .ok_or_else(|| {
                 PolicySetError::Validation(format!("fixtures name no slot `{}`", set.slot))
             })?;
+        // The slot alone, with its grants and limits: what a fixture file
+        // run by `heartgate policy test` checks.
+        let alone = Chain::of_slot(slot.clone());
         for (i, fx) in set.fixtures.iter().enumerate() {
-            let name = if fx.name.is_empty() {
-                format!("#{}", i + 1)
-            } else {
-                fx.name.clone()
-            };
-            let got = slot.module.evaluate(&fx.input, &fx.proposed, slot.limits);
-            let ok = match (&got, &fx.expected, &fx.expected_error) {
-                (Ok(actions), Some(expected), None) => actions == expected,
-                (Err(f), None, Some(expected)) => {
-                    f.kind == crate::engine::FailureKind::PolicyError
-                        && f.message == format!("{}: {}", expected.code, expected.message)
-                }
-                _ => false,
-            };
-            if !ok {
-                let actual = match got {
-                    Ok(a) => serde_json::to_string(&a).unwrap_or_default(),
-                    Err(f) => f.to_string(),
-                };
+            let name = fx.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+            let got = fixtures::verdict(&alone, &fx.input, fx.proposed.clone(), false);
+            if let Some(why) = fixtures::check(fx, got) {
                 return Err(PolicySetError::Validation(format!(
-                    "slot `{}` fails fixture `{name}`: got {actual}",
+                    "slot `{}` fails fixture `{name}`: {why}",
                     set.slot
                 )));
             }

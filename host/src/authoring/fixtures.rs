@@ -14,7 +14,8 @@
 //! or, instead of `expected`, `"expected_error": {"kind": "trap", "message":
 //! "substring"}` (both fields optional) when the evaluation must fail. Each
 //! fixture runs in the service's sandbox and limits; a chain's verdict also
-//! gets the executor's final check, as it would before being applied.
+//! gets the executor's final check, as it would before being applied. The
+//! service checks fixtures sent with a staged chain by the same rules.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ use crate::model::{Action, Input};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fixture {
+    /// A label (fixture files are named by their file name instead).
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
     pub input: Input,
@@ -260,8 +264,9 @@ pub fn run(chain: &Chain, cases: &[Case], whole_chain: bool) -> Report {
     }
 }
 
-/// Compare a verdict with what the fixture expects; `None` when they agree.
-fn check(fx: &Fixture, got: Verdict) -> Option<String> {
+/// Compare a verdict with what the fixture expects; `None` when they agree,
+/// otherwise what differs (with a diff of the actions).
+pub fn check(fx: &Fixture, got: Verdict) -> Option<String> {
     match (&fx.expected, &fx.expected_error, got) {
         (Some(expected), _, Verdict::Actions(actual)) => (expected != &actual).then(|| {
             format!(
