@@ -7,6 +7,7 @@
 //! - `foreign-`: returns an action for another workspace;
 //! - `steal-`: writes another policy's marker;
 //! - `flood-`: returns ten thousand actions;
+//! - `longstr-`: returns a status change whose message is a mebibyte long;
 //! - `event-`: adds a well-formed event (fails unless the slot is granted
 //!   `record_event`);
 //! - `drop-`: drops every proposed action (fails unless granted `drop`);
@@ -83,6 +84,17 @@ impl Guest for Hostile {
             return Ok((0..10_000)
                 .map(|_| Action::request_reconcile(id, ReconcileTrigger::Online))
                 .collect());
+        }
+        if id.starts_with("longstr-") {
+            let mut out = proposed;
+            out.push(Action::set_status(
+                id,
+                heartgate_policy::Status::Failed,
+                heartgate_policy::Status::Online,
+                "hostile",
+                Some(&"x".repeat(1 << 20)),
+            ));
+            return Ok(out);
         }
         if id.starts_with("event-") {
             let mut out = proposed;
