@@ -28,6 +28,7 @@ use crate::chain::{Chain, ChainOutcome, SlotFailure};
 use crate::clock::Clock;
 use crate::deliverer::Deliverer;
 use crate::engine::{EvalFailure, FailureKind};
+use crate::metrics::Metrics;
 use crate::model::{
     Action, Effect, Event, HeartbeatEvent, Input, ReconcileTrigger, RegisterEvent, Status,
     WorkspaceKind,
@@ -162,6 +163,7 @@ pub struct Executor {
     clock: Arc<dyn Clock>,
     deliverer: Arc<dyn Deliverer>,
     open_registration: bool,
+    metrics: Arc<Metrics>,
 }
 
 /// The checked final actions of a chain, grouped for the store.
@@ -192,7 +194,19 @@ impl Executor {
             clock,
             deliverer,
             open_registration: false,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// The counters of recorded verdicts.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn count(&self, input: &Input, write: &VerdictWrite, checked: &Result<Effects, SlotFailure>) {
+        let slot = checked.as_ref().err().map(|f| f.slot.as_str());
+        self.metrics
+            .verdict(input.event.kind(), &write.decision.outcome, slot);
     }
 
     /// Let a register for an unknown id create the workspace (an ordinary
@@ -312,6 +326,7 @@ impl Executor {
             let summary = summarize(&snap, &checked);
             match self.store.apply(&write) {
                 Ok(Applied::Done { queued, .. }) => {
+                    self.count(&input, &write, &checked);
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
@@ -415,6 +430,7 @@ impl Executor {
                     token_stored,
                     ..
                 }) => {
+                    self.count(&input, &write, &checked);
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }

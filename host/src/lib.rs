@@ -17,8 +17,8 @@
 //! - [`admin`]: read models for the admin API and the CLI.
 //! - [`authoring`]: the policy author's tools (template, build, fixture
 //!   runner, eval with trace, replay); used by the CLI, never by the service.
-//! - [`auth`], [`clock`], [`model`], [`telemetry`]: tokens, time, the
-//!   contract's data on the host side, logging.
+//! - [`auth`], [`clock`], [`model`], [`telemetry`], [`metrics`]: tokens,
+//!   time, the contract's data on the host side, logging, Prometheus metrics.
 
 pub mod admin;
 pub mod auth;
@@ -30,6 +30,7 @@ pub mod deliverer;
 pub mod engine;
 pub mod executor;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod policy_set;
 pub mod reconcile;
