@@ -324,7 +324,7 @@ impl Chain {
                 limits.timeout = Duration::from_millis(ms);
             }
             if let Some(mib) = s.max_memory_mib {
-                if mib == 0 || mib << 20 > crate::engine::MAX_MEMORY_BYTES {
+                if mib == 0 || mib > crate::engine::MAX_MEMORY_BYTES >> 20 {
                     return Err(ChainError::Invalid(format!(
                         "slot `{}`: max_memory_mib must be 1-32",
                         s.name
@@ -469,7 +469,7 @@ impl Chain {
 /// Check one slot's output: size limits, the workspace it targets, that every
 /// marker write it introduces is its own, and that everything it added or
 /// dropped is granted.
-fn check_output(
+pub(crate) fn check_output(
     workspace_id: &str,
     policy: &str,
     grants: &[Grant],

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// How long a client may take to send its headers.
     pub header_timeout: Duration,
+    /// How long a client may take to send its body once the headers are in
+    /// (a client that never finishes its body must not hold a connection).
+    pub body_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
 }
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             max_body_bytes: 256 * 1024,
             max_in_flight: 64,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -245,7 +249,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
 }
 
 async fn read_body(app: &App, req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {
-    read_body_limited(req, app.config.max_body_bytes).await
+    read_body_limited(req, app.config.max_body_bytes, app.config.body_timeout).await
 }
 
 /// The largest policy module or chain upload accepted by the admin API.
@@ -254,10 +258,19 @@ pub const MAX_ADMIN_BODY_BYTES: usize = 16 << 20;
 async fn read_body_limited(
     req: Request<Incoming>,
     limit: usize,
+    timeout: Duration,
 ) -> Result<(Option<String>, Bytes), ApiError> {
     let bearer = auth::bearer(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))
         .map(str::to_string);
-    match Limited::new(req.into_body(), limit).collect().await {
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {} s", timeout.as_secs()),
+            )
+        })?;
+    match collected {
         Ok(collected) => Ok((bearer, collected.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -462,7 +475,7 @@ async fn admin_write(
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let by = operator(&req);
-    let (_, body) = read_body_limited(req, MAX_ADMIN_BODY_BYTES).await?;
+    let (_, body) = read_body_limited(req, MAX_ADMIN_BODY_BYTES, app.config.body_timeout).await?;
     let segments: Vec<String> = path
         .trim_start_matches("/admin/")
         .split('/')
@@ -646,15 +659,17 @@ async fn heartbeat(
             "error_rate must be between 0 and 1",
         ));
     }
+    let active_tasks = non_negative("active_tasks", body.active_tasks)?;
+    let uptime_seconds = non_negative("uptime_seconds", body.uptime_seconds)?;
     let request = HeartbeatRequest {
         workspace_id,
         bearer,
         event: HeartbeatEvent {
             error_rate,
             sample_error: body.sample_error.unwrap_or_default(),
-            active_tasks: body.active_tasks.unwrap_or(0),
+            active_tasks,
             current_task: body.current_task,
-            uptime_seconds: body.uptime_seconds.unwrap_or(0),
+            uptime_seconds,
             runtime_state: body.runtime_state.unwrap_or_default(),
             mcp_server_present: body.mcp_server_present,
             loaded_mcp_tools: body.loaded_mcp_tools,
@@ -664,6 +679,17 @@ async fn heartbeat(
     let verdict = blocking(&app, move || executor.heartbeat(&request)).await??;
     tracing::Span::current().record("verdict", verdict.as_str());
     Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+}
+
+/// A count or a duration of a heartbeat: absent is 0, negative is refused.
+fn non_negative(field: &str, value: Option<i64>) -> Result<i64, ApiError> {
+    match value.unwrap_or(0) {
+        n if n < 0 => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{field} must not be negative"),
+        )),
+        n => Ok(n),
+    }
 }
 
 #[cfg(test)]
