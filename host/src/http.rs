@@ -93,6 +93,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The HTTP status it renders with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -574,49 +579,8 @@ async fn register(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let body: RegisterBody = parse_json(&body)?;
-    let id = body
-        .id
-        .filter(|id| !id.is_empty())
-        .ok_or_else(ApiError::invalid_body)?;
-    tracing::Span::current().record("workspace_id", id.as_str());
-    let agent_card = match body.agent_card {
-        Some(card @ serde_json::Value::Object(_)) => card,
-        _ => return Err(ApiError::invalid_body()),
-    };
-    let delivery_mode = body.delivery_mode.filter(|m| !m.is_empty());
-    if let Some(mode) = &delivery_mode
-        && mode != "push"
-        && mode != "poll"
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "delivery_mode must be 'push' or 'poll'",
-        ));
-    }
-    let kind = match body.kind.as_deref() {
-        None | Some("") => None,
-        Some(k) => Some(WorkspaceKind::parse(k).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "kind must be 'workspace' or 'platform'",
-            )
-        })?),
-    };
-    let request = RegisterRequest {
-        id,
-        bearer,
-        url: body.url,
-        agent_card_url: agent_card
-            .get("url")
-            .and_then(|u| u.as_str())
-            .map(str::to_string),
-        agent_card: agent_card.to_string(),
-        delivery_mode,
-        kind,
-        mcp_server_present: body.mcp_server_present,
-        loaded_mcp_tools: body.loaded_mcp_tools,
-    };
+    let request = decode_register(bearer, &body)?;
+    tracing::Span::current().record("workspace_id", request.id.as_str());
     let executor = app.executor.clone();
     let registered = blocking(&app, move || executor.register(&request)).await??;
     tracing::Span::current().record("verdict", registered.verdict.as_str());
@@ -646,12 +610,67 @@ async fn heartbeat(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let body: HeartbeatBody = parse_json(&body)?;
+    let request = decode_heartbeat(bearer, &body)?;
+    tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
+    let executor = app.executor.clone();
+    let verdict = blocking(&app, move || executor.heartbeat(&request)).await??;
+    tracing::Span::current().record("verdict", verdict.as_str());
+    Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+}
+
+/// Decode and validate a register body (the request decoder; no I/O).
+pub fn decode_register(bearer: Option<String>, body: &[u8]) -> Result<RegisterRequest, ApiError> {
+    let body: RegisterBody = parse_json(body)?;
+    let id = body
+        .id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(ApiError::invalid_body)?;
+    let agent_card = match body.agent_card {
+        Some(card @ serde_json::Value::Object(_)) => card,
+        _ => return Err(ApiError::invalid_body()),
+    };
+    let delivery_mode = body.delivery_mode.filter(|m| !m.is_empty());
+    if let Some(mode) = &delivery_mode
+        && mode != "push"
+        && mode != "poll"
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "delivery_mode must be 'push' or 'poll'",
+        ));
+    }
+    let kind = match body.kind.as_deref() {
+        None | Some("") => None,
+        Some(k) => Some(WorkspaceKind::parse(k).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "kind must be 'workspace' or 'platform'",
+            )
+        })?),
+    };
+    Ok(RegisterRequest {
+        id,
+        bearer,
+        url: body.url,
+        agent_card_url: agent_card
+            .get("url")
+            .and_then(|u| u.as_str())
+            .map(str::to_string),
+        agent_card: agent_card.to_string(),
+        delivery_mode,
+        kind,
+        mcp_server_present: body.mcp_server_present,
+        loaded_mcp_tools: body.loaded_mcp_tools,
+    })
+}
+
+/// Decode and validate a heartbeat body (the request decoder; no I/O).
+pub fn decode_heartbeat(bearer: Option<String>, body: &[u8]) -> Result<HeartbeatRequest, ApiError> {
+    let body: HeartbeatBody = parse_json(body)?;
     let workspace_id = body
         .workspace_id
         .filter(|id| !id.is_empty())
         .ok_or_else(ApiError::invalid_body)?;
-    tracing::Span::current().record("workspace_id", workspace_id.as_str());
     let error_rate = body.error_rate.unwrap_or(0.0);
     if !(0.0..=1.0).contains(&error_rate) {
         return Err(ApiError::new(
@@ -661,7 +680,7 @@ async fn heartbeat(
     }
     let active_tasks = non_negative("active_tasks", body.active_tasks)?;
     let uptime_seconds = non_negative("uptime_seconds", body.uptime_seconds)?;
-    let request = HeartbeatRequest {
+    Ok(HeartbeatRequest {
         workspace_id,
         bearer,
         event: HeartbeatEvent {
@@ -674,11 +693,7 @@ async fn heartbeat(
             mcp_server_present: body.mcp_server_present,
             loaded_mcp_tools: body.loaded_mcp_tools,
         },
-    };
-    let executor = app.executor.clone();
-    let verdict = blocking(&app, move || executor.heartbeat(&request)).await??;
-    tracing::Span::current().record("verdict", verdict.as_str());
-    Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+    })
 }
 
 /// A count or a duration of a heartbeat: absent is 0, negative is refused.

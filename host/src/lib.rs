@@ -29,6 +29,8 @@ pub mod config;
 pub mod deliverer;
 pub mod engine;
 pub mod executor;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -104,8 +104,17 @@ mod tests {
         m.verdict("heartbeat", "failed:timeout", Some("hostile"));
         m.verdict("heartbeat", "failed:timeout", Some("hostile"));
         let text = m.render();
-        assert!(text.contains(r#"heartgate_evaluations_total{event="heartbeat",outcome="timeout"} 2"#), "{text}");
-        assert!(text.contains(r#"heartgate_evaluations_total{event="heartbeat",outcome="applied"} 1"#), "{text}");
-        assert!(text.contains(r#"heartgate_policy_failures_total{slot="hostile",kind="timeout"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"heartgate_evaluations_total{event="heartbeat",outcome="timeout"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"heartgate_evaluations_total{event="heartbeat",outcome="applied"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"heartgate_policy_failures_total{slot="hostile",kind="timeout"} 2"#),
+            "{text}"
+        );
     }
 }
