@@ -5,7 +5,7 @@
 //! action its slot is not granted; and a module that imports WASI.
 //!
 //! Each case checks: a bounded response time, the outcome recorded in the
-//! decision log as its own kind, nothing else written (the database before
+//! decision log and counted in `/metrics` as its own kind, nothing else written (the database before
 //! and after, row by row), the workspace not promoted, and the next request
 //! served normally. Run the group with `cargo test --release hostile_`.
 
@@ -90,6 +90,16 @@ async fn check_fails_closed(id: &str, outcome: &str) {
     let decision = svc.store.decisions(id, 1).unwrap().pop().unwrap();
     assert_eq!(decision.outcome, outcome, "{id}");
     assert_eq!(decision.final_actions["failure"]["slot"], "hostile", "{id}");
+    // ... and counted under its own kind in the metrics.
+    let kind = outcome.trim_start_matches("failed:");
+    let (status, metrics) = svc.get_text("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        format!(r#"heartgate_evaluations_total{{event="heartbeat",outcome="{kind}"}} 1"#),
+        format!(r#"heartgate_policy_failures_total{{slot="hostile",kind="{kind}"}} 1"#),
+    ] {
+        assert!(metrics.contains(&line), "{id}: no `{line}` in\n{metrics}");
+    }
 
     // Nothing but that decision row and the liveness fields was written:
     // no status change, no event, no marker, no reconcile.

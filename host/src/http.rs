@@ -237,6 +237,16 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         (&Method::POST, "/registry/register") => register(app, req).await,
         (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(app.executor.metrics().render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            Ok(resp)
+        }
         (&Method::GET, p) if p.starts_with("/admin/") => admin(app, req).await,
         (&Method::POST | &Method::DELETE, p) if p.starts_with("/admin/") => {
             admin_write(app, req).await
@@ -245,10 +255,12 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method `{}` not allowed on `{path}`", req.method()),
         )),
-        (_, "/registry/register" | "/registry/heartbeat" | "/healthz") => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method `{}` not allowed on `{path}`", req.method()),
-        )),
+        (_, "/registry/register" | "/registry/heartbeat" | "/healthz" | "/metrics") => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method `{}` not allowed on `{path}`", req.method()),
+            ))
+        }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
     }
 }

@@ -170,6 +170,17 @@ impl Service {
         Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
     }
 
+    /// GET `path` as text (e.g. `/metrics`).
+    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+        let req = Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// POST raw bytes to `path`.
     pub async fn post_raw(
         &self,
