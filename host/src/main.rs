@@ -380,40 +380,64 @@ fn serve(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
+        let shutdown = shutdown_signal();
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         // One line on stdout saying where to connect (port 0 picks a free one).
         println!("heartgate listening on http://{}", listener.local_addr()?);
-        heartgate::run(listener, opts, shutdown_signal()).await
-    })?;
+        heartgate::run(listener, opts, shutdown).await
+    });
+    // `run` has answered the in-flight requests and stopped the reconcile
+    // worker, which abandons its runs in flight (durable, re-queued at the
+    // next start). Dropping the runtime would wait for their blocking work
+    // (a restart hook, a git clone) up to its own time limit; don't.
+    runtime.shutdown_timeout(ABANDONED_WORK_GRACE);
+    served?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// How long the exit waits for blocking work abandoned at shutdown.
+const ABANDONED_WORK_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves at the first SIGTERM or ctrl-c. The handlers are installed when
+/// this is called, before the service starts: a signal that arrives while the
+/// policies still compile stops the service cleanly once it is up, instead of
+/// killing it by the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let (term, int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            // A handler that could not be installed never fires.
+            let received = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = received(term) => {},
+                () = received(int) => {},
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
     }
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
 }
 
 /// One admin API call; prints nothing, returns the JSON answer or the error.
