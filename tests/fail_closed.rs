@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::{Service, T0_MS, hostile_guest, slot};
 use heartgate::chain::{ChainSpec, Grant, OnFailure};
 use heartgate::clock::ManualClock;
