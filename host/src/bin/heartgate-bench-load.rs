@@ -1,0 +1,343 @@
+//! Load benchmark: the real service on loopback (built-in chain, a fresh
+//! sandbox per policy, a SQLite file in a temporary directory) driven by
+//! many concurrent keep-alive connections from a generator in this process,
+//! and, in the same run, the same generator against a minimal hyper server
+//! that answers a fixed body: the ceiling of this machine.
+//!
+//! `cargo run --release --bin heartgate-bench-load -- --seconds N` runs three
+//! phases of N seconds: the ceiling at full speed, the service at full speed,
+//! and the service paced at half its full-speed rate (the latency a service
+//! shows when it is not saturated). It ends with one line:
+//! `heartbeats_per_s=<n> ceiling_per_s=<n> ratio=<r> p50_ms=<x> p99_ms=<x>`
+//! where the rates are the full-speed phases and the latencies the paced one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use heartgate::ServiceOptions;
+use heartgate::model::WorkspaceKind;
+use heartgate::store::NewWorkspace;
+
+#[derive(Parser)]
+#[command(
+    name = "heartgate-bench-load",
+    about = "Durable heartbeats per second against a bare hyper ceiling"
+)]
+struct Args {
+    /// Seconds per phase (three phases).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Workspaces heartbeating (spread over the connections).
+    #[arg(long, default_value_t = 1000)]
+    workspaces: usize,
+}
+
+/// Latencies of one phase, in microseconds.
+struct Phase {
+    name: &'static str,
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
+        f64::from(self.latencies_us[i]) / 1000.0
+    }
+
+    fn report(&self) {
+        println!(
+            "{:<22} {:>9.0} req/s  p50={:.3}ms p99={:.3}ms p99.9={:.3}ms  ({} requests, {} errors, {:.1}s)",
+            self.name,
+            self.rate(),
+            self.quantile_ms(0.50),
+            self.quantile_ms(0.99),
+            self.quantile_ms(0.999),
+            self.requests,
+            self.errors,
+            self.elapsed.as_secs_f64()
+        );
+    }
+}
+
+/// One request to send: path, bearer, body.
+type Shot = (String, Option<String>, Bytes);
+
+/// Drive `addr` with `connections` keep-alive connections for `duration`;
+/// each connection cycles through its `shots`. With `per_second`, the
+/// connections together send at most that many requests a second.
+async fn drive(
+    name: &'static str,
+    addr: SocketAddr,
+    shots: Arc<Vec<Shot>>,
+    connections: usize,
+    duration: Duration,
+    per_second: Option<f64>,
+) -> Result<Phase> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(connections);
+    for c in 0..connections {
+        let shots = shots.clone();
+        // Each connection sends at an even share of the paced rate.
+        let interval = per_second.map(|r| Duration::from_secs_f64(connections as f64 / r));
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut latencies = Vec::new();
+            let (mut ok, mut errors) = (0usize, 0usize);
+            let mut i = c;
+            let mut next = Instant::now()
+                + interval.map_or(Duration::ZERO, |iv| {
+                    iv.mul_f64(c as f64 / connections as f64)
+                });
+            while Instant::now() < deadline {
+                if interval.is_some() {
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                let (path, bearer, body) = &shots[i % shots.len()];
+                i += connections;
+                let mut req = Request::post(path.as_str())
+                    .header("host", "bench")
+                    .header("content-type", "application/json");
+                if let Some(token) = bearer {
+                    req = req.header("authorization", format!("Bearer {token}"));
+                }
+                let req = req.body(Full::new(body.clone()))?;
+                let t = Instant::now();
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                let status = resp.status();
+                resp.into_body().collect().await?;
+                let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
+                if status.is_success() {
+                    ok += 1;
+                    latencies.push(us);
+                } else {
+                    errors += 1;
+                }
+                if let Some(iv) = interval {
+                    next += iv;
+                }
+            }
+            anyhow::Ok((ok, errors, latencies))
+        }));
+    }
+    let mut phase = Phase {
+        name,
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
+    for t in tasks {
+        let (ok, errors, latencies) = t.await??;
+        phase.requests += ok;
+        phase.errors += errors;
+        phase.latencies_us.extend(latencies);
+    }
+    phase.elapsed = started.elapsed();
+    phase.latencies_us.sort_unstable();
+    Ok(phase)
+}
+
+/// A minimal hyper server that answers every request with a fixed body.
+async fn ceiling_server(stop: Arc<AtomicBool>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    // Read the body as the service does, then answer.
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        br#"{"status":"ok"}"#,
+                    ))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.seconds == 0 || args.connections == 0 || args.workspaces == 0 {
+        bail!("--seconds, --connections and --workspaces must be at least 1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let db = dir.path().join("bench.db");
+    let duration = Duration::from_secs(args.seconds);
+
+    // Workspaces online with a token each, as after their first heartbeat.
+    let store = heartgate::open_store(&db)?;
+    let now = heartgate::clock::Clock::now_ms(&heartgate::clock::SystemClock);
+    let mut shots = Vec::with_capacity(args.workspaces);
+    for i in 0..args.workspaces {
+        let id = format!("bench-{i:06}");
+        store.add_workspace(
+            &NewWorkspace {
+                id: id.clone(),
+                name: String::new(),
+                kind: WorkspaceKind::Workspace,
+                model_configured: true,
+            },
+            now,
+        )?;
+        store.set_status(&id, heartgate::model::Status::Online, now)?;
+        let token = heartgate::auth::mint()?;
+        store.issue_token(&id, &token.stored, now)?;
+        let body = format!(
+            r#"{{"workspace_id":"{id}","error_rate":0.0,"sample_error":"","active_tasks":1,"current_task":"bench","uptime_seconds":60}}"#
+        );
+        shots.push((
+            "/registry/heartbeat".to_string(),
+            Some(token.plaintext),
+            Bytes::from(body),
+        ));
+    }
+    drop(store);
+    let shots = Arc::new(shots);
+
+    // The ceiling: the same generator against a bare hyper server.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ceiling_addr = ceiling_server(stop.clone()).await?;
+    let ceiling = drive(
+        "hyper ceiling",
+        ceiling_addr,
+        shots.clone(),
+        args.connections,
+        duration,
+        None,
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    ceiling.report();
+
+    // The service, with its embedded defaults, on loopback.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut opts = ServiceOptions::new(&db);
+    opts.deliverer.configs_root = dir.path().join("configs");
+    opts.deliverer.plugins_dir = dir.path().join("plugins");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(heartgate::run(listener, opts, async move {
+        let _ = rx.await;
+    }));
+    wait_healthy(addr).await?;
+    let rss_start = rss_kib();
+    let full = drive(
+        "heartgate full speed",
+        addr,
+        shots.clone(),
+        args.connections,
+        duration,
+        None,
+    )
+    .await?;
+    full.report();
+    let paced = drive(
+        "heartgate at half rate",
+        addr,
+        shots,
+        args.connections,
+        duration,
+        Some(full.rate() / 2.0),
+    )
+    .await?;
+    paced.report();
+    if let (Some(start), Some(end)) = (rss_start, rss_kib()) {
+        println!(
+            "rss: {:.1} MiB after start, {:.1} MiB after {} heartbeats ({:+.1}%)",
+            start as f64 / 1024.0,
+            end as f64 / 1024.0,
+            full.requests + paced.requests,
+            (end as f64 - start as f64) * 100.0 / start as f64
+        );
+    }
+    let _ = tx.send(());
+    server.await??;
+
+    if full.errors + paced.errors > 0 {
+        bail!("{} requests failed", full.errors + paced.errors);
+    }
+    println!(
+        "heartbeats_per_s={:.0} ceiling_per_s={:.0} ratio={:.3} p50_ms={:.3} p99_ms={:.3}",
+        full.rate(),
+        ceiling.rate(),
+        full.rate() / ceiling.rate(),
+        paced.quantile_ms(0.50),
+        paced.quantile_ms(0.99)
+    );
+    Ok(())
+}
+
+async fn wait_healthy(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if healthz(addr).await.unwrap_or(false) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("the service did not answer /healthz within 120 s")
+}
+
+async fn healthz(addr: SocketAddr) -> Result<bool> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get("/healthz")
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))?;
+    Ok(sender.send_request(req).await?.status().is_success())
+}
+
+/// This process's resident set in KiB (Linux), for the memory-growth figure.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
