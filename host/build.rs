@@ -137,9 +137,37 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The toolchain the guests are built with, when it is not the one building
+/// the host: `HEARTGATE_GUEST_TOOLCHAIN=1.95.0` lets a nightly build of the
+/// host (cargo-fuzz, see TESTING.md) build the guests with the pinned
+/// toolchain, which has the wasm targets installed.
+fn guest_toolchain() -> Option<String> {
+    println!("cargo:rerun-if-env-changed=HEARTGATE_GUEST_TOOLCHAIN");
+    env::var("HEARTGATE_GUEST_TOOLCHAIN")
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+/// `tool` (`rustc` or `cargo`) of the guest toolchain.
+fn guest_tool(tool: &str) -> Command {
+    match guest_toolchain() {
+        Some(toolchain) => {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", &toolchain, tool])
+                .env_remove("RUSTC")
+                .env_remove("RUSTDOC")
+                .env_remove("RUSTUP_TOOLCHAIN");
+            cmd
+        }
+        None if tool == "rustc" => {
+            Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string()))
+        }
+        None => Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())),
+    }
+}
+
 fn ensure_target(root: &Path, target: &str) -> Result<()> {
-    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
-    let libdir = Command::new(&rustc)
+    let libdir = guest_tool("rustc")
         .args(["--print", "target-libdir", "--target", target])
         .output()
         .context("running rustc --print target-libdir")?;
@@ -150,9 +178,12 @@ fn ensure_target(root: &Path, target: &str) -> Result<()> {
     println!(
         "cargo:warning=installing the {target} target with `rustup target add {target}` to build the policies"
     );
-    let status = Command::new("rustup")
-        .current_dir(root)
-        .args(["target", "add", target])
+    let mut add = Command::new("rustup");
+    add.current_dir(root).args(["target", "add", target]);
+    if let Some(toolchain) = guest_toolchain() {
+        add.args(["--toolchain", &toolchain]);
+    }
+    let status = add
         .status()
         .context("running rustup target add (is rustup installed?)")?;
     if !status.success() {
@@ -162,8 +193,7 @@ fn ensure_target(root: &Path, target: &str) -> Result<()> {
 }
 
 fn build_guests(root: &Path, target_dir: &Path, target: &str, crates: &[&str]) -> Result<()> {
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = guest_tool("cargo");
     cmd.current_dir(root)
         .args(["build", "--profile", "policy", "--target", target])
         .arg("--target-dir")
