@@ -14,36 +14,10 @@ use std::time::{Duration, Instant};
 
 use heartgate::chain::Chain;
 use heartgate::engine::Engine;
-use heartgate::model::{Event, HeartbeatEvent, Input, Status, Workspace, WorkspaceKind};
 
-const T0_MS: i64 = 1_782_302_400_000;
+mod common;
 
-fn host_input(mcp_present: Option<bool>) -> Input {
-    Input {
-        event: Event::Heartbeat(HeartbeatEvent {
-            uptime_seconds: 60,
-            mcp_server_present: mcp_present,
-            ..HeartbeatEvent::default()
-        }),
-        workspace: Workspace {
-            id: "ws".into(),
-            kind: WorkspaceKind::Platform,
-            status: Status::Online,
-            model_configured: true,
-            declared_plugins: vec![],
-            last_register_failure_ms: None,
-        },
-        markers: vec![],
-        now_ms: T0_MS,
-    }
-}
-
-fn native_chain(input: &heartgate_policy::Input) -> Vec<heartgate_policy::Action> {
-    let out = heartgate_policy_gate::rule::decide(input, Vec::new());
-    let out = heartgate_policy_status_rules::rule::decide(input, out);
-    let out = heartgate_policy_recovery_trigger::rule::decide(input, out);
-    heartgate_policy_cooldown::rule::decide(input, out)
-}
+use common::{input as host_input, native_chain};
 
 fn measure(iterations: usize, mut f: impl FnMut()) -> (Duration, Duration) {
     for _ in 0..iterations / 10 {

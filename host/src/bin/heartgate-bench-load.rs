@@ -278,6 +278,7 @@ async fn run(args: Args) -> Result<()> {
     )
     .await?;
     full.report();
+    let rss_warm = rss_kib();
     let paced = drive(
         "heartgate at half rate",
         addr,
@@ -288,13 +289,17 @@ async fn run(args: Args) -> Result<()> {
     )
     .await?;
     paced.report();
-    if let (Some(start), Some(end)) = (rss_start, rss_kib()) {
+    if let (Some(start), Some(warm), Some(end)) = (rss_start, rss_warm, rss_kib()) {
+        let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "rss: {:.1} MiB after start, {:.1} MiB after {} heartbeats ({:+.1}%)",
-            start as f64 / 1024.0,
-            end as f64 / 1024.0,
-            full.requests + paced.requests,
-            (end as f64 - start as f64) * 100.0 / start as f64
+            "rss: {:.1} MiB at start, {:.1} MiB after the full-speed phase ({} heartbeats), \
+             {:.1} MiB after the paced phase ({} more): {:+.1}% over the paced phase",
+            mib(start),
+            mib(warm),
+            full.requests,
+            mib(end),
+            paced.requests,
+            (end as f64 - warm as f64) * 100.0 / warm as f64
         );
     }
     let _ = tx.send(());
