@@ -15,7 +15,7 @@
 //! directly onto `UPDATE ... WHERE` on PostgreSQL.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
@@ -40,6 +40,8 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("the store's connection lock was poisoned")]
     Poisoned,
+    #[error("database error: {0}")]
+    Failed(String),
 }
 
 /// Everything the request path needs about one workspace, read at once.
@@ -517,6 +519,8 @@ CREATE INDEX decisions_by_time ON decisions (at_ms, id);
 /// The embedded SQLite store: one writer connection, a small pool of readers.
 pub struct SqliteStore {
     writer: Mutex<Connection>,
+    /// Verdicts queued for the writer (group commit).
+    pending: Pending,
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
 }
@@ -557,6 +561,7 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             writer: Mutex::new(conn),
+            pending: Pending::default(),
             readers: Mutex::new(Vec::new()),
             path: path.to_path_buf(),
         })
@@ -787,8 +792,67 @@ fn load_snapshot(conn: &mut Connection, id: &str) -> Result<Option<Snapshot>, St
     }))
 }
 
-fn apply_verdict(conn: &mut Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// Verdicts waiting for the writer, and how each ended.
+#[derive(Default)]
+struct Pending {
+    jobs: Mutex<Vec<Arc<Job>>>,
+}
+
+struct Job {
+    write: VerdictWrite,
+    result: Mutex<Option<Result<Applied, StoreError>>>,
+}
+
+impl Job {
+    fn take(&self) -> Option<Result<Applied, StoreError>> {
+        self.result.lock().ok().and_then(|mut r| r.take())
+    }
+
+    fn set(&self, result: Result<Applied, StoreError>) {
+        if let Ok(mut r) = self.result.lock() {
+            *r = Some(result);
+        }
+    }
+}
+
+/// Group commit: the verdicts queued while the writer was busy, applied in
+/// one transaction with a savepoint each, so a conflict or error undoes only
+/// its own verdict. Every verdict is durable (committed) before its caller
+/// hears of it; if the commit fails, every verdict of the batch failed.
+fn apply_batch(conn: &mut Connection, batch: &[Arc<Job>]) {
+    let run = |conn: &mut Connection| -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch {
+            let sp = tx.savepoint()?;
+            let applied = apply_in(&sp, &job.write);
+            if matches!(applied, Ok(Applied::Done { .. })) {
+                sp.commit()?;
+            }
+            // Otherwise the savepoint rolls back when dropped.
+            results.push(applied);
+        }
+        tx.commit()?;
+        Ok(results)
+    };
+    match run(conn) {
+        Ok(results) => {
+            for (job, result) in batch.iter().zip(results) {
+                job.set(result);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for job in batch {
+                job.set(Err(StoreError::Failed(message.clone())));
+            }
+        }
+    }
+}
+
+/// Apply one verdict inside the caller's transaction; writes nothing on a
+/// conflict (the caller rolls back).
+fn apply_in(tx: &Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
     let id = w.workspace_id.as_str();
     let exists: Option<String> = tx
         .query_row("SELECT status FROM workspaces WHERE id = ?1", [id], |r| {
@@ -939,13 +1003,12 @@ fn apply_verdict(conn: &mut Connection, w: &VerdictWrite) -> Result<Applied, Sto
                 |r| r.get(0),
             )?;
             if !live {
-                insert_token(&tx, id, token, w.now_ms)?;
+                insert_token(tx, id, token, w.now_ms)?;
                 token_stored = true;
             }
         }
     }
 
-    tx.commit()?;
     Ok(Applied::Done {
         decision_id,
         queued,
@@ -1027,7 +1090,25 @@ impl Store for SqliteStore {
     }
 
     fn apply(&self, write: &VerdictWrite) -> Result<Applied, StoreError> {
-        self.with_writer(|c| apply_verdict(c, write))
+        let job = Arc::new(Job {
+            write: write.clone(),
+            result: Mutex::new(None),
+        });
+        self.pending
+            .jobs
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .push(job.clone());
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        // A writer before us may have applied it with its batch.
+        if let Some(result) = job.take() {
+            return result;
+        }
+        let batch =
+            std::mem::take(&mut *self.pending.jobs.lock().map_err(|_| StoreError::Poisoned)?);
+        apply_batch(&mut conn, &batch);
+        drop(conn);
+        job.take().unwrap_or(Err(StoreError::Poisoned))
     }
 
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError> {
