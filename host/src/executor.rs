@@ -203,10 +203,9 @@ impl Executor {
         &self.metrics
     }
 
-    fn count(&self, input: &Input, write: &VerdictWrite, checked: &Result<Effects, SlotFailure>) {
+    fn count(&self, input: &Input, outcome: &str, checked: &Result<Effects, SlotFailure>) {
         let slot = checked.as_ref().err().map(|f| f.slot.as_str());
-        self.metrics
-            .verdict(input.event.kind(), &write.decision.outcome, slot);
+        self.metrics.verdict(input.event.kind(), outcome, slot);
     }
 
     /// Let a register for an unknown id create the workspace (an ordinary
@@ -324,9 +323,11 @@ impl Executor {
             let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
             write.liveness = Some(liveness);
             let summary = summarize(&snap, &checked);
-            match self.store.apply(&write) {
+            // The write goes to the store; keep its outcome for the metrics.
+            let recorded = write.decision.outcome.clone();
+            match self.store.apply(write) {
                 Ok(Applied::Done { queued, .. }) => {
-                    self.count(&input, &write, &checked);
+                    self.count(&input, &recorded, &checked);
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
@@ -424,13 +425,14 @@ impl Executor {
                     }
                 },
             };
-            match self.store.apply(&write) {
+            let recorded = write.decision.outcome.clone();
+            match self.store.apply(write) {
                 Ok(Applied::Done {
                     queued,
                     token_stored,
                     ..
                 }) => {
-                    self.count(&input, &write, &checked);
+                    self.count(&input, &recorded, &checked);
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
@@ -572,8 +574,6 @@ fn summarize(snap: &Snapshot, checked: &Result<Effects, SlotFailure>) -> String 
     }
 }
 
-/// Validate the chain's final actions against the request and the snapshot,
-/// and group them for the store. Any violation fails the whole verdict closed.
 /// Check a chain's final actions as the executor does before applying them
 /// (one status change expecting the stored status, a rejection only of a
 /// register, well-formed events and markers), applying nothing: what the
@@ -582,6 +582,8 @@ pub fn check_verdict(input: &Input, outcome: &ChainOutcome) -> Result<(), SlotFa
     check_final(input, outcome).map(drop)
 }
 
+/// Validate the chain's final actions against the request and the snapshot,
+/// and group them for the store. Any violation fails the whole verdict closed.
 fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFailure> {
     let actions = outcome.result.as_ref().map_err(Clone::clone)?;
     let last_slot = outcome

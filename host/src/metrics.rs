@@ -11,20 +11,23 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-/// Labels of an applied verdict.
+use crate::engine::FailureKind;
+
+/// Labels of an applied verdict: static strings, so counting a heartbeat
+/// allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvaluationLabels {
     /// `heartbeat` or `register`.
-    pub event: String,
+    pub event: &'static str,
     /// `applied`, `rejected`, or the failure kind.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// Labels of a slot that failed an evaluation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SlotFailureLabels {
     pub slot: String,
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 /// The service's metrics.
@@ -65,19 +68,21 @@ impl Metrics {
 
     /// Count a recorded verdict with its decision-log outcome (`applied`,
     /// `rejected`, `failed:<kind>`) and the failing slot, if any.
-    pub fn verdict(&self, event: &str, outcome: &str, failed_slot: Option<&str>) {
-        let kind = outcome.strip_prefix("failed:");
+    pub fn verdict(&self, event: &'static str, outcome: &str, failed_slot: Option<&str>) {
+        let kind = outcome.strip_prefix("failed:").and_then(FailureKind::parse);
+        let outcome = match (outcome, kind) {
+            (_, Some(kind)) => kind.as_str(),
+            ("rejected", None) => "rejected",
+            _ => "applied",
+        };
         self.evaluations
-            .get_or_create(&EvaluationLabels {
-                event: event.to_string(),
-                outcome: kind.unwrap_or(outcome).to_string(),
-            })
+            .get_or_create(&EvaluationLabels { event, outcome })
             .inc();
         if let (Some(kind), Some(slot)) = (kind, failed_slot) {
             self.slot_failures
                 .get_or_create(&SlotFailureLabels {
                     slot: slot.to_string(),
-                    kind: kind.to_string(),
+                    kind: kind.as_str(),
                 })
                 .inc();
         }

@@ -265,12 +265,14 @@ pub struct StoredChain {
     pub activated_by: Option<String>,
 }
 
-/// The store's interface. Blocking; every method is one transaction.
+/// The store's interface. Blocking; every method is atomic (one transaction,
+/// or for `apply` one savepoint of a transaction shared with other verdicts).
 pub trait Store: Send + Sync + 'static {
     /// Read the workspace, its markers and its live token hashes.
     fn load(&self, workspace_id: &str) -> Result<Option<Snapshot>, StoreError>;
     /// Apply one verdict atomically, or report a conflict and write nothing.
-    fn apply(&self, write: &VerdictWrite) -> Result<Applied, StoreError>;
+    /// Returns only once the verdict is durable.
+    fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError>;
     /// Record that an authenticated register failed (for the degrade rule).
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError>;
 
@@ -520,7 +522,7 @@ CREATE INDEX decisions_by_time ON decisions (at_ms, id);
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     /// Verdicts queued for the writer (group commit).
-    pending: Pending,
+    pending: Mutex<Vec<Arc<Job>>>,
     readers: Mutex<Vec<Connection>>,
     path: std::path::PathBuf,
 }
@@ -561,7 +563,7 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             writer: Mutex::new(conn),
-            pending: Pending::default(),
+            pending: Mutex::new(Vec::new()),
             readers: Mutex::new(Vec::new()),
             path: path.to_path_buf(),
         })
@@ -792,12 +794,7 @@ fn load_snapshot(conn: &mut Connection, id: &str) -> Result<Option<Snapshot>, St
     }))
 }
 
-/// Verdicts waiting for the writer, and how each ended.
-#[derive(Default)]
-struct Pending {
-    jobs: Mutex<Vec<Arc<Job>>>,
-}
-
+/// A verdict waiting for the writer, and how it ended.
 struct Job {
     write: VerdictWrite,
     result: Mutex<Option<Result<Applied, StoreError>>>,
@@ -1089,13 +1086,12 @@ impl Store for SqliteStore {
         self.with_reader(|c| load_snapshot(c, workspace_id))
     }
 
-    fn apply(&self, write: &VerdictWrite) -> Result<Applied, StoreError> {
+    fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError> {
         let job = Arc::new(Job {
-            write: write.clone(),
+            write,
             result: Mutex::new(None),
         });
         self.pending
-            .jobs
             .lock()
             .map_err(|_| StoreError::Poisoned)?
             .push(job.clone());
@@ -1104,8 +1100,7 @@ impl Store for SqliteStore {
         if let Some(result) = job.take() {
             return result;
         }
-        let batch =
-            std::mem::take(&mut *self.pending.jobs.lock().map_err(|_| StoreError::Poisoned)?);
+        let batch = std::mem::take(&mut *self.pending.lock().map_err(|_| StoreError::Poisoned)?);
         apply_batch(&mut conn, &batch);
         drop(conn);
         job.take().unwrap_or(Err(StoreError::Poisoned))
