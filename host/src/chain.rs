@@ -44,6 +44,11 @@ pub const BUILTIN: [(&str, &[u8]); 4] = [
     ),
 ];
 
+/// The component bytes of the built-in policy `name`.
+pub fn builtin_module(name: &str) -> Option<&'static [u8]> {
+    BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}
+
 /// The most actions a chain may hold at any step.
 pub const MAX_ACTIONS: usize = 64;
 /// The longest string a policy may put in an action.
@@ -289,10 +294,8 @@ impl Chain {
                 (None, None) => Vec::new(),
             };
             let bytes: Vec<u8> = match (builtin, s.module.strip_prefix("sha256:")) {
-                (Some(name), _) => BUILTIN
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, b)| b.to_vec())
+                (Some(name), _) => builtin_module(name)
+                    .map(<[u8]>::to_vec)
                     .ok_or_else(|| ChainError::UnknownBuiltin(s.name.clone()))?,
                 (None, Some(digest)) => stored(digest).ok_or_else(|| {
                     ChainError::Invalid(format!(
@@ -377,8 +380,8 @@ impl Chain {
             slot: vec![SlotSpec {
                 name: slot.name.clone(),
                 module: format!("sha256:{}", slot.module.digest()),
-                timeout_ms: None,
-                max_memory_mib: None,
+                timeout_ms: u64::try_from(slot.limits.timeout.as_millis()).ok(),
+                max_memory_mib: Some(slot.limits.max_memory_bytes >> 20),
                 grants: Some(slot.grants.clone()),
                 on_failure: Some(slot.on_failure),
             }],

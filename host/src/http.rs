@@ -288,7 +288,7 @@ async fn read_body_limited(
         .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("request body not received within {} s", timeout.as_secs()),
+                format!("request body not received within {timeout:?}"),
             )
         })?;
     match collected {

@@ -25,24 +25,24 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::chain::{BUILTIN, Chain, ChainSpec};
+use crate::chain::{Chain, ChainSpec, builtin_module};
 use crate::config::ConfigFile;
 use crate::engine::Engine;
 
 /// Load a module given on the command line: a component file, or
 /// `builtin:<name>` for an embedded policy.
 pub fn load_module(engine: &Engine, arg: &str) -> Result<crate::engine::PolicyModule> {
-    let bytes = match arg.strip_prefix("builtin:") {
-        Some(name) => BUILTIN
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, b)| b.to_vec())
+    let bytes: std::borrow::Cow<'static, [u8]> = match arg.strip_prefix("builtin:") {
+        Some(name) => builtin_module(name)
             .with_context(|| {
                 format!(
                     "no built-in module `{name}`; built-ins are gate, status-rules, recovery-trigger, cooldown"
                 )
-            })?,
-        None => std::fs::read(arg).with_context(|| format!("reading module {arg}"))?,
+            })?
+            .into(),
+        None => std::fs::read(arg)
+            .with_context(|| format!("reading module {arg}"))?
+            .into(),
     };
     engine
         .load(&bytes)

@@ -92,9 +92,7 @@ pub fn replay(
         engine,
         store,
         opts,
-        builtin_version: Chain::builtin(engine)
-            .context("loading the built-in chain")?
-            .version,
+        builtin: Chain::builtin(engine).context("loading the built-in chain")?,
         cache: HashMap::new(),
     };
     let mut after_id = 0;
@@ -129,36 +127,40 @@ struct Chains<'a> {
     engine: &'a Engine,
     store: &'a dyn Store,
     opts: &'a ReplayOptions<'a>,
-    builtin_version: String,
+    builtin: Chain,
     cache: HashMap<String, Result<(Chain, Chain), String>>,
 }
 
 impl Chains<'_> {
     fn get(&mut self, version: &str) -> Result<&(Chain, Chain), String> {
-        if !self.cache.contains_key(version) {
+        // With `--chain` every decision replays through the same chain.
+        let key = if self.opts.chain.is_some() {
+            ""
+        } else {
+            version
+        };
+        if !self.cache.contains_key(key) {
             let built = self.build(version);
-            self.cache.insert(version.to_string(), built);
+            self.cache.insert(key.to_string(), built);
         }
-        match self.cache.get(version) {
-            Some(Ok(pair)) => Ok(pair),
-            Some(Err(e)) => Err(e.clone()),
-            None => Err("internal: chain cache miss".into()),
-        }
+        self.cache[key].as_ref().map_err(Clone::clone)
     }
 
     fn build(&self, version: &str) -> Result<(Chain, Chain), String> {
-        let (spec, base) = match &self.opts.chain {
-            Some((spec, base)) => (spec.clone(), base.clone()),
+        let stored = |digest: &str| self.store.module_bytes(digest).ok().flatten();
+        let rebuild = |spec: &ChainSpec, base: &std::path::Path| {
+            Chain::from_spec(self.engine, spec, base, &stored)
+                .map_err(|e| format!("rebuilding chain version {version}: {e}"))
+        };
+        let (baseline, base) = match &self.opts.chain {
+            Some((spec, base)) => (rebuild(spec, base)?, base.clone()),
             None => match self.store.chain_by_version(version) {
-                Ok(Some(stored)) => (
-                    serde_json::from_str::<ChainSpec>(&stored.spec)
-                        .map_err(|e| format!("stored chain {} is unreadable: {e}", stored.id))?,
-                    ".".into(),
-                ),
-                Ok(None) if version == self.builtin_version => (
-                    Chain::builtin(self.engine).map_err(|e| e.to_string())?.spec,
-                    ".".into(),
-                ),
+                Ok(Some(stored)) => {
+                    let spec = serde_json::from_str::<ChainSpec>(&stored.spec)
+                        .map_err(|e| format!("stored chain {} is unreadable: {e}", stored.id))?;
+                    (rebuild(&spec, std::path::Path::new("."))?, ".".into())
+                }
+                Ok(None) if version == self.builtin.version => (self.builtin.clone(), ".".into()),
                 Ok(None) => {
                     return Err(format!(
                         "chain version {version} is not in the database (a chain from a config file?); pass its file with --chain"
@@ -167,9 +169,6 @@ impl Chains<'_> {
                 Err(e) => return Err(format!("reading chain version {version}: {e}")),
             },
         };
-        let stored = |digest: &str| self.store.module_bytes(digest).ok().flatten();
-        let baseline = Chain::from_spec(self.engine, &spec, &base, &stored)
-            .map_err(|e| format!("rebuilding chain version {version}: {e}"))?;
         let mut candidate_spec = baseline.spec.clone();
         let slots: Vec<String> = candidate_spec.slot.iter().map(|s| s.name.clone()).collect();
         let target = candidate_spec
