@@ -142,11 +142,12 @@ async fn concurrent_mcp_missing_heartbeats_queue_exactly_one_recovery() {
         let svc = svc.clone();
         let token = token.clone();
         tasks.push(tokio::spawn(async move {
-            svc.heartbeat(&token, mcp_missing("ws-burst")).await.0
+            svc.heartbeat(&token, mcp_missing("ws-burst")).await
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), StatusCode::OK);
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
     }
     assert_eq!(svc.runs("ws-burst", "mcp-recovery"), 1);
     assert_eq!(svc.status("ws-burst"), "failed");

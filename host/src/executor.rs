@@ -4,7 +4,8 @@
 //! the active chain, validates the chain's final actions, and applies them
 //! with the request's own writes (liveness, registration) in one store
 //! transaction. A status write or marker write that finds the state changed
-//! since the snapshot makes the store report a conflict; the executor then
+//! since the snapshot, or a workspace version that moved, makes the store
+//! report a conflict; the executor then
 //! re-reads and re-evaluates, so every applied verdict was computed from the
 //! state it replaced. Queued reconciles are handed to the deliverer only after
 //! the commit.
@@ -15,7 +16,8 @@
 //! the decision log.
 //!
 //! **Invariant:** this is the only code that performs the effects of actions.
-//! Everything here is blocking; the HTTP layer calls it on blocking threads.
+//! Everything here is blocking (the HTTP layer calls it on blocking threads)
+//! except [`Executor::commit_heartbeat`], which awaits the writer's commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use crate::model::{
     WorkspaceKind,
 };
 use crate::store::{
-    Applied, DecisionRecord, Liveness, MarkerWrite, NewWorkspace, Registration, Snapshot,
+    Applied, DecisionRecord, Liveness, MarkerWrite, NewWorkspace, Read, Registration, Snapshot,
     StatusWrite, Store, StoreError, VerdictWrite,
 };
 
@@ -282,78 +284,158 @@ impl Executor {
         &self,
         id: &str,
         bearer: Option<&str>,
+        read: Read,
     ) -> Result<Snapshot, RegistryError> {
         let snap = self
             .store
-            .load(id)
-            .map_err(RegistryError::AuthUnavailable)?
-            .ok_or(RegistryError::UnknownWorkspace)?;
-        match auth::check(bearer, &snap.live_token_hashes) {
-            AuthCheck::Token | AuthCheck::Bootstrap => Ok(snap),
-            AuthCheck::Missing => Err(RegistryError::MissingToken),
-            AuthCheck::Invalid => Err(RegistryError::InvalidToken),
+            .load(id, read)
+            .map_err(RegistryError::AuthUnavailable)?;
+        let checked = match snap {
+            None => Err(RegistryError::UnknownWorkspace),
+            Some(snap) => match auth::check(bearer, &snap.live_token_hashes) {
+                AuthCheck::Token | AuthCheck::Bootstrap => Ok(snap),
+                AuthCheck::Missing => Err(RegistryError::MissingToken),
+                AuthCheck::Invalid => Err(RegistryError::InvalidToken),
+            },
+        };
+        match checked {
+            // A refusal is never answered from the cache: the workspace or
+            // its token may be newer than the cached snapshot.
+            Err(_) if read == Read::Cached => self.load_and_authenticate(id, bearer, Read::Fresh),
+            other => other,
         }
     }
 
-    /// Evaluate and apply a heartbeat. Returns a short description of the
-    /// verdict for the request's span.
+    /// Evaluate and apply a heartbeat, blocking until it is durable. Returns
+    /// a short description of the verdict for the request's span.
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<String, RegistryError> {
         for attempt in 1..=MAX_ATTEMPTS {
-            let snap = self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref())?;
-            if snap.workspace.status == Status::Removed {
-                return Ok("ignored: removed".into());
-            }
-            let chain = self.chain.load_full();
-            let input = Input {
-                event: Event::Heartbeat(req.event.clone()),
-                workspace: snap.workspace.clone(),
-                markers: snap.markers.clone(),
-                now_ms: self.clock.now_ms(),
+            let verdict = match self.evaluate_heartbeat(req, attempt)? {
+                Evaluated::Ignored(summary) => return Ok(summary),
+                Evaluated::Verdict(v) => v,
             };
-            let outcome = chain.evaluate(&input);
-            let checked = check_final(&input, &outcome);
-            let liveness = Liveness {
-                error_rate: req.event.error_rate,
-                sample_error: req.event.sample_error.clone(),
-                active_tasks: req.event.active_tasks,
-                uptime_seconds: req.event.uptime_seconds,
-                current_task: req.event.current_task.clone(),
-                loaded_mcp_tools: req.event.loaded_mcp_tools.clone(),
-            };
-            let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
-            write.liveness = Some(liveness);
-            let summary = summarize(&snap, &checked);
-            // The write goes to the store; keep its outcome for the metrics.
-            let recorded = write.decision.outcome.clone();
-            match self.store.apply(write) {
-                Ok(Applied::Done { queued, .. }) => {
-                    self.count(&input, &recorded, &checked);
-                    if !queued.is_empty() {
-                        self.deliverer.queued(&queued);
-                    }
-                    self.compare_with_shadow(&input, &outcome);
-                    return Ok(summary);
-                }
-                Ok(Applied::Conflict) => continue,
-                Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
+            let Verdict { write, pending } = *verdict;
+            let applied = self.store.apply(write);
+            if let Some(done) = self.settle(pending, applied) {
+                return done;
             }
         }
-        Err(RegistryError::UpdateFailed(format!(
-            "state kept changing under {MAX_ATTEMPTS} evaluations"
-        )))
+        Err(kept_changing())
+    }
+
+    /// Hand a heartbeat's verdict to the store and wait, without holding a
+    /// thread, until it is durable. `None` on a conflict: evaluate again (with
+    /// the next attempt number) on fresh state. The async caller's loop is
+    /// [`Executor::heartbeat`]'s: `evaluate_heartbeat` on a blocking thread,
+    /// then this.
+    pub async fn commit_heartbeat(
+        &self,
+        verdict: Box<Verdict>,
+    ) -> Option<Result<String, RegistryError>> {
+        let Verdict { write, pending } = *verdict;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.store.submit(
+            write,
+            Box::new(move |applied| {
+                let _ = tx.send(applied);
+            }),
+        );
+        let applied = rx.await.unwrap_or(Err(StoreError::WriterStopped));
+        self.settle(pending, applied)
+    }
+
+    /// Read, authenticate and evaluate one heartbeat (attempt `attempt`):
+    /// the verdict to write. Blocking (a read and the chain).
+    pub fn evaluate_heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+        attempt: u32,
+    ) -> Result<Evaluated, RegistryError> {
+        // The first attempt may use a cached snapshot: the writer checks its
+        // version, and a conflict brings a fresh read.
+        let read = if attempt == 1 {
+            Read::Cached
+        } else {
+            Read::Fresh
+        };
+        let mut snap =
+            self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref(), read)?;
+        if snap.workspace.status == Status::Removed && read == Read::Cached {
+            // Nothing is written for a removed workspace, so nothing would
+            // check the cached status: confirm it.
+            snap =
+                self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref(), Read::Fresh)?;
+        }
+        if snap.workspace.status == Status::Removed {
+            return Ok(Evaluated::Ignored("ignored: removed".into()));
+        }
+        let chain = self.chain.load_full();
+        let input = Input {
+            event: Event::Heartbeat(req.event.clone()),
+            workspace: snap.workspace.clone(),
+            markers: snap.markers.clone(),
+            now_ms: self.clock.now_ms(),
+        };
+        let outcome = chain.evaluate(&input);
+        let checked = check_final(&input, &outcome);
+        let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
+        write.expected_version = Some(snap.version);
+        write.liveness = Some(Liveness {
+            error_rate: req.event.error_rate,
+            sample_error: req.event.sample_error.clone(),
+            active_tasks: req.event.active_tasks,
+            uptime_seconds: req.event.uptime_seconds,
+            current_task: req.event.current_task.clone(),
+            loaded_mcp_tools: req.event.loaded_mcp_tools.clone(),
+        });
+        let summary = summarize(&snap, &checked);
+        let recorded = write.decision.outcome.clone();
+        Ok(Evaluated::Verdict(Box::new(Verdict {
+            write,
+            pending: Pending {
+                input,
+                outcome,
+                checked,
+                summary,
+                recorded,
+            },
+        })))
+    }
+
+    /// After the store answered: count, hand queued reconciles to the
+    /// deliverer, compare with the shadow. `None` on a conflict (evaluate
+    /// again on fresh state).
+    fn settle(
+        &self,
+        p: Pending,
+        applied: Result<Applied, StoreError>,
+    ) -> Option<Result<String, RegistryError>> {
+        match applied {
+            Ok(Applied::Done { queued, .. }) => {
+                self.count(&p.input, &p.recorded, &p.checked);
+                if !queued.is_empty() {
+                    self.deliverer.queued(&queued);
+                }
+                self.compare_with_shadow(&p.input, &p.outcome);
+                Some(Ok(p.summary))
+            }
+            Ok(Applied::Conflict) => None,
+            Err(e) => Some(Err(RegistryError::UpdateFailed(e.to_string()))),
+        }
     }
 
     /// Evaluate and apply a register.
     pub fn register(&self, req: &RegisterRequest) -> Result<Registered, RegistryError> {
         for attempt in 1..=MAX_ATTEMPTS {
-            let snap = match self.load_and_authenticate(&req.id, req.bearer.as_deref()) {
+            let snap = match self.load_and_authenticate(&req.id, req.bearer.as_deref(), Read::Fresh)
+            {
                 Err(RegistryError::UnknownWorkspace) if self.open_registration => {
                     // `platform` is granted by an operator, never by a runtime.
                     if req.kind == Some(WorkspaceKind::Platform) {
                         return Err(RegistryError::PlatformKindRefused);
                     }
                     self.open_register(&req.id)?;
-                    self.load_and_authenticate(&req.id, req.bearer.as_deref())?
+                    self.load_and_authenticate(&req.id, req.bearer.as_deref(), Read::Fresh)?
                 }
                 other => other?,
             };
@@ -425,6 +507,7 @@ impl Executor {
                     }
                 },
             };
+            write.expected_version = Some(snap.version);
             let recorded = write.decision.outcome.clone();
             match self.store.apply(write) {
                 Ok(Applied::Done {
@@ -484,6 +567,7 @@ impl Executor {
     ) -> VerdictWrite {
         VerdictWrite {
             workspace_id: input.workspace.id.clone(),
+            expected_version: None,
             now_ms: input.now_ms,
             liveness: None,
             registration: None,
@@ -545,6 +629,36 @@ impl Executor {
             }
         }
     }
+}
+
+/// What evaluating a heartbeat came to.
+pub enum Evaluated {
+    /// Nothing to write (a removed workspace).
+    Ignored(String),
+    Verdict(Box<Verdict>),
+}
+
+/// A heartbeat's verdict: the write goes to the store, the rest stays with
+/// the executor until the store has answered.
+pub struct Verdict {
+    write: VerdictWrite,
+    pending: Pending,
+}
+
+struct Pending {
+    input: Input,
+    outcome: ChainOutcome,
+    checked: Result<Effects, SlotFailure>,
+    summary: String,
+    /// The decision log's outcome label, for the metrics.
+    recorded: String,
+}
+
+/// The error after [`MAX_ATTEMPTS`] conflicting evaluations.
+pub fn kept_changing() -> RegistryError {
+    RegistryError::UpdateFailed(format!(
+        "state kept changing under {MAX_ATTEMPTS} evaluations"
+    ))
 }
 
 fn summarize(snap: &Snapshot, checked: &Result<Effects, SlotFailure>) -> String {

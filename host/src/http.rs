@@ -34,7 +34,10 @@ use tracing::Instrument;
 
 use crate::admin::Admin;
 use crate::auth;
-use crate::executor::{Executor, HeartbeatRequest, RegisterRequest, RegistryError};
+use crate::executor::{
+    Evaluated, Executor, HeartbeatRequest, MAX_ATTEMPTS, RegisterRequest, RegistryError,
+    kept_changing,
+};
 use crate::model::{HeartbeatEvent, WorkspaceKind};
 use crate::policy_set::{PolicySetError, SlotFixtures};
 
@@ -628,8 +631,27 @@ async fn heartbeat(
     let (bearer, body) = read_body(&app, req).await?;
     let request = decode_heartbeat(bearer, &body)?;
     tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
-    let executor = app.executor.clone();
-    let verdict = blocking(&app, move || executor.heartbeat(&request)).await??;
+    // The read and the chain run on a blocking thread; the commit is awaited
+    // here, so no thread waits for the writer.
+    let request = Arc::new(request);
+    let mut verdict = None;
+    for attempt in 1..=MAX_ATTEMPTS {
+        let (executor, req) = (app.executor.clone(), request.clone());
+        let evaluated =
+            blocking(&app, move || executor.evaluate_heartbeat(&req, attempt)).await??;
+        let pending = match evaluated {
+            Evaluated::Ignored(summary) => {
+                verdict = Some(summary);
+                break;
+            }
+            Evaluated::Verdict(pending) => pending,
+        };
+        if let Some(done) = app.executor.commit_heartbeat(pending).await {
+            verdict = Some(done?);
+            break;
+        }
+    }
+    let verdict = verdict.ok_or_else(kept_changing)?;
     tracing::Span::current().record("verdict", verdict.as_str());
     Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
 }

@@ -3,7 +3,13 @@
 //! [`Store`] is the interface the rest of the host uses; [`SqliteStore`] is the
 //! embedded implementation (rusqlite, bundled SQLite, WAL, migrations embedded
 //! in the binary). Every method is blocking: callers run it on a blocking
-//! thread, never on an async worker.
+//! thread, never on an async worker; the exceptions are [`Store::load`], a
+//! short read the heartbeat path makes on its own thread, and
+//! [`Store::submit`], which only queues.
+//!
+//! Verdicts are written by one writer thread (group commit): everything
+//! queued while it was committing goes into its next transaction, a savepoint
+//! per verdict, and each verdict's caller hears of it only after the commit.
 //!
 //! Per-workspace consistency lives in the database, not in process memory: a
 //! verdict is applied in one transaction whose status write and marker writes
@@ -15,7 +21,8 @@
 //! directly onto `UPDATE ... WHERE` on PostgreSQL.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
@@ -40,6 +47,8 @@ pub enum StoreError {
     SchemaTooNew { found: i64, supported: i64 },
     #[error("the store's connection lock was poisoned")]
     Poisoned,
+    #[error("the store's writer has stopped")]
+    WriterStopped,
     #[error("database error: {0}")]
     Failed(String),
 }
@@ -53,6 +62,9 @@ pub struct Snapshot {
     /// SHA-256 hashes of its live tokens.
     pub live_token_hashes: Vec<Vec<u8>>,
     pub delivery_mode: String,
+    /// The workspace's version: the database bumps it (by trigger) on every
+    /// change to anything above, whoever makes it.
+    pub version: i64,
 }
 
 /// The liveness fields of a heartbeat, stored on every accepted beat.
@@ -119,6 +131,9 @@ pub struct DecisionRecord {
 pub struct VerdictWrite {
     pub workspace_id: String,
     pub now_ms: i64,
+    /// The version of the snapshot the verdict was computed from; the
+    /// verdict is a conflict if the workspace has changed since.
+    pub expected_version: Option<i64>,
     pub liveness: Option<Liveness>,
     pub registration: Option<Registration>,
     pub stamp_register_failure: bool,
@@ -268,11 +283,28 @@ pub struct StoredChain {
 /// The store's interface. Blocking; every method is atomic (one transaction,
 /// or for `apply` one savepoint of a transaction shared with other verdicts).
 pub trait Store: Send + Sync + 'static {
-    /// Read the workspace, its markers and its live token hashes.
-    fn load(&self, workspace_id: &str) -> Result<Option<Snapshot>, StoreError>;
-    /// Apply one verdict atomically, or report a conflict and write nothing.
-    /// Returns only once the verdict is durable.
-    fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError>;
+    /// Read the workspace, its markers and its live token hashes. With
+    /// [`Read::Cached`] the answer may come from the store's cache and be
+    /// stale: a verdict computed from it carries its version, and
+    /// [`Store::submit`] reports a conflict if the workspace changed since,
+    /// so a stale snapshot costs a re-evaluation, never a wrong write.
+    fn load(&self, workspace_id: &str, read: Read) -> Result<Option<Snapshot>, StoreError>;
+    /// Queue one verdict to be applied atomically, or to report a conflict
+    /// and write nothing. `done` is called once with the outcome, after the
+    /// verdict is durable (committed), on the store's own thread: it must be
+    /// quick and must not call back into the store.
+    fn submit(&self, write: VerdictWrite, done: Done);
+    /// [`Store::submit`], waiting for the outcome.
+    fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            write,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.recv().unwrap_or(Err(StoreError::WriterStopped))
+    }
     /// Record that an authenticated register failed (for the degrade rule).
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError>;
 
@@ -516,15 +548,130 @@ CREATE UNIQUE INDEX chains_one_active ON chains (state) WHERE state = 'active';
     r#"
 CREATE INDEX decisions_by_time ON decisions (at_ms, id);
 "#,
+    // A version per workspace, bumped on any change to what a verdict is
+    // computed from (by triggers, so that raw SQL and other processes bump it
+    // too; a write of the same value is no change): a verdict computed from
+    // an older version is a conflict.
+    r#"
+ALTER TABLE workspaces ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+CREATE TRIGGER workspaces_version AFTER UPDATE OF kind, status, last_register_failure_ms,
+    delivery_mode ON workspaces
+WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
+    OR OLD.last_register_failure_ms IS NOT NEW.last_register_failure_ms
+    OR OLD.delivery_mode IS NOT NEW.delivery_mode
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
+CREATE TRIGGER policy_markers_version_insert AFTER INSERT ON policy_markers
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER policy_markers_version_update AFTER UPDATE ON policy_markers
+WHEN OLD.value IS NOT NEW.value OR OLD.key IS NOT NEW.key OR OLD.owner IS NOT NEW.owner
+    OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER policy_markers_version_delete AFTER DELETE ON policy_markers
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+CREATE TRIGGER auth_tokens_version_insert AFTER INSERT ON auth_tokens
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER auth_tokens_version_update AFTER UPDATE ON auth_tokens
+WHEN OLD.revoked_ms IS NOT NEW.revoked_ms OR OLD.token_hash IS NOT NEW.token_hash
+    OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER auth_tokens_version_delete AFTER DELETE ON auth_tokens
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+CREATE TRIGGER declared_plugins_version_insert AFTER INSERT ON declared_plugins
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER declared_plugins_version_update AFTER UPDATE ON declared_plugins
+WHEN OLD.plugin_name IS NOT NEW.plugin_name OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER declared_plugins_version_delete AFTER DELETE ON declared_plugins
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+CREATE TRIGGER workspace_secrets_version_insert AFTER INSERT ON workspace_secrets
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER workspace_secrets_version_update AFTER UPDATE ON workspace_secrets
+WHEN OLD.name IS NOT NEW.name OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER workspace_secrets_version_delete AFTER DELETE ON workspace_secrets
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+"#,
 ];
 
-/// The embedded SQLite store: one writer connection, a small pool of readers.
+/// Whether [`Store::load`] may answer from the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    Cached,
+    Fresh,
+}
+
+/// The most snapshots the cache keeps; when full it starts over.
+pub const SNAPSHOT_CACHE_ENTRIES: usize = 1 << 18;
+
+/// How a queued verdict's caller hears of its outcome.
+pub type Done = Box<dyn FnOnce(Result<Applied, StoreError>) + Send>;
+
+/// The embedded SQLite store: one writer connection (used by the writer
+/// thread for verdicts and directly for everything else), a small pool of
+/// readers.
 pub struct SqliteStore {
-    writer: Mutex<Connection>,
-    /// Verdicts queued for the writer (group commit).
-    pending: Mutex<Vec<Arc<Job>>>,
+    writer: Arc<Writer>,
+    thread: Option<JoinHandle<()>>,
+    checkpointer: Option<Checkpointer>,
     readers: Mutex<Vec<Connection>>,
+    /// Snapshots by workspace id, for [`Read::Cached`]. Never trusted for a
+    /// write: each verdict's version is checked by the writer.
+    cache: Arc<SnapshotCache>,
     path: std::path::PathBuf,
+}
+
+/// The snapshot cache. A snapshot here may be stale (another process or
+/// host changed the workspace); the writer's version check catches that.
+#[derive(Default)]
+struct SnapshotCache {
+    entries: Mutex<std::collections::HashMap<String, Snapshot>>,
+}
+
+impl SnapshotCache {
+    fn get(&self, id: &str) -> Option<Snapshot> {
+        self.entries.lock().ok()?.get(id).cloned()
+    }
+
+    fn put(&self, snapshot: &Snapshot) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= SNAPSHOT_CACHE_ENTRIES
+                && !entries.contains_key(&snapshot.workspace.id)
+            {
+                entries.clear();
+            }
+            entries.insert(snapshot.workspace.id.clone(), snapshot.clone());
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(id);
+        }
+    }
+}
+
+/// What the writer thread shares with the store.
+struct Writer {
+    conn: Mutex<Connection>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Entries of workspaces a verdict changed (or found changed) are dropped.
+    cache: Arc<SnapshotCache>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// The writer thread is waiting for work (so a submit must wake it).
+    idle: bool,
+    /// No more verdicts are taken; the writer drains what it has and stops.
+    closed: bool,
+}
+
+/// A verdict waiting for the writer.
+struct Job {
+    write: VerdictWrite,
+    done: Done,
 }
 
 const MAX_IDLE_READERS: usize = 8;
@@ -532,6 +679,14 @@ const MAX_IDLE_READERS: usize = 8;
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Every statement of the request path stays prepared (the default keeps 16).
+    conn.set_prepared_statement_cache_capacity(128);
+    // Plans that do not depend on bound values: without this, SQLite (built
+    // with STAT4) recompiles some cached statements on every new binding.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)
@@ -561,10 +716,32 @@ impl SqliteStore {
                 Err(e) => return Err(e),
             }
         }
+        // Checkpoints run on their own thread and connection, not inside
+        // the writer's commits (where they stalled every verdict queued
+        // behind them).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        let checkpointer = Checkpointer::start(open_connection(path)?)?;
+        let cache = Arc::new(SnapshotCache::default());
+        let writer = Arc::new(Writer {
+            conn: Mutex::new(conn),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            cache: cache.clone(),
+        });
+        let thread = std::thread::Builder::new()
+            .name("heartgate-writer".into())
+            .spawn({
+                let writer = writer.clone();
+                move || writer.run()
+            })
+            .map_err(|e| StoreError::Failed(format!("starting the writer thread: {e}")))?;
         Ok(SqliteStore {
-            writer: Mutex::new(conn),
-            pending: Mutex::new(Vec::new()),
+            writer,
+            thread: Some(thread),
+            checkpointer: Some(checkpointer),
             readers: Mutex::new(Vec::new()),
+            cache,
             path: path.to_path_buf(),
         })
     }
@@ -579,7 +756,9 @@ impl SqliteStore {
             None => open_connection(&self.path)?,
         };
         let result = f(&mut conn);
-        if let Ok(mut idle) = self.readers.lock()
+        // A connection left inside a transaction (a failed COMMIT) is closed.
+        if conn.is_autocommit()
+            && let Ok(mut idle) = self.readers.lock()
             && idle.len() < MAX_IDLE_READERS
         {
             idle.push(conn);
@@ -587,12 +766,159 @@ impl SqliteStore {
         result
     }
 
+    /// A write to one workspace outside a verdict; its cached snapshot is
+    /// dropped afterwards.
+    fn with_workspace_writer<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = self.with_writer(f);
+        self.cache.forget(id);
+        result
+    }
+
     fn with_writer<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut conn = self.writer.conn.lock().map_err(|_| StoreError::Poisoned)?;
         f(&mut conn)
+    }
+}
+
+impl Drop for SqliteStore {
+    /// Stop taking verdicts, let the writer commit what is queued, and wait.
+    fn drop(&mut self) {
+        self.writer.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
+    }
+}
+
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The thread that checkpoints the WAL (PASSIVE: it never waits for or
+/// blocks readers or the writer).
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection) -> Result<Checkpointer, StoreError> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("heartgate-checkpoint".into())
+            .spawn(move || {
+                let (lock, wake) = &*flag;
+                let Ok(mut stopped) = lock.lock() else {
+                    return;
+                };
+                while !*stopped {
+                    stopped = match wake.wait_timeout(stopped, CHECKPOINT_EVERY) {
+                        Ok((s, _)) => s,
+                        Err(_) => return,
+                    };
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "checkpointing the WAL failed");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Failed(format!("starting the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) {
+        if let Ok(mut stopped) = self.stop.0.lock() {
+            *stopped = true;
+            self.stop.1.notify_all();
+        }
+        let _ = self.thread.join();
+    }
+}
+
+impl Writer {
+    /// The writer thread: take everything queued, apply it as one batch,
+    /// tell each caller, repeat. Stops once closed and drained.
+    fn run(&self) {
+        // If this thread dies (a callback panicked), nothing must wait on it.
+        struct Closer<'a>(&'a Writer);
+        impl Drop for Closer<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+                let stranded = match self.0.queue.lock() {
+                    Ok(mut queue) => std::mem::take(&mut queue.jobs),
+                    Err(_) => Vec::new(),
+                };
+                for job in stranded {
+                    (job.done)(Err(StoreError::WriterStopped));
+                }
+            }
+        }
+        let _closer = Closer(self);
+        loop {
+            let batch = {
+                let Ok(mut queue) = self.queue.lock() else {
+                    return;
+                };
+                while queue.jobs.is_empty() && !queue.closed {
+                    queue.idle = true;
+                    queue = match self.wake.wait(queue) {
+                        Ok(q) => q,
+                        Err(_) => return,
+                    };
+                }
+                queue.idle = false;
+                if queue.jobs.is_empty() {
+                    return;
+                }
+                std::mem::take(&mut queue.jobs)
+            };
+            let results = match self.conn.lock() {
+                Ok(mut conn) => apply_batch(&mut conn, &batch),
+                Err(_) => batch.iter().map(|_| Err(StoreError::Poisoned)).collect(),
+            };
+            for (job, result) in batch.into_iter().zip(results) {
+                if changes_snapshot(&job.write, &result) {
+                    self.cache.forget(&job.write.workspace_id);
+                }
+                (job.done)(result);
+            }
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        let refused = match self.queue.lock() {
+            Ok(mut queue) if !queue.closed => {
+                queue.jobs.push(job);
+                if queue.idle {
+                    queue.idle = false;
+                    self.wake.notify_one();
+                }
+                None
+            }
+            Ok(_) | Err(_) => Some(job),
+        };
+        if let Some(job) = refused {
+            (job.done)(Err(StoreError::WriterStopped));
+        }
+    }
+
+    /// Refuse new verdicts; the writer still applies the ones queued. If the
+    /// writer thread is gone, fail them instead.
+    fn close(&self) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.closed = true;
+            self.wake.notify_all();
+        }
     }
 }
 
@@ -728,26 +1054,40 @@ fn json_or_null(s: String) -> serde_json::Value {
 }
 
 fn load_snapshot(conn: &mut Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
-    let tx = conn.transaction()?;
+    // One read transaction for the four reads, begun and ended by cached
+    // statements: this runs once per heartbeat, so nothing here parses SQL.
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let read = read_snapshot(conn, id);
+    let end = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut s| s.execute([]));
+    let snapshot = read?;
+    end?;
+    Ok(snapshot)
+}
+
+fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
     let row = tx
-        .query_row(
+        .prepare_cached(
             "SELECT kind, status, last_register_failure_ms, delivery_mode,
                     EXISTS(SELECT 1 FROM workspace_secrets s
-                           WHERE s.workspace_id = w.id AND s.name = 'MODEL')
+                           WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
+                    version
              FROM workspaces w WHERE id = ?1",
-            [id],
-            |r| {
-                Ok((
-                    parse_kind(r.get(0)?)?,
-                    parse_status(r.get(1)?)?,
-                    r.get::<_, Option<i64>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, bool>(4)?,
-                ))
-            },
-        )
+        )?
+        .query_row([id], |r| {
+            Ok((
+                parse_kind(r.get(0)?)?,
+                parse_status(r.get(1)?)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })
         .optional()?;
-    let Some((kind, status, last_register_failure_ms, delivery_mode, model_configured)) = row
+    let Some((kind, status, last_register_failure_ms, delivery_mode, model_configured, version)) =
+        row
     else {
         return Ok(None);
     };
@@ -778,7 +1118,6 @@ fn load_snapshot(conn: &mut Connection, id: &str) -> Result<Option<Snapshot>, St
         stmt.query_map([id], |r| r.get(0))?
             .collect::<Result<Vec<Vec<u8>>, _>>()?
     };
-    tx.commit()?;
     Ok(Some(Snapshot {
         workspace: Workspace {
             id: id.to_string(),
@@ -791,59 +1130,55 @@ fn load_snapshot(conn: &mut Connection, id: &str) -> Result<Option<Snapshot>, St
         markers,
         live_token_hashes,
         delivery_mode,
+        version,
     }))
-}
-
-/// A verdict waiting for the writer, and how it ended.
-struct Job {
-    write: VerdictWrite,
-    result: Mutex<Option<Result<Applied, StoreError>>>,
-}
-
-impl Job {
-    fn take(&self) -> Option<Result<Applied, StoreError>> {
-        self.result.lock().ok().and_then(|mut r| r.take())
-    }
-
-    fn set(&self, result: Result<Applied, StoreError>) {
-        if let Ok(mut r) = self.result.lock() {
-            *r = Some(result);
-        }
-    }
 }
 
 /// Group commit: the verdicts queued while the writer was busy, applied in
 /// one transaction with a savepoint each, so a conflict or error undoes only
 /// its own verdict. Every verdict is durable (committed) before its caller
 /// hears of it; if the commit fails, every verdict of the batch failed.
-fn apply_batch(conn: &mut Connection, batch: &[Arc<Job>]) {
+fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<Applied, StoreError>> {
     let run = |conn: &mut Connection| -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
         for job in batch {
-            let sp = tx.savepoint()?;
-            let applied = apply_in(&sp, &job.write);
-            if matches!(applied, Ok(Applied::Done { .. })) {
-                sp.commit()?;
+            // Savepoints by cached statements: no SQL parsed per verdict.
+            tx.prepare_cached("SAVEPOINT verdict")?.execute([])?;
+            let applied = apply_in(&tx, &job.write);
+            if !matches!(applied, Ok(Applied::Done { .. })) {
+                tx.prepare_cached("ROLLBACK TO verdict")?.execute([])?;
             }
-            // Otherwise the savepoint rolls back when dropped.
+            tx.prepare_cached("RELEASE verdict")?.execute([])?;
             results.push(applied);
         }
         tx.commit()?;
         Ok(results)
     };
     match run(conn) {
-        Ok(results) => {
-            for (job, result) in batch.iter().zip(results) {
-                job.set(result);
-            }
-        }
+        Ok(results) => results,
         Err(e) => {
             let message = e.to_string();
-            for job in batch {
-                job.set(Err(StoreError::Failed(message.clone())));
-            }
+            batch
+                .iter()
+                .map(|_| Err(StoreError::Failed(message.clone())))
+                .collect()
         }
+    }
+}
+
+/// Whether a verdict's outcome makes a cached snapshot of its workspace
+/// stale: it wrote more than liveness and its decision, or it found the
+/// workspace changed.
+fn changes_snapshot(w: &VerdictWrite, result: &Result<Applied, StoreError>) -> bool {
+    match result {
+        Ok(Applied::Done { .. }) => {
+            w.status.is_some()
+                || !w.markers.is_empty()
+                || w.registration.is_some()
+                || w.stamp_register_failure
+        }
+        Ok(Applied::Conflict) | Err(_) => true,
     }
 }
 
@@ -851,13 +1186,17 @@ fn apply_batch(conn: &mut Connection, batch: &[Arc<Job>]) {
 /// conflict (the caller rolls back).
 fn apply_in(tx: &Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
     let id = w.workspace_id.as_str();
-    let exists: Option<String> = tx
-        .query_row("SELECT status FROM workspaces WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
+    let version: Option<i64> = tx
+        .prepare_cached("SELECT version FROM workspaces WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
         .optional()?;
-    if exists.is_none() {
+    let Some(version) = version else {
         return Err(StoreError::UnknownWorkspace(id.to_string()));
+    };
+    if w.expected_version
+        .is_some_and(|expected| expected != version)
+    {
+        return Ok(Applied::Conflict);
     }
 
     if let Some(l) = &w.liveness {
@@ -1082,32 +1421,26 @@ fn read_workspace(conn: &Connection, id: &str) -> Result<Option<WorkspaceRecord>
 }
 
 impl Store for SqliteStore {
-    fn load(&self, workspace_id: &str) -> Result<Option<Snapshot>, StoreError> {
-        self.with_reader(|c| load_snapshot(c, workspace_id))
+    fn load(&self, workspace_id: &str, read: Read) -> Result<Option<Snapshot>, StoreError> {
+        if read == Read::Cached
+            && let Some(snapshot) = self.cache.get(workspace_id)
+        {
+            return Ok(Some(snapshot));
+        }
+        let snapshot = self.with_reader(|c| load_snapshot(c, workspace_id))?;
+        match &snapshot {
+            Some(s) => self.cache.put(s),
+            None => self.cache.forget(workspace_id),
+        }
+        Ok(snapshot)
     }
 
-    fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError> {
-        let job = Arc::new(Job {
-            write,
-            result: Mutex::new(None),
-        });
-        self.pending
-            .lock()
-            .map_err(|_| StoreError::Poisoned)?
-            .push(job.clone());
-        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        // A writer before us may have applied it with its batch.
-        if let Some(result) = job.take() {
-            return result;
-        }
-        let batch = std::mem::take(&mut *self.pending.lock().map_err(|_| StoreError::Poisoned)?);
-        apply_batch(&mut conn, &batch);
-        drop(conn);
-        job.take().unwrap_or(Err(StoreError::Poisoned))
+    fn submit(&self, write: VerdictWrite, done: Done) {
+        self.writer.submit(Job { write, done });
     }
 
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.with_writer(|c| {
+        self.with_workspace_writer(workspace_id, |c| {
             c.execute(
                 "UPDATE workspaces SET last_register_failure_ms = ?2 WHERE id = ?1",
                 params![workspace_id, now_ms],
@@ -1169,7 +1502,7 @@ impl Store for SqliteStore {
     }
 
     fn set_status(&self, id: &str, status: Status, now_ms: i64) -> Result<(), StoreError> {
-        self.with_writer(|c| {
+        self.with_workspace_writer(id, |c| {
             let n = c.execute(
                 "UPDATE workspaces SET status = ?2, updated_ms = ?3 WHERE id = ?1",
                 params![id, status.as_str(), now_ms],
@@ -1182,7 +1515,7 @@ impl Store for SqliteStore {
     }
 
     fn set_secret(&self, id: &str, name: &str, now_ms: i64) -> Result<(), StoreError> {
-        self.with_writer(|c| {
+        self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             require_workspace(&tx, id)?;
             tx.execute(
@@ -1202,7 +1535,7 @@ impl Store for SqliteStore {
         source: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.with_writer(|c| {
+        self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let kind = require_workspace(&tx, id)?;
             if name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
@@ -1223,7 +1556,7 @@ impl Store for SqliteStore {
     }
 
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
-        self.with_writer(|c| {
+        self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             require_workspace(&tx, id)?;
             insert_token(&tx, id, token, now_ms)?;
@@ -1233,7 +1566,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError> {
-        self.with_writer(|c| {
+        self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             require_workspace(&tx, id)?;
             let n = tx.execute(
@@ -1594,5 +1927,139 @@ mod tests {
                 o.join().unwrap().unwrap();
             }
         }
+    }
+
+    fn store_with(id: &str) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("v.db")).unwrap();
+        store
+            .add_workspace(
+                &NewWorkspace {
+                    id: id.into(),
+                    name: String::new(),
+                    kind: WorkspaceKind::Platform,
+                    model_configured: false,
+                },
+                1,
+            )
+            .unwrap();
+        (dir, store)
+    }
+
+    fn version(store: &SqliteStore, id: &str) -> i64 {
+        store.load(id, Read::Fresh).unwrap().unwrap().version
+    }
+
+    fn liveness_only(id: &str, expected_version: i64) -> VerdictWrite {
+        VerdictWrite {
+            workspace_id: id.into(),
+            expected_version: Some(expected_version),
+            now_ms: 2,
+            liveness: Some(Liveness {
+                error_rate: 0.0,
+                sample_error: String::new(),
+                active_tasks: 0,
+                uptime_seconds: 1,
+                current_task: None,
+                loaded_mcp_tools: None,
+            }),
+            registration: None,
+            stamp_register_failure: false,
+            status: None,
+            events: Vec::new(),
+            markers: Vec::new(),
+            reconciles: Vec::new(),
+            decision: DecisionRecord {
+                event_kind: "heartbeat".into(),
+                chain_version: "test".into(),
+                outcome: "applied".into(),
+                input_json: "{}".into(),
+                steps_json: "[]".into(),
+                final_actions_json: "[]".into(),
+                attempts: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn every_change_a_verdict_reads_bumps_the_version_whoever_makes_it() {
+        let (dir, store) = store_with("ws");
+        let raw = Connection::open(dir.path().join("v.db")).unwrap();
+        let mut seen = version(&store, "ws");
+        let mut bumped = |what: &str, store: &SqliteStore| {
+            let now = version(store, "ws");
+            assert!(
+                now > seen,
+                "{what} did not bump the version ({seen} -> {now})"
+            );
+            seen = now;
+        };
+        store.set_status("ws", Status::Online, 2).unwrap();
+        bumped("a status change", &store);
+        raw.execute(
+            "UPDATE workspaces SET status = 'offline' WHERE id = 'ws'",
+            [],
+        )
+        .unwrap();
+        bumped("a status change by raw SQL from another connection", &store);
+        store.set_secret("ws", "MODEL", 3).unwrap();
+        bumped("a secret", &store);
+        store
+            .declare_plugin("ws", MANAGEMENT_PLUGIN, "local://mcp", 4)
+            .unwrap();
+        bumped("a declared plugin", &store);
+        let token = crate::auth::mint().unwrap();
+        store.issue_token("ws", &token.stored, 5).unwrap();
+        bumped("a token", &store);
+        store.revoke_tokens("ws", 6).unwrap();
+        bumped("a revocation", &store);
+        raw.execute(
+            "INSERT INTO policy_markers (workspace_id, owner, key, value, updated_ms)
+             VALUES ('ws', 'p', 'k', 'v', 7)",
+            [],
+        )
+        .unwrap();
+        bumped("a marker", &store);
+        store.stamp_register_failure("ws", 8).unwrap();
+        bumped("a register failure", &store);
+    }
+
+    #[test]
+    fn liveness_and_same_value_writes_keep_the_version() {
+        let (_dir, store) = store_with("ws");
+        store.set_status("ws", Status::Online, 2).unwrap();
+        let v = version(&store, "ws");
+        let applied = store.apply(liveness_only("ws", v)).unwrap();
+        assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+        store.set_status("ws", Status::Online, 3).unwrap();
+        assert_eq!(version(&store, "ws"), v);
+    }
+
+    #[test]
+    fn a_verdict_from_a_stale_snapshot_is_a_conflict_and_writes_nothing() {
+        let (dir, store) = store_with("ws");
+        let cached = store.load("ws", Read::Cached).unwrap().unwrap();
+        // Another process changes the workspace; this store's cache still
+        // holds the old snapshot.
+        Connection::open(dir.path().join("v.db"))
+            .unwrap()
+            .execute(
+                "UPDATE workspaces SET status = 'paused' WHERE id = 'ws'",
+                [],
+            )
+            .unwrap();
+        let stale = store.load("ws", Read::Cached).unwrap().unwrap();
+        assert_eq!(stale.version, cached.version, "served from the cache");
+        assert_eq!(
+            store.apply(liveness_only("ws", stale.version)).unwrap(),
+            Applied::Conflict
+        );
+        assert!(store.decisions("ws", 10).unwrap().is_empty());
+        let fresh = store.load("ws", Read::Fresh).unwrap().unwrap();
+        assert_eq!(fresh.workspace.status, Status::Paused);
+        assert!(matches!(
+            store.apply(liveness_only("ws", fresh.version)).unwrap(),
+            Applied::Done { .. }
+        ));
     }
 }
