@@ -393,14 +393,25 @@ impl Chain {
         }
     }
 
-    /// Evaluate `input` through every slot.
+    /// Evaluate `input` through every slot, on this thread.
     pub fn evaluate(&self, input: &Input) -> ChainOutcome {
         self.evaluate_from(input, Vec::new())
+    }
+
+    /// Evaluate `input` through every slot on an async worker: each policy
+    /// yields at every epoch tick, so a slow one cannot hold the worker.
+    pub async fn evaluate_async(&self, input: &Input) -> ChainOutcome {
+        self.evaluate_from_async(input, Vec::new()).await
     }
 
     /// Evaluate `input` through every slot, the first slot seeing `proposed`
     /// (a fixture's actions of slots that would run before this chain).
     pub fn evaluate_from(&self, input: &Input, proposed: Vec<Action>) -> ChainOutcome {
+        crate::engine::block_on(self.evaluate_from_async(input, proposed))
+    }
+
+    /// [`Chain::evaluate_from`], yielding at every epoch tick.
+    pub async fn evaluate_from_async(&self, input: &Input, proposed: Vec<Action>) -> ChainOutcome {
         let mut steps = Vec::with_capacity(self.slots.len());
         let mut proposed = proposed;
         for slot in &self.slots {
@@ -417,7 +428,8 @@ impl Chain {
             let started = Instant::now();
             let result = slot
                 .module
-                .evaluate(&own, &proposed, slot.limits)
+                .evaluate_async(&own, &proposed, slot.limits)
+                .await
                 .and_then(|out| {
                     check_output(
                         &input.workspace.id,

@@ -4,8 +4,13 @@
 //! interruption; one [`PolicyModule`] per compiled policy (its `InstancePre`,
 //! metadata and digest); a fresh `Store` per evaluation with a memory cap and
 //! an epoch deadline, so a policy can keep no state between evaluations and
-//! cannot run or grow without bound. Evaluation is synchronous: callers run it
-//! off the async reactor.
+//! cannot run or grow without bound.
+//!
+//! Evaluation is async ([`PolicyModule::evaluate_async`]): the guest runs on
+//! a fiber and yields to the caller's executor at every epoch tick, so a slow
+//! or looping policy holds an async worker for at most one tick at a time
+//! until its deadline stops it. The blocking forms ([`PolicyModule::evaluate`])
+//! drive the same future on the calling thread.
 //!
 //! **Invariant:** a policy has no imports. A component that imports anything
 //! (WASI included) is refused at load time.
@@ -24,6 +29,7 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "policy",
+        exports: { default: async },
     });
 }
 
@@ -42,7 +48,8 @@ pub const MAX_INSTANCES: u32 = 256;
 /// Limits of one evaluation of one policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock budget, rounded up to whole epoch ticks.
+    /// Wall-clock budget, checked at every epoch tick (so a policy may run
+    /// up to one tick past it).
     pub timeout: Duration,
     /// Linear-memory cap in bytes (at most [`MAX_MEMORY_BYTES`]).
     pub max_memory_bytes: usize,
@@ -162,6 +169,9 @@ impl Drop for Ticker {
 struct StoreState {
     max_memory_bytes: usize,
     memory_exceeded: bool,
+    /// When the policy's wall-clock budget runs out (checked at each tick,
+    /// so time spent yielded to other tasks counts too).
+    deadline: std::time::Instant,
 }
 
 // The types interface has no functions; its host side is empty.
@@ -201,7 +211,10 @@ impl Engine {
             .total_tables(MAX_INSTANCES)
             .max_memory_size(MAX_MEMORY_BYTES)
             .linear_memory_keep_resident(1 << 20)
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            // The fibers guests run on while they may yield.
+            .total_stacks(MAX_INSTANCES)
+            .async_stack_keep_resident(64 << 10);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -213,6 +226,7 @@ impl Engine {
             .memory_guard_size(0)
             .signals_based_traps(false)
             .max_wasm_stack(512 << 10)
+            .async_stack_size(1 << 20)
             // Compiling a candidate must not take both cores from requests.
             .parallel_compilation(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -297,12 +311,18 @@ impl Engine {
             StoreState {
                 max_memory_bytes: limits.max_memory_bytes.min(MAX_MEMORY_BYTES),
                 memory_exceeded: false,
+                deadline: std::time::Instant::now() + limits.timeout.max(EPOCH_TICK),
             },
         );
         store.limiter(|s| s);
-        let tick = EPOCH_TICK.as_micros().max(1);
-        let ticks = limits.timeout.as_micros().div_ceil(tick).max(1);
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        // At every tick the guest yields to the executor, until its deadline.
+        store.epoch_deadline_callback(|cx| {
+            if std::time::Instant::now() >= cx.data().deadline {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
+        store.set_epoch_deadline(1);
         store
     }
 }
@@ -356,13 +376,19 @@ impl PolicyModule {
     }
 
     fn metadata_call(&self, limits: Limits) -> Result<model::Metadata, EvalFailure> {
+        block_on(self.metadata_async(limits))
+    }
+
+    async fn metadata_async(&self, limits: Limits) -> Result<model::Metadata, EvalFailure> {
         let mut store = self.engine.store(limits);
         let instance = self
             .pre
-            .instantiate(&mut store)
+            .instantiate_async(&mut store)
+            .await
             .map_err(|e| classify(&store, e, true))?;
         let meta = instance
             .call_metadata(&mut store)
+            .await
             .map_err(|e| classify(&store, e, false))?;
         Ok(model::Metadata {
             name: meta.name,
@@ -370,8 +396,19 @@ impl PolicyModule {
         })
     }
 
-    /// Evaluate the policy in a fresh sandbox.
+    /// Evaluate the policy in a fresh sandbox, on this thread.
     pub fn evaluate(
+        &self,
+        input: &model::Input,
+        proposed: &[model::Action],
+        limits: Limits,
+    ) -> Result<Vec<model::Action>, EvalFailure> {
+        block_on(self.evaluate_async(input, proposed, limits))
+    }
+
+    /// Evaluate the policy in a fresh sandbox, yielding to the executor at
+    /// every epoch tick.
+    pub async fn evaluate_async(
         &self,
         input: &model::Input,
         proposed: &[model::Action],
@@ -380,12 +417,14 @@ impl PolicyModule {
         let mut store = self.engine.store(limits);
         let instance = self
             .pre
-            .instantiate(&mut store)
+            .instantiate_async(&mut store)
+            .await
             .map_err(|e| classify(&store, e, true))?;
         let wit_input = to_wit_input(input);
         let wit_proposed: Vec<wit::Action> = proposed.iter().map(to_wit_action).collect();
         let result = instance
             .call_evaluate(&mut store, &wit_input, &wit_proposed)
+            .await
             .map_err(|e| classify(&store, e, false))?;
         match result {
             Ok(actions) => Ok(actions.into_iter().map(from_wit_action).collect()),
@@ -394,6 +433,20 @@ impl PolicyModule {
                 format!("{}: {}", err.code, err.message),
             )),
         }
+    }
+}
+
+/// Drive a future to completion on this thread. Evaluation futures are only
+/// ever pending at an epoch yield (policies import nothing), after which they
+/// are ready to be polled again at once.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::yield_now();
     }
 }
 

@@ -237,10 +237,15 @@ impl Executor {
     /// Evaluate the shadow chain, if any, on the input the active chain just
     /// decided, and count and log a difference in the final actions.
     fn compare_with_shadow(&self, input: &Input, active: &ChainOutcome) {
+        crate::engine::block_on(self.compare_with_shadow_async(input, active));
+    }
+
+    /// [`Executor::compare_with_shadow`] on an async worker.
+    async fn compare_with_shadow_async(&self, input: &Input, active: &ChainOutcome) {
         let Some(shadow) = self.shadow.load_full() else {
             return;
         };
-        let theirs = final_view(&shadow.chain.evaluate(input));
+        let theirs = final_view(&shadow.chain.evaluate_async(input).await);
         let ours = final_view(active);
         let Ok(mut stats) = shadow.stats.lock() else {
             return;
@@ -310,7 +315,8 @@ impl Executor {
     /// a short description of the verdict for the request's span.
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<String, RegistryError> {
         for attempt in 1..=MAX_ATTEMPTS {
-            let verdict = match self.evaluate_heartbeat(req, attempt)? {
+            let evaluated = crate::engine::block_on(self.evaluate_heartbeat(req, attempt));
+            let verdict = match evaluated? {
                 Evaluated::Ignored(summary) => return Ok(summary),
                 Evaluated::Verdict(v) => v,
             };
@@ -341,12 +347,19 @@ impl Executor {
             }),
         );
         let applied = rx.await.unwrap_or(Err(StoreError::WriterStopped));
-        self.settle(pending, applied)
+        let done = self.settle_without_shadow(&pending, applied);
+        if matches!(done, Some(Ok(_))) {
+            self.compare_with_shadow_async(&pending.input, &pending.outcome)
+                .await;
+        }
+        done
     }
 
     /// Read, authenticate and evaluate one heartbeat (attempt `attempt`):
-    /// the verdict to write. Blocking (a read and the chain).
-    pub fn evaluate_heartbeat(
+    /// the verdict to write. Runs on an async worker: the read is a short
+    /// one (usually the snapshot cache), and the chain yields at every epoch
+    /// tick.
+    pub async fn evaluate_heartbeat(
         &self,
         req: &HeartbeatRequest,
         attempt: u32,
@@ -376,7 +389,7 @@ impl Executor {
             markers: snap.markers.clone(),
             now_ms: self.clock.now_ms(),
         };
-        let outcome = chain.evaluate(&input);
+        let outcome = chain.evaluate_async(&input).await;
         let checked = check_final(&input, &outcome);
         let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
         write.expected_version = Some(snap.version);
@@ -410,14 +423,27 @@ impl Executor {
         p: Pending,
         applied: Result<Applied, StoreError>,
     ) -> Option<Result<String, RegistryError>> {
+        let done = self.settle_without_shadow(&p, applied);
+        if matches!(done, Some(Ok(_))) {
+            self.compare_with_shadow(&p.input, &p.outcome);
+        }
+        done
+    }
+
+    /// [`Executor::settle`] but for the shadow comparison, which the async
+    /// caller makes itself.
+    fn settle_without_shadow(
+        &self,
+        p: &Pending,
+        applied: Result<Applied, StoreError>,
+    ) -> Option<Result<String, RegistryError>> {
         match applied {
             Ok(Applied::Done { queued, .. }) => {
                 self.count(&p.input, &p.recorded, &p.checked);
                 if !queued.is_empty() {
                     self.deliverer.queued(&queued);
                 }
-                self.compare_with_shadow(&p.input, &p.outcome);
-                Some(Ok(p.summary))
+                Some(Ok(p.summary.clone()))
             }
             Ok(Applied::Conflict) => None,
             Err(e) => Some(Err(RegistryError::UpdateFailed(e.to_string()))),

@@ -631,15 +631,12 @@ async fn heartbeat(
     let (bearer, body) = read_body(&app, req).await?;
     let request = decode_heartbeat(bearer, &body)?;
     tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
-    // The read and the chain run on a blocking thread; the commit is awaited
-    // here, so no thread waits for the writer.
-    let request = Arc::new(request);
+    // Evaluated on this worker (the chain yields at every epoch tick, so a
+    // slow policy cannot hold it), and the commit is awaited: no hand-off to
+    // another thread and no thread waiting for the writer.
     let mut verdict = None;
     for attempt in 1..=MAX_ATTEMPTS {
-        let (executor, req) = (app.executor.clone(), request.clone());
-        let evaluated =
-            blocking(&app, move || executor.evaluate_heartbeat(&req, attempt)).await??;
-        let pending = match evaluated {
+        let pending = match app.executor.evaluate_heartbeat(&request, attempt).await? {
             Evaluated::Ignored(summary) => {
                 verdict = Some(summary);
                 break;
