@@ -783,3 +783,42 @@ async fn open_registration_creates_unknown_workspaces_when_turned_on() {
     assert!(svc.quiet_dump().await.iter().all(|r| !r.contains("../etc")));
     svc.stop().await;
 }
+
+/// The service keeps a cache of workspace snapshots; a change made by
+/// another process (here: a second store on the same file, and raw SQL) must
+/// still take effect on the very next heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_by_another_process_take_effect_on_the_next_heartbeat() {
+    let (_dir, svc) = start().await;
+    let old = svc.provision("cached", Workspace, true);
+    let (status, _) = svc.heartbeat(&old, healthy("cached")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(svc.status("cached"), "online");
+
+    // Rotated elsewhere: the cached snapshot still lists the old token, but
+    // the verdict computed from it is refused at write, and the fresh read
+    // refuses the token.
+    svc.store.revoke_tokens("cached", T0_MS).unwrap();
+    let new = svc.issue_token("cached");
+    let decisions = svc.store.decisions("cached", 100).unwrap().len();
+    let (status, body) = svc.heartbeat(&old, healthy("cached")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(svc.store.decisions("cached", 100).unwrap().len(), decisions);
+
+    let (status, body) = svc.heartbeat(&new, healthy("cached")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Issued elsewhere, so not in the cached snapshot: a refusal is never
+    // answered from the cache.
+    let another = svc.issue_token("cached");
+    let (status, body) = svc.heartbeat(&another, healthy("cached")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A status changed by raw SQL: the next heartbeat decides on it.
+    svc.force_status("cached", "offline");
+    let (status, _) = svc.heartbeat(&another, healthy("cached")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(svc.status("cached"), "online");
+    assert_eq!(svc.events("cached", "WORKSPACE_ONLINE").len(), 2);
+    svc.stop().await;
+}
