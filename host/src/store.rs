@@ -612,7 +612,6 @@ pub type Done = Box<dyn FnOnce(Result<Applied, StoreError>) + Send>;
 pub struct SqliteStore {
     writer: Arc<Writer>,
     thread: Option<JoinHandle<()>>,
-    checkpointer: Option<Checkpointer>,
     readers: Mutex<Vec<Connection>>,
     /// Snapshots by workspace id, for [`Read::Cached`]. Never trusted for a
     /// write: each verdict's version is checked by the writer.
@@ -657,8 +656,13 @@ struct Writer {
     wake: Condvar,
     /// Entries of workspaces a verdict changed (or found changed) are dropped.
     cache: Arc<SnapshotCache>,
+    /// Pages in the WAL after the last commit (from the WAL hook).
+    wal_frames: Arc<std::sync::atomic::AtomicI64>,
 }
 
+/// The WAL size (pages) at which the writer checkpoints (SQLite's default
+/// for its automatic checkpoint).
+const CHECKPOINT_FRAMES: i64 = 1000;
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
@@ -716,18 +720,28 @@ impl SqliteStore {
                 Err(e) => return Err(e),
             }
         }
-        // Checkpoints run on their own thread and connection, not inside
-        // the writer's commits (where they stalled every verdict queued
-        // behind them).
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // The writer thread checkpoints the WAL itself once it passes
+        // `CHECKPOINT_FRAMES` pages, but after it has answered the batch that
+        // crossed the line rather than inside that batch's commit (SQLite's
+        // automatic checkpoint, which the hook below replaces). A checkpoint
+        // on another thread (tried) copies the pages but never finishes while
+        // commits keep landing, so the WAL never starts over and grows
+        // without bound. A WAL a burst grew is cut back to 64 MiB when it
+        // starts over.
+        let wal_frames = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let frames = wal_frames.clone();
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages| {
+            frames.store(i64::from(pages), std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }))?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
-        let checkpointer = Checkpointer::start(open_connection(path)?)?;
         let cache = Arc::new(SnapshotCache::default());
         let writer = Arc::new(Writer {
             conn: Mutex::new(conn),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             cache: cache.clone(),
+            wal_frames,
         });
         let thread = std::thread::Builder::new()
             .name("heartgate-writer".into())
@@ -739,7 +753,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer,
             thread: Some(thread),
-            checkpointer: Some(checkpointer),
             readers: Mutex::new(Vec::new()),
             cache,
             path: path.to_path_buf(),
@@ -794,54 +807,6 @@ impl Drop for SqliteStore {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        if let Some(checkpointer) = self.checkpointer.take() {
-            checkpointer.stop();
-        }
-    }
-}
-
-/// How often the checkpointer copies the WAL back into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// The thread that checkpoints the WAL (PASSIVE: it never waits for or
-/// blocks readers or the writer).
-struct Checkpointer {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: JoinHandle<()>,
-}
-
-impl Checkpointer {
-    fn start(conn: Connection) -> Result<Checkpointer, StoreError> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("heartgate-checkpoint".into())
-            .spawn(move || {
-                let (lock, wake) = &*flag;
-                let Ok(mut stopped) = lock.lock() else {
-                    return;
-                };
-                while !*stopped {
-                    stopped = match wake.wait_timeout(stopped, CHECKPOINT_EVERY) {
-                        Ok((s, _)) => s,
-                        Err(_) => return,
-                    };
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %e, "checkpointing the WAL failed");
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Failed(format!("starting the checkpoint thread: {e}")))?;
-        Ok(Checkpointer { stop, thread })
-    }
-
-    fn stop(self) {
-        if let Ok(mut stopped) = self.stop.0.lock() {
-            *stopped = true;
-            self.stop.1.notify_all();
-        }
-        let _ = self.thread.join();
     }
 }
 
@@ -892,6 +857,24 @@ impl Writer {
                 }
                 (job.done)(result);
             }
+            if self.wal_frames.load(std::sync::atomic::Ordering::Relaxed) >= CHECKPOINT_FRAMES {
+                self.checkpoint();
+            }
+        }
+    }
+
+    /// Copy the WAL into the database. No commit can land meanwhile (this is
+    /// the writer's thread), so unless a reader still uses the WAL it
+    /// finishes, and the next commit starts the WAL over.
+    fn checkpoint(&self) {
+        let Ok(conn) = self.conn.lock() else {
+            return;
+        };
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(_) => self
+                .wal_frames
+                .store(0, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "checkpointing the WAL failed"),
         }
     }
 
@@ -2061,5 +2044,21 @@ mod tests {
             store.apply(liveness_only("ws", fresh.version)).unwrap(),
             Applied::Done { .. }
         ));
+    }
+
+    #[test]
+    fn the_wal_stays_bounded_under_sustained_verdicts() {
+        let (dir, store) = store_with("ws");
+        let seen = version(&store, "ws");
+        for _ in 0..3_000 {
+            let applied = store.apply(liveness_only("ws", seen)).unwrap();
+            assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+        }
+        // 3 000 commits of a few pages each: without checkpoints that finish
+        // the WAL would hold about 12 000 pages (about 47 MiB).
+        let wal = std::fs::metadata(dir.path().join("v.db-wal"))
+            .unwrap()
+            .len();
+        assert!(wal < 8 << 20, "the WAL is {wal} bytes after 3 000 verdicts");
     }
 }

@@ -302,6 +302,17 @@ async fn run(args: Args) -> Result<()> {
             (end as f64 - warm as f64) * 100.0 / warm as f64
         );
     }
+    // The WAL must stay bounded under sustained writes (its checkpoints have
+    // to finish), and the database grows by the decision log.
+    let size_mib = |name: &str| {
+        std::fs::metadata(dir.path().join(name)).map_or(0.0, |m| m.len() as f64 / 1048576.0)
+    };
+    println!(
+        "disk: database {:.1} MiB, WAL {:.1} MiB after {} heartbeats",
+        size_mib("bench.db"),
+        size_mib("bench.db-wal"),
+        full.requests + paced.requests
+    );
     let _ = tx.send(());
     server.await??;
 
