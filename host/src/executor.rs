@@ -16,8 +16,11 @@
 //! the decision log.
 //!
 //! **Invariant:** this is the only code that performs the effects of actions.
-//! Everything here is blocking (the HTTP layer calls it on blocking threads)
-//! except [`Executor::commit_heartbeat`], which awaits the writer's commit.
+//! Registers and the blocking `heartbeat` run on blocking threads; the
+//! service's heartbeat path is async: [`Executor::evaluate_heartbeat`] (a
+//! short read, usually the snapshot cache, and a chain whose policies yield
+//! at every epoch tick) and [`Executor::commit_heartbeat`] (awaits the
+//! writer's commit), both on the async worker.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -332,8 +335,7 @@ impl Executor {
     /// Hand a heartbeat's verdict to the store and wait, without holding a
     /// thread, until it is durable. `None` on a conflict: evaluate again (with
     /// the next attempt number) on fresh state. The async caller's loop is
-    /// [`Executor::heartbeat`]'s: `evaluate_heartbeat` on a blocking thread,
-    /// then this.
+    /// [`Executor::heartbeat`]'s: `evaluate_heartbeat`, then this.
     pub async fn commit_heartbeat(
         &self,
         verdict: Box<Verdict>,

@@ -10,7 +10,9 @@
 //! `POST|GET|DELETE /admin/shadow`. Bodies are size-limited, unknown JSON fields are ignored,
 //! wrong types and bad JSON are 400 with nothing written. Every error is one
 //! [`ApiError`] rendered as `{"error": "..."}`; database text never reaches a
-//! client. Evaluation and storage run on blocking threads, at most
+//! client. A heartbeat is evaluated on the async worker that read it (the
+//! policies yield at every epoch tick) and awaits its commit there; registers
+//! and admin work run on blocking threads, at most
 //! [`ServerConfig::max_in_flight`] at once.
 
 use std::convert::Infallible;
@@ -46,7 +48,8 @@ use crate::policy_set::{PolicySetError, SlotFixtures};
 pub struct ServerConfig {
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// How many requests may be evaluated at once; the rest wait.
+    /// How many registers and admin requests may run on blocking threads at
+    /// once; the rest wait. (Heartbeats run on the async workers.)
     pub max_in_flight: usize,
     /// How long a client may take to send its headers.
     pub header_timeout: Duration,
