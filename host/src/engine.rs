@@ -38,7 +38,8 @@ use bindings::heartgate::policy::types as wit;
 /// The contract's types interface, the only import a policy may have.
 pub const TYPES_INTERFACE: &str = "heartgate:policy/types@0.1.0";
 
-/// How often the epoch advances; deadlines are whole ticks of this.
+/// How often the epoch advances: a running guest yields and checks its
+/// deadline at every tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The most memory any one policy instance may ever have (the pool's slot size).
 pub const MAX_MEMORY_BYTES: usize = 32 << 20;
@@ -436,17 +437,27 @@ impl PolicyModule {
     }
 }
 
-/// Drive a future to completion on this thread. Evaluation futures are only
-/// ever pending at an epoch yield (policies import nothing), after which they
-/// are ready to be polled again at once.
+/// Drive a future to completion on this thread, parking it while the
+/// future waits (an evaluation is only pending at an epoch yield, which
+/// wakes it at once; a blocking caller may also wait for the store's commit).
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
     let mut future = std::pin::pin!(future);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     loop {
         if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
             return out;
         }
-        std::thread::yield_now();
+        std::thread::park();
     }
 }
 

@@ -16,11 +16,10 @@
 //! the decision log.
 //!
 //! **Invariant:** this is the only code that performs the effects of actions.
-//! Registers and the blocking `heartbeat` run on blocking threads; the
-//! service's heartbeat path is async: [`Executor::evaluate_heartbeat`] (a
-//! short read, usually the snapshot cache, and a chain whose policies yield
-//! at every epoch tick) and [`Executor::commit_heartbeat`] (awaits the
-//! writer's commit), both on the async worker.
+//! Registers run on blocking threads; the service's heartbeats run on the
+//! async workers ([`Executor::heartbeat_async`]: a short read, usually the
+//! snapshot cache, a chain whose policies yield at every epoch tick, and an
+//! awaited commit).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -314,58 +313,57 @@ impl Executor {
         }
     }
 
-    /// Evaluate and apply a heartbeat, blocking until it is durable. Returns
-    /// a short description of the verdict for the request's span.
+    /// Evaluate and apply a heartbeat, blocking until it is durable (for
+    /// callers without an async runtime). Returns a short description of the
+    /// verdict for the request's span.
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<String, RegistryError> {
-        for attempt in 1..=MAX_ATTEMPTS {
-            let evaluated = crate::engine::block_on(self.evaluate_heartbeat(req, attempt));
-            let verdict = match evaluated? {
-                Evaluated::Ignored(summary) => return Ok(summary),
-                Evaluated::Verdict(v) => v,
-            };
-            let Verdict { write, pending } = *verdict;
-            let applied = self.store.apply(write);
-            if let Some(done) = self.settle(pending, applied) {
-                return done;
-            }
-        }
-        Err(kept_changing())
+        crate::engine::block_on(self.heartbeat_async(req))
     }
 
-    /// Hand a heartbeat's verdict to the store and wait, without holding a
-    /// thread, until it is durable. `None` on a conflict: evaluate again (with
-    /// the next attempt number) on fresh state. The async caller's loop is
-    /// [`Executor::heartbeat`]'s: `evaluate_heartbeat`, then this.
-    pub async fn commit_heartbeat(
-        &self,
-        verdict: Box<Verdict>,
-    ) -> Option<Result<String, RegistryError>> {
-        let Verdict { write, pending } = *verdict;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.store.submit(
-            write,
-            Box::new(move |applied| {
-                let _ = tx.send(applied);
-            }),
-        );
-        let applied = rx.await.unwrap_or(Err(StoreError::WriterStopped));
-        let done = self.settle_without_shadow(&pending, applied);
-        if matches!(done, Some(Ok(_))) {
-            self.compare_with_shadow_async(&pending.input, &pending.outcome)
-                .await;
+    /// Evaluate and apply a heartbeat; returns once it is durable. Meant for
+    /// an async worker: the read is a short one (usually the snapshot cache),
+    /// the chain yields at every epoch tick, and the commit is awaited
+    /// without holding a thread.
+    pub async fn heartbeat_async(&self, req: &HeartbeatRequest) -> Result<String, RegistryError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let Some(Verdict { write, pending }) = self.evaluate_heartbeat(req, attempt).await?
+            else {
+                return Ok("ignored: removed".into());
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.store.submit(
+                write,
+                Box::new(move |applied| {
+                    let _ = tx.send(applied);
+                }),
+            );
+            match rx.await.unwrap_or(Err(StoreError::WriterStopped)) {
+                Ok(Applied::Done { queued, .. }) => {
+                    self.count(&pending.input, &pending.recorded, &pending.checked);
+                    if !queued.is_empty() {
+                        self.deliverer.queued(&queued);
+                    }
+                    self.compare_with_shadow_async(&pending.input, &pending.outcome)
+                        .await;
+                    return Ok(pending.summary);
+                }
+                // Evaluate again on fresh state.
+                Ok(Applied::Conflict) => continue,
+                Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
+            }
         }
-        done
+        Err(RegistryError::UpdateFailed(format!(
+            "state kept changing under {MAX_ATTEMPTS} evaluations"
+        )))
     }
 
     /// Read, authenticate and evaluate one heartbeat (attempt `attempt`):
-    /// the verdict to write. Runs on an async worker: the read is a short
-    /// one (usually the snapshot cache), and the chain yields at every epoch
-    /// tick.
-    pub async fn evaluate_heartbeat(
+    /// the verdict to write, or `None` for a removed workspace.
+    async fn evaluate_heartbeat(
         &self,
         req: &HeartbeatRequest,
         attempt: u32,
-    ) -> Result<Evaluated, RegistryError> {
+    ) -> Result<Option<Verdict>, RegistryError> {
         // The first attempt may use a cached snapshot: the writer checks its
         // version, and a conflict brings a fresh read.
         let read = if attempt == 1 {
@@ -373,28 +371,22 @@ impl Executor {
         } else {
             Read::Fresh
         };
-        let mut snap =
-            self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref(), read)?;
-        if snap.workspace.status == Status::Removed && read == Read::Cached {
-            // Nothing is written for a removed workspace, so nothing would
-            // check the cached status: confirm it.
-            snap =
-                self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref(), Read::Fresh)?;
-        }
+        let snap = self.load_and_authenticate(&req.workspace_id, req.bearer.as_deref(), read)?;
         if snap.workspace.status == Status::Removed {
-            return Ok(Evaluated::Ignored("ignored: removed".into()));
+            return Ok(None);
         }
         let chain = self.chain.load_full();
+        let version = snap.version;
         let input = Input {
             event: Event::Heartbeat(req.event.clone()),
-            workspace: snap.workspace.clone(),
-            markers: snap.markers.clone(),
+            workspace: snap.workspace,
+            markers: snap.markers,
             now_ms: self.clock.now_ms(),
         };
         let outcome = chain.evaluate_async(&input).await;
         let checked = check_final(&input, &outcome);
         let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
-        write.expected_version = Some(snap.version);
+        write.expected_version = Some(version);
         write.liveness = Some(Liveness {
             error_rate: req.event.error_rate,
             sample_error: req.event.sample_error.clone(),
@@ -403,9 +395,9 @@ impl Executor {
             current_task: req.event.current_task.clone(),
             loaded_mcp_tools: req.event.loaded_mcp_tools.clone(),
         });
-        let summary = summarize(&snap, &checked);
+        let summary = summarize(input.workspace.status, &checked);
         let recorded = write.decision.outcome.clone();
-        Ok(Evaluated::Verdict(Box::new(Verdict {
+        Ok(Some(Verdict {
             write,
             pending: Pending {
                 input,
@@ -414,42 +406,7 @@ impl Executor {
                 summary,
                 recorded,
             },
-        })))
-    }
-
-    /// After the store answered: count, hand queued reconciles to the
-    /// deliverer, compare with the shadow. `None` on a conflict (evaluate
-    /// again on fresh state).
-    fn settle(
-        &self,
-        p: Pending,
-        applied: Result<Applied, StoreError>,
-    ) -> Option<Result<String, RegistryError>> {
-        let done = self.settle_without_shadow(&p, applied);
-        if matches!(done, Some(Ok(_))) {
-            self.compare_with_shadow(&p.input, &p.outcome);
-        }
-        done
-    }
-
-    /// [`Executor::settle`] but for the shadow comparison, which the async
-    /// caller makes itself.
-    fn settle_without_shadow(
-        &self,
-        p: &Pending,
-        applied: Result<Applied, StoreError>,
-    ) -> Option<Result<String, RegistryError>> {
-        match applied {
-            Ok(Applied::Done { queued, .. }) => {
-                self.count(&p.input, &p.recorded, &p.checked);
-                if !queued.is_empty() {
-                    self.deliverer.queued(&queued);
-                }
-                Some(Ok(p.summary.clone()))
-            }
-            Ok(Applied::Conflict) => None,
-            Err(e) => Some(Err(RegistryError::UpdateFailed(e.to_string()))),
-        }
+        }))
     }
 
     /// Evaluate and apply a register.
@@ -552,7 +509,7 @@ impl Executor {
                     return Ok(Registered {
                         delivery_mode,
                         auth_token: minted.filter(|_| token_stored).map(|m| m.plaintext),
-                        verdict: summarize(&snap, &checked),
+                        verdict: summarize(snap.workspace.status, &checked),
                     });
                 }
                 Ok(Applied::Conflict) => continue,
@@ -659,16 +616,9 @@ impl Executor {
     }
 }
 
-/// What evaluating a heartbeat came to.
-pub enum Evaluated {
-    /// Nothing to write (a removed workspace).
-    Ignored(String),
-    Verdict(Box<Verdict>),
-}
-
 /// A heartbeat's verdict: the write goes to the store, the rest stays with
 /// the executor until the store has answered.
-pub struct Verdict {
+struct Verdict {
     write: VerdictWrite,
     pending: Pending,
 }
@@ -682,24 +632,14 @@ struct Pending {
     recorded: String,
 }
 
-/// The error after [`MAX_ATTEMPTS`] conflicting evaluations.
-pub fn kept_changing() -> RegistryError {
-    RegistryError::UpdateFailed(format!(
-        "state kept changing under {MAX_ATTEMPTS} evaluations"
-    ))
-}
-
-fn summarize(snap: &Snapshot, checked: &Result<Effects, SlotFailure>) -> String {
+/// `from`: the status the verdict was computed from.
+fn summarize(from: Status, checked: &Result<Effects, SlotFailure>) -> String {
     match checked {
         Err(f) => format!("failed:{}", f.failure.kind.as_str()),
         Ok(e) => {
             let mut parts = Vec::new();
             if let Some(s) = &e.status {
-                parts.push(format!(
-                    "{}->{}",
-                    snap.workspace.status.as_str(),
-                    s.to.as_str()
-                ));
+                parts.push(format!("{}->{}", from.as_str(), s.to.as_str()));
             }
             if e.reject.is_some() {
                 parts.push("rejected".into());

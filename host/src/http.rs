@@ -36,10 +36,7 @@ use tracing::Instrument;
 
 use crate::admin::Admin;
 use crate::auth;
-use crate::executor::{
-    Evaluated, Executor, HeartbeatRequest, MAX_ATTEMPTS, RegisterRequest, RegistryError,
-    kept_changing,
-};
+use crate::executor::{Executor, HeartbeatRequest, RegisterRequest, RegistryError};
 use crate::model::{HeartbeatEvent, WorkspaceKind};
 use crate::policy_set::{PolicySetError, SlotFixtures};
 
@@ -637,21 +634,7 @@ async fn heartbeat(
     // Evaluated on this worker (the chain yields at every epoch tick, so a
     // slow policy cannot hold it), and the commit is awaited: no hand-off to
     // another thread and no thread waiting for the writer.
-    let mut verdict = None;
-    for attempt in 1..=MAX_ATTEMPTS {
-        let pending = match app.executor.evaluate_heartbeat(&request, attempt).await? {
-            Evaluated::Ignored(summary) => {
-                verdict = Some(summary);
-                break;
-            }
-            Evaluated::Verdict(pending) => pending,
-        };
-        if let Some(done) = app.executor.commit_heartbeat(pending).await {
-            verdict = Some(done?);
-            break;
-        }
-    }
-    let verdict = verdict.ok_or_else(kept_changing)?;
+    let verdict = app.executor.heartbeat_async(&request).await?;
     tracing::Span::current().record("verdict", verdict.as_str());
     Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
 }
