@@ -814,11 +814,50 @@ async fn changes_by_another_process_take_effect_on_the_next_heartbeat() {
     let (status, body) = svc.heartbeat(&another, healthy("cached")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    // A status changed by raw SQL: the next heartbeat decides on it.
+    // A status changed by raw SQL: the next heartbeat decides on it. It is
+    // evaluated on the cached snapshot first, acknowledged as liveness only,
+    // refused at write, and evaluated again on fresh state after its answer.
     svc.force_status("cached", "offline");
     let (status, _) = svc.heartbeat(&another, healthy("cached")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(svc.status("cached"), "online");
+    svc.wait_for("the heartbeat evaluated on fresh state", 30, |s| {
+        s.status("cached") == "online"
+    })
+    .await;
     assert_eq!(svc.events("cached", "WORKSPACE_ONLINE").len(), 2);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_only_heartbeats_are_acknowledged_once_queued_and_conflicts_evaluated_again() {
+    let (_dir, svc) = start().await;
+    let token = svc.provision("early", Workspace, true);
+    // A status change is committed before the answer.
+    let (status, durability) = svc.heartbeat_durability(&token, healthy("early")).await;
+    assert_eq!((status, durability.as_str()), (StatusCode::OK, "committed"));
+    assert_eq!(svc.status("early"), "online");
+    // Liveness only: acknowledged once queued for the writer.
+    let (status, durability) = svc.heartbeat_durability(&token, healthy("early")).await;
+    assert_eq!((status, durability.as_str()), (StatusCode::OK, "queued"));
+
+    // Another process takes the workspace offline. The next heartbeat is
+    // evaluated on the service's cached snapshot (still online), so it is
+    // acknowledged as liveness only; the writer finds the workspace changed
+    // and the service evaluates the heartbeat again on fresh state, which
+    // brings the workspace back online with no further heartbeat.
+    svc.force_status("early", "offline");
+    let (status, durability) = svc.heartbeat_durability(&token, healthy("early")).await;
+    assert_eq!((status, durability.as_str()), (StatusCode::OK, "queued"));
+    svc.wait_for("the conflicting heartbeat evaluated again", 30, |s| {
+        s.status("early") == "online"
+    })
+    .await;
+    let decisions = svc.store.decisions("early", 10).unwrap();
+    let last = decisions.iter().max_by_key(|d| d.id).unwrap();
+    assert_eq!(
+        (&last.input["workspace"]["status"], last.attempts),
+        (&json!("offline"), 2),
+        "the last decision is the re-evaluation on fresh state: {last:?}"
+    );
     svc.stop().await;
 }

@@ -22,6 +22,7 @@
 //! awaited commit).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -38,12 +39,16 @@ use crate::model::{
     WorkspaceKind,
 };
 use crate::store::{
-    Applied, DecisionRecord, Liveness, MarkerWrite, NewWorkspace, Read, Registration, Snapshot,
-    StatusWrite, Store, StoreError, VerdictWrite,
+    Applied, DecisionDetail, DecisionJson, DecisionRecord, Liveness, MarkerWrite, NewWorkspace,
+    Read, Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
 };
 
 /// How many times a verdict is re-evaluated after conflicting writes.
 pub const MAX_ATTEMPTS: u32 = 16;
+/// While fewer verdicts than this wait for the writer, a heartbeat whose
+/// verdict records only liveness is acknowledged once queued; beyond it,
+/// every heartbeat waits for its commit (the writer's backpressure).
+pub const MAX_UNCOMMITTED: u64 = 4096;
 /// The longest marker key a policy may write.
 pub const MAX_MARKER_KEY: usize = 64;
 /// The longest marker value a policy may write.
@@ -98,6 +103,20 @@ pub struct Registered {
     /// The new token, when this register minted one.
     pub auth_token: Option<String>,
     pub verdict: String,
+}
+
+/// What a durable verdict answered `Applied::Coalesced` means: it was not
+/// written (never happens: only early-acknowledged verdicts are coalesced).
+const NOT_WRITTEN: &str = "the verdict was coalesced instead of written";
+
+/// How a heartbeat was acknowledged.
+#[derive(Clone, Debug)]
+pub struct Acknowledged {
+    /// A short description of the verdict, e.g. `unchanged`, `online->degraded`.
+    pub verdict: String,
+    /// Committed before the acknowledgement; `false` for a liveness-only
+    /// verdict acknowledged once queued.
+    pub committed: bool,
 }
 
 /// A heartbeat, as parsed by the HTTP layer.
@@ -168,6 +187,10 @@ pub struct Executor {
     deliverer: Arc<dyn Deliverer>,
     open_registration: bool,
     metrics: Arc<Metrics>,
+    /// Set by [`Executor::acknowledge_when_queued`]: where a liveness-only
+    /// heartbeat acknowledged before its commit goes to be evaluated again
+    /// if its verdict turned out to conflict.
+    retries: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HeartbeatRequest>>,
 }
 
 /// The checked final actions of a chain, grouped for the store.
@@ -199,6 +222,51 @@ impl Executor {
             deliverer,
             open_registration: false,
             metrics: Arc::new(Metrics::new()),
+            retries: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on, acknowledge a heartbeat whose verdict records only
+    /// liveness (no status change, marker, event or reconcile request) once
+    /// it is queued for the writer, not once it is committed: what the
+    /// service does. Such a verdict can be lost with a killed process; the
+    /// next heartbeat records liveness again. Everything else still waits
+    /// for its commit. The returned future evaluates again, on fresh state,
+    /// the early-acknowledged heartbeats whose verdicts conflicted; run it
+    /// until `stop` completes (it then finishes the ones already waiting).
+    pub fn acknowledge_when_queued<S: Future<Output = ()>>(
+        self: &Arc<Self>,
+        stop: S,
+    ) -> impl Future<Output = ()> + use<S> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<HeartbeatRequest>();
+        let set = self.retries.set(tx).is_ok();
+        let this = self.clone();
+        async move {
+            if !set {
+                return;
+            }
+            let again = |req: HeartbeatRequest| {
+                let this = this.clone();
+                async move {
+                    if let Err(e) = this.heartbeat_from(&req, 2, false).await {
+                        tracing::warn!(workspace_id = %req.workspace_id, error = %e,
+                            "evaluating a conflicting heartbeat again failed");
+                    }
+                }
+            };
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    req = rx.recv() => match req {
+                        Some(req) => again(req).await,
+                        None => return,
+                    },
+                }
+            }
+            while let Ok(req) = rx.try_recv() {
+                again(req).await;
+            }
         }
     }
 
@@ -325,11 +393,65 @@ impl Executor {
     /// the chain yields at every epoch tick, and the commit is awaited
     /// without holding a thread.
     pub async fn heartbeat_async(&self, req: &HeartbeatRequest) -> Result<String, RegistryError> {
-        for attempt in 1..=MAX_ATTEMPTS {
+        Ok(self.heartbeat_acknowledged(req).await?.verdict)
+    }
+
+    /// [`Executor::heartbeat_async`], saying also whether the verdict was
+    /// committed before this returned (see
+    /// [`Executor::acknowledge_when_queued`]).
+    pub async fn heartbeat_acknowledged(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<Acknowledged, RegistryError> {
+        self.heartbeat_from(req, 1, true).await
+    }
+
+    /// Evaluate and apply a heartbeat from attempt `first` (a later attempt
+    /// reads fresh state); `early` lets a liveness-only verdict be
+    /// acknowledged once queued (see [`Executor::acknowledge_when_queued`]).
+    async fn heartbeat_from(
+        &self,
+        req: &HeartbeatRequest,
+        first: u32,
+        early: bool,
+    ) -> Result<Acknowledged, RegistryError> {
+        for attempt in first..=MAX_ATTEMPTS {
             let Some(Verdict { write, pending }) = self.evaluate_heartbeat(req, attempt).await?
             else {
-                return Ok("ignored: removed".into());
+                return Ok(Acknowledged {
+                    verdict: "ignored: removed".into(),
+                    committed: true,
+                });
             };
+            // Early only for a verdict the chain applied: a failed
+            // evaluation's decision is committed before the answer.
+            if early
+                && write.records_only_liveness()
+                && pending.recorded == "applied"
+                && let Some(retries) = self.retries.get()
+                && self.store.backlog() < MAX_UNCOMMITTED
+            {
+                let retries = retries.clone();
+                let again = req.clone();
+                self.store.submit_liveness(
+                    write,
+                    Box::new(move |applied| match applied {
+                        Ok(Applied::Done { .. } | Applied::Coalesced) => {}
+                        Ok(Applied::Conflict) => {
+                            let _ = retries.send(again);
+                        }
+                        Err(e) => tracing::warn!(workspace_id = %again.workspace_id, error = %e,
+                            "a liveness-only heartbeat acknowledged before its commit was not written"),
+                    }),
+                );
+                self.count(&pending.input, &pending.recorded, &pending.checked);
+                self.compare_with_shadow_async(&pending.input, &pending.outcome)
+                    .await;
+                return Ok(Acknowledged {
+                    verdict: pending.summary,
+                    committed: false,
+                });
+            }
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.store.submit(
                 write,
@@ -345,10 +467,16 @@ impl Executor {
                     }
                     self.compare_with_shadow_async(&pending.input, &pending.outcome)
                         .await;
-                    return Ok(pending.summary);
+                    return Ok(Acknowledged {
+                        verdict: pending.summary,
+                        committed: true,
+                    });
                 }
                 // Evaluate again on fresh state.
                 Ok(Applied::Conflict) => continue,
+                Ok(Applied::Coalesced) => {
+                    return Err(RegistryError::UpdateFailed(NOT_WRITTEN.into()));
+                }
                 Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
             }
         }
@@ -377,13 +505,13 @@ impl Executor {
         }
         let chain = self.chain.load_full();
         let version = snap.version;
-        let input = Input {
+        let input = Arc::new(Input {
             event: Event::Heartbeat(req.event.clone()),
             workspace: snap.workspace,
             markers: snap.markers,
             now_ms: self.clock.now_ms(),
-        };
-        let outcome = chain.evaluate_async(&input).await;
+        });
+        let outcome = Arc::new(chain.evaluate_async(&input).await);
         let checked = check_final(&input, &outcome);
         let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
         write.expected_version = Some(version);
@@ -444,7 +572,7 @@ impl Executor {
                 .filter(|u| !u.is_empty())
                 .or_else(|| req.agent_card_url.clone().filter(|u| !u.is_empty()));
             let chain = self.chain.load_full();
-            let input = Input {
+            let input = Arc::new(Input {
                 event: Event::Register(RegisterEvent {
                     url: url.clone().unwrap_or_default(),
                     delivery_mode: delivery_mode.clone(),
@@ -455,8 +583,8 @@ impl Executor {
                 workspace: snap.workspace.clone(),
                 markers: snap.markers.clone(),
                 now_ms,
-            };
-            let outcome = chain.evaluate(&input);
+            });
+            let outcome = Arc::new(chain.evaluate(&input));
             let checked = check_final(&input, &outcome);
             let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
             let mut minted = None;
@@ -472,7 +600,8 @@ impl Executor {
                         })
                     }
                     None if delivery_mode == "push" && url.is_none() => {
-                        write = self.bare_write(&input, &chain, &outcome, attempt, "rejected");
+                        write =
+                            self.bare_write(&input, &chain, &outcome, None, attempt, "rejected");
                         write.stamp_register_failure = true;
                         Err(RegistryError::UrlRequired)
                     }
@@ -513,6 +642,9 @@ impl Executor {
                     });
                 }
                 Ok(Applied::Conflict) => continue,
+                Ok(Applied::Coalesced) => {
+                    return Err(RegistryError::RegistrationFailed(NOT_WRITTEN.into()));
+                }
                 Err(e) => return Err(RegistryError::RegistrationFailed(e.to_string())),
             }
         }
@@ -541,12 +673,14 @@ impl Executor {
         }
     }
 
-    /// A write carrying only the decision row.
+    /// A write carrying only the decision row (of a failed evaluation if
+    /// `failure` is given).
     fn bare_write(
         &self,
-        input: &Input,
+        input: &Arc<Input>,
         chain: &Chain,
-        outcome: &ChainOutcome,
+        outcome: &Arc<ChainOutcome>,
+        failure: Option<&SlotFailure>,
         attempts: u32,
         decision_outcome: &str,
     ) -> VerdictWrite {
@@ -565,12 +699,11 @@ impl Executor {
                 event_kind: input.event.kind().to_string(),
                 chain_version: chain.version.clone(),
                 outcome: decision_outcome.to_string(),
-                input_json: serde_json::to_string(input).unwrap_or_default(),
-                steps_json: serde_json::to_string(&outcome.steps).unwrap_or_default(),
-                final_actions_json: match &outcome.result {
-                    Ok(actions) => serde_json::to_string(actions).unwrap_or_default(),
-                    Err(_) => "[]".to_string(),
-                },
+                detail: DecisionJson::Deferred(Arc::new(Detail {
+                    input: input.clone(),
+                    outcome: outcome.clone(),
+                    failure: failure.cloned(),
+                })),
                 attempts,
             },
         }
@@ -578,23 +711,22 @@ impl Executor {
 
     fn verdict_write(
         &self,
-        input: &Input,
+        input: &Arc<Input>,
         chain: &Chain,
-        outcome: &ChainOutcome,
+        outcome: &Arc<ChainOutcome>,
         checked: &Result<Effects, SlotFailure>,
         attempts: u32,
     ) -> VerdictWrite {
         match checked {
             Err(failure) => {
-                let mut w = self.bare_write(
+                let w = self.bare_write(
                     input,
                     chain,
                     outcome,
+                    Some(failure),
                     attempts,
                     &format!("failed:{}", failure.failure.kind.as_str()),
                 );
-                w.decision.final_actions_json =
-                    serde_json::to_string(&FailedOutcome { failure }).unwrap_or_default();
                 tracing::warn!(
                     workspace_id = %input.workspace.id,
                     slot = %failure.slot,
@@ -605,13 +737,42 @@ impl Executor {
                 w
             }
             Ok(effects) => {
-                let mut w = self.bare_write(input, chain, outcome, attempts, "applied");
+                let mut w = self.bare_write(input, chain, outcome, None, attempts, "applied");
                 w.status = effects.status.clone();
                 w.events = effects.events.clone();
                 w.markers = effects.markers.clone();
                 w.reconciles = effects.reconciles.clone();
                 w
             }
+        }
+    }
+}
+
+/// A decision row's JSON, serialized by the store when it writes the row
+/// (so a coalesced liveness-only verdict is never serialized).
+struct Detail {
+    input: Arc<Input>,
+    outcome: Arc<ChainOutcome>,
+    /// The evaluation failed closed: the final actions column says why.
+    failure: Option<SlotFailure>,
+}
+
+impl DecisionDetail for Detail {
+    fn input_json(&self) -> String {
+        serde_json::to_string(&*self.input).unwrap_or_default()
+    }
+
+    fn steps_json(&self) -> String {
+        serde_json::to_string(&self.outcome.steps).unwrap_or_default()
+    }
+
+    fn final_actions_json(&self) -> String {
+        match (&self.failure, &self.outcome.result) {
+            (Some(failure), _) => {
+                serde_json::to_string(&FailedOutcome { failure }).unwrap_or_default()
+            }
+            (None, Ok(actions)) => serde_json::to_string(actions).unwrap_or_default(),
+            (None, Err(_)) => "[]".to_string(),
         }
     }
 }
@@ -624,8 +785,8 @@ struct Verdict {
 }
 
 struct Pending {
-    input: Input,
-    outcome: ChainOutcome,
+    input: Arc<Input>,
+    outcome: Arc<ChainOutcome>,
     checked: Result<Effects, SlotFailure>,
     summary: String,
     /// The decision log's outcome label, for the metrics.

@@ -162,6 +162,9 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// The response header saying how a heartbeat's verdict was acknowledged.
+pub const DURABILITY: &str = "heartgate-durability";
+
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
@@ -632,11 +635,19 @@ async fn heartbeat(
     let request = decode_heartbeat(bearer, &body)?;
     tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
     // Evaluated on this worker (the chain yields at every epoch tick, so a
-    // slow policy cannot hold it), and the commit is awaited: no hand-off to
-    // another thread and no thread waiting for the writer.
-    let verdict = app.executor.heartbeat_async(&request).await?;
-    tracing::Span::current().record("verdict", verdict.as_str());
-    Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+    // slow policy cannot hold it), and the commit is awaited here unless the
+    // verdict records only liveness: no hand-off to another thread and no
+    // thread waiting for the writer.
+    let ack = app.executor.heartbeat_acknowledged(&request).await?;
+    tracing::Span::current().record("verdict", ack.verdict.as_str());
+    let mut resp = json_response(StatusCode::OK, &json!({"status": "ok"}));
+    // Runtimes read only the body; this says whether the verdict was
+    // committed before the answer or (liveness only) queued for the writer.
+    resp.headers_mut().insert(
+        DURABILITY,
+        HeaderValue::from_static(if ack.committed { "committed" } else { "queued" }),
+    );
+    Ok(resp)
 }
 
 /// Decode and validate a register body (the request decoder; no I/O).

@@ -158,6 +158,11 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     let worker = tokio::spawn(service.worker.clone().run(stop_signal(stopped.clone())));
+    let retrier = tokio::spawn(
+        service
+            .executor
+            .acknowledge_when_queued(stop_signal(stopped.clone())),
+    );
     let watcher = opts.watch_dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), "watching for policy modules");
         tokio::spawn(policy_set::watch(
@@ -173,6 +178,7 @@ pub async fn run(
         opts.admin_token.clone(),
         service.policies.clone(),
     );
+    let store = service.executor.store().clone();
     let app = Arc::new(http::App::new(service.executor, admin, opts.server.clone()));
     tracing::info!(addr = %listener.local_addr()?, "serving");
     let served = http::serve(listener, app, shutdown).await;
@@ -183,6 +189,12 @@ pub async fn run(
     if let Err(e) = worker.await {
         tracing::error!(error = %e, "the reconcile worker failed");
     }
+    if let Err(e) = retrier.await {
+        tracing::error!(error = %e, "evaluating conflicting heartbeats again failed");
+    }
+    // Liveness-only verdicts acknowledged before their commit are written
+    // before the process exits.
+    tokio::task::spawn_blocking(move || store.flush()).await?;
     served?;
     Ok(())
 }

@@ -20,9 +20,11 @@
 //! window under concurrent heartbeats and across restarts, and it maps
 //! directly onto `UPDATE ... WHERE` on PostgreSQL.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
@@ -120,10 +122,69 @@ pub struct DecisionRecord {
     pub chain_version: String,
     /// `applied`, `rejected`, or `failed:<kind>`.
     pub outcome: String,
-    pub input_json: String,
-    pub steps_json: String,
-    pub final_actions_json: String,
+    /// The input, steps and final actions, as JSON.
+    pub detail: DecisionJson,
     pub attempts: u32,
+}
+
+/// The JSON columns of a decision row.
+#[derive(Clone)]
+pub enum DecisionJson {
+    Text {
+        input: String,
+        steps: String,
+        final_actions: String,
+    },
+    /// Serialized when the row is written, on the writer's thread: never
+    /// for a verdict coalesced into a later one.
+    Deferred(Arc<dyn DecisionDetail>),
+}
+
+/// What a deferred decision row serializes.
+pub trait DecisionDetail: Send + Sync {
+    fn input_json(&self) -> String;
+    fn steps_json(&self) -> String;
+    fn final_actions_json(&self) -> String;
+}
+
+impl DecisionJson {
+    /// The input, steps and final actions columns.
+    fn columns(
+        &self,
+    ) -> (
+        std::borrow::Cow<'_, str>,
+        std::borrow::Cow<'_, str>,
+        std::borrow::Cow<'_, str>,
+    ) {
+        use std::borrow::Cow;
+        match self {
+            DecisionJson::Text {
+                input,
+                steps,
+                final_actions,
+            } => (
+                Cow::Borrowed(input.as_str()),
+                Cow::Borrowed(steps.as_str()),
+                Cow::Borrowed(final_actions.as_str()),
+            ),
+            DecisionJson::Deferred(d) => (
+                Cow::Owned(d.input_json()),
+                Cow::Owned(d.steps_json()),
+                Cow::Owned(d.final_actions_json()),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for DecisionJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (input, steps, final_actions) = self.columns();
+        f.debug_struct("DecisionJson")
+            .field("input", &input)
+            .field("steps", &steps)
+            .field("final_actions", &final_actions)
+            .finish()
+    }
 }
 
 /// Everything one verdict writes, in one transaction.
@@ -142,6 +203,21 @@ pub struct VerdictWrite {
     pub markers: Vec<MarkerWrite>,
     pub reconciles: Vec<ReconcileTrigger>,
     pub decision: DecisionRecord,
+}
+
+impl VerdictWrite {
+    /// Whether the verdict writes nothing but liveness (last heartbeat time,
+    /// counters) and its decision row: no status change, marker, event,
+    /// reconcile request or registration. Only such a verdict may be
+    /// acknowledged before it is committed.
+    pub fn records_only_liveness(&self) -> bool {
+        self.status.is_none()
+            && self.markers.is_empty()
+            && self.events.is_empty()
+            && self.reconciles.is_empty()
+            && self.registration.is_none()
+            && !self.stamp_register_failure
+    }
 }
 
 /// A reconcile run queued by a verdict.
@@ -163,6 +239,10 @@ pub enum Applied {
     },
     /// The state changed since the snapshot; nothing was written.
     Conflict,
+    /// A liveness-only verdict superseded by a later one of the same
+    /// workspace, which was written in its place (see
+    /// [`Store::submit_liveness`]).
+    Coalesced,
 }
 
 /// A workspace to provision.
@@ -264,6 +344,12 @@ pub struct DecisionRow {
     pub steps: serde_json::Value,
     pub final_actions: serde_json::Value,
     pub attempts: i64,
+    /// How many evaluations this row stands for: liveness-only heartbeats
+    /// of one workspace are coalesced, and only the last one's input and
+    /// steps are kept.
+    pub heartbeats: i64,
+    /// When the first of them was evaluated (`None` for a single one).
+    pub first_at_ms: Option<i64>,
 }
 
 /// A chain as stored: its spec (JSON, modules as `builtin:` or `sha256:`).
@@ -294,6 +380,22 @@ pub trait Store: Send + Sync + 'static {
     /// verdict is durable (committed), on the store's own thread: it must be
     /// quick and must not call back into the store.
     fn submit(&self, write: VerdictWrite, done: Done);
+    /// [`Store::submit`] for a verdict that
+    /// [records only liveness](VerdictWrite::records_only_liveness) and whose
+    /// caller does not wait for it: the store may hold it for up to
+    /// [`LIVENESS_HOLD`] and write only the last of a workspace's verdicts
+    /// held meanwhile (the others are answered [`Applied::Coalesced`]).
+    fn submit_liveness(&self, write: VerdictWrite, done: Done) {
+        self.submit(write, done);
+    }
+    /// Verdicts submitted and not yet answered.
+    fn backlog(&self) -> u64 {
+        0
+    }
+    /// Wait until every verdict submitted before this call has been
+    /// answered (committed or failed): what a reader calls to see the
+    /// verdicts that were acknowledged before they were committed.
+    fn flush(&self) {}
     /// [`Store::submit`], waiting for the outcome.
     fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -591,6 +693,13 @@ BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id,
 CREATE TRIGGER workspace_secrets_version_delete AFTER DELETE ON workspace_secrets
 BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
 "#,
+    // Liveness-only heartbeats are coalesced: one decision row stands for
+    // the `heartbeats` evaluations since `first_at_ms` (its own `at_ms` is the
+    // last one's, and so are its input and steps).
+    r#"
+ALTER TABLE decisions ADD COLUMN heartbeats INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE decisions ADD COLUMN first_at_ms INTEGER;
+"#,
 ];
 
 /// Whether [`Store::load`] may answer from the cache.
@@ -654,6 +763,8 @@ struct Writer {
     conn: Mutex<Connection>,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Signalled whenever a batch has been answered (for [`Store::flush`]).
+    answered: Condvar,
     /// Entries of workspaces a verdict changed (or found changed) are dropped.
     cache: Arc<SnapshotCache>,
     /// Pages in the WAL after the last commit (from the WAL hook).
@@ -663,6 +774,15 @@ struct Writer {
 /// The WAL size (pages) at which the writer checkpoints (SQLite's default
 /// for its automatic checkpoint).
 const CHECKPOINT_FRAMES: i64 = 1000;
+/// The longest the writer holds a liveness-only verdict (acknowledged
+/// before its commit) to coalesce later ones of the same workspace into it:
+/// also the most liveness a killed process can lose.
+pub const LIVENESS_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+/// The most workspaces with a held verdict; past it, all are written.
+const MAX_HELD: usize = 16_384;
+/// Verdicts queued at which a submit wakes the writer even if they may be
+/// held (otherwise the writer's timer takes them).
+const WAKE_AT_QUEUED: usize = 1024;
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
@@ -670,12 +790,57 @@ struct Queue {
     idle: bool,
     /// No more verdicts are taken; the writer drains what it has and stops.
     closed: bool,
+    /// Verdicts taken since the store opened.
+    submitted: u64,
+    /// Verdicts answered (committed, coalesced, refused or failed) since
+    /// the store opened.
+    answered: u64,
+    /// A caller of [`Store::flush`] waits: write the held verdicts now.
+    flush: bool,
+    /// The idle writer will wake by itself to write held verdicts, so a
+    /// verdict that may be held need not wake it.
+    timer_armed: bool,
 }
 
 /// A verdict waiting for the writer.
 struct Job {
     write: VerdictWrite,
     done: Done,
+    /// Submitted by [`Store::submit_liveness`]: may be held and coalesced.
+    hold: bool,
+    /// Evaluations its decision row stands for, and the first one's time.
+    heartbeats: u32,
+    first_at_ms: Option<i64>,
+}
+
+impl Job {
+    fn new(write: VerdictWrite, done: Done, hold: bool) -> Job {
+        Job {
+            write,
+            done,
+            hold,
+            heartbeats: 1,
+            first_at_ms: None,
+        }
+    }
+
+    /// Whether `later` (of the same workspace) may be written in this
+    /// one's place: both held, evaluated less than [`LIVENESS_HOLD`] apart
+    /// by the service's clock (a runtime heartbeating every few seconds is
+    /// never coalesced), and both applied by the same chain (a failed
+    /// evaluation is always kept).
+    fn coalesces_with(&self, later: &Job) -> bool {
+        let (a, b) = (&self.write.decision, &later.write.decision);
+        let first_ms = self.first_at_ms.unwrap_or(self.write.now_ms);
+        let apart_ms = later.write.now_ms.saturating_sub(first_ms);
+        self.hold
+            && later.hold
+            && (0..i64::try_from(LIVENESS_HOLD.as_millis()).unwrap_or(i64::MAX)).contains(&apart_ms)
+            && a.outcome == "applied"
+            && b.outcome == "applied"
+            && a.event_kind == b.event_kind
+            && a.chain_version == b.chain_version
+    }
 }
 
 const MAX_IDLE_READERS: usize = 8;
@@ -740,6 +905,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            answered: Condvar::new(),
             cache: cache.clone(),
             wal_frames,
         });
@@ -826,37 +992,111 @@ impl Writer {
                 for job in stranded {
                     (job.done)(Err(StoreError::WriterStopped));
                 }
+                // Nothing queued will be answered any more: release flushes.
+                if let Ok(mut queue) = self.0.queue.lock() {
+                    queue.answered = queue.submitted;
+                }
+                self.0.answered.notify_all();
             }
         }
         let _closer = Closer(self);
+        // Liveness-only verdicts held back, by workspace, and when the
+        // first of them must be written.
+        let mut held: HashMap<String, Job> = HashMap::new();
+        let mut write_held_at: Option<Instant> = None;
         loop {
-            let batch = {
+            let (batch, flush) = {
                 let Ok(mut queue) = self.queue.lock() else {
                     return;
                 };
-                while queue.jobs.is_empty() && !queue.closed {
-                    queue.idle = true;
-                    queue = match self.wake.wait(queue) {
-                        Ok(q) => q,
-                        Err(_) => return,
-                    };
+                loop {
+                    if !queue.jobs.is_empty() || queue.closed || queue.flush {
+                        break;
+                    }
+                    queue.timer_armed = write_held_at.is_some();
+                    match write_held_at {
+                        None => {
+                            queue.idle = true;
+                            queue = match self.wake.wait(queue) {
+                                Ok(q) => q,
+                                Err(_) => return,
+                            };
+                        }
+                        Some(at) => {
+                            let now = Instant::now();
+                            if now >= at {
+                                break;
+                            }
+                            queue.idle = true;
+                            queue = match self.wake.wait_timeout(queue, at - now) {
+                                Ok((q, _)) => q,
+                                Err(_) => return,
+                            };
+                        }
+                    }
                 }
                 queue.idle = false;
-                if queue.jobs.is_empty() {
+                if queue.jobs.is_empty() && queue.closed && held.is_empty() {
                     return;
                 }
-                std::mem::take(&mut queue.jobs)
+                let flush = std::mem::take(&mut queue.flush) || queue.closed;
+                (std::mem::take(&mut queue.jobs), flush)
             };
-            let results = match self.conn.lock() {
-                Ok(mut conn) => apply_batch(&mut conn, &batch),
-                Err(_) => batch.iter().map(|_| Err(StoreError::Poisoned)).collect(),
+            // What to write now, in order: a workspace's held verdict goes
+            // before any later verdict of it that is not held.
+            let mut writes = Vec::with_capacity(batch.len());
+            let mut coalesced = Vec::new();
+            for job in batch {
+                if job.hold {
+                    match held.remove(&job.write.workspace_id) {
+                        Some(before) if before.coalesces_with(&job) => {
+                            let mut job = job;
+                            job.heartbeats = before.heartbeats.saturating_add(1);
+                            job.first_at_ms =
+                                Some(before.first_at_ms.unwrap_or(before.write.now_ms));
+                            coalesced.push(before.done);
+                            held.insert(job.write.workspace_id.clone(), job);
+                        }
+                        before => {
+                            writes.extend(before);
+                            held.insert(job.write.workspace_id.clone(), job);
+                        }
+                    }
+                    write_held_at.get_or_insert_with(|| Instant::now() + LIVENESS_HOLD);
+                } else {
+                    writes.extend(held.remove(&job.write.workspace_id));
+                    writes.push(job);
+                }
+            }
+            if flush
+                || held.len() > MAX_HELD
+                || write_held_at.is_some_and(|at| Instant::now() >= at)
+            {
+                writes.extend(held.drain().map(|(_, job)| job));
+                write_held_at = None;
+            }
+            let results = if writes.is_empty() {
+                Vec::new()
+            } else {
+                match self.conn.lock() {
+                    Ok(mut conn) => apply_batch(&mut conn, &writes),
+                    Err(_) => writes.iter().map(|_| Err(StoreError::Poisoned)).collect(),
+                }
             };
-            for (job, result) in batch.into_iter().zip(results) {
+            let answered = (writes.len() + coalesced.len()) as u64;
+            for done in coalesced {
+                done(Ok(Applied::Coalesced));
+            }
+            for (job, result) in writes.into_iter().zip(results) {
                 if changes_snapshot(&job.write, &result) {
                     self.cache.forget(&job.write.workspace_id);
                 }
                 (job.done)(result);
             }
+            if let Ok(mut queue) = self.queue.lock() {
+                queue.answered += answered;
+            }
+            self.answered.notify_all();
             if self.wal_frames.load(std::sync::atomic::Ordering::Relaxed) >= CHECKPOINT_FRAMES {
                 self.checkpoint();
             }
@@ -881,8 +1121,13 @@ impl Writer {
     fn submit(&self, job: Job) {
         let refused = match self.queue.lock() {
             Ok(mut queue) if !queue.closed => {
+                // A verdict that may be held waits for the writer's timer,
+                // unless too many have piled up: no wake-up per heartbeat.
+                let wait_for_timer =
+                    job.hold && queue.timer_armed && queue.jobs.len() < WAKE_AT_QUEUED;
                 queue.jobs.push(job);
-                if queue.idle {
+                queue.submitted += 1;
+                if queue.idle && !wait_for_timer {
                     queue.idle = false;
                     self.wake.notify_one();
                 }
@@ -892,6 +1137,29 @@ impl Writer {
         };
         if let Some(job) = refused {
             (job.done)(Err(StoreError::WriterStopped));
+        }
+    }
+
+    /// Verdicts queued and not yet taken by the writer.
+    fn backlog(&self) -> u64 {
+        self.queue.lock().map(|q| q.jobs.len() as u64).unwrap_or(0)
+    }
+
+    /// Wait until every verdict taken before this call has been answered.
+    fn flush(&self) {
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
+        let target = queue.submitted;
+        if queue.answered < target {
+            queue.flush = true;
+            self.wake.notify_one();
+        }
+        while queue.answered < target {
+            queue = match self.answered.wait(queue) {
+                Ok(q) => q,
+                Err(_) => return,
+            };
         }
     }
 
@@ -961,7 +1229,7 @@ const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, create
     activated_ms, activated_by FROM chains";
 
 const DECISION_COLUMNS: &str = "SELECT id, workspace_id, at_ms, event_kind, chain_version,
-    outcome, input, steps, final_actions, attempts FROM decisions";
+    outcome, input, steps, final_actions, attempts, heartbeats, first_at_ms FROM decisions";
 
 fn decision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DecisionRow> {
     Ok(DecisionRow {
@@ -975,6 +1243,8 @@ fn decision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DecisionRow> {
         steps: json_or_null(r.get(7)?),
         final_actions: json_or_null(r.get(8)?),
         attempts: r.get(9)?,
+        heartbeats: r.get(10)?,
+        first_at_ms: r.get(11)?,
     })
 }
 
@@ -1128,7 +1398,7 @@ fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<Applied, Stor
         for job in batch {
             // Savepoints by cached statements: no SQL parsed per verdict.
             tx.prepare_cached("SAVEPOINT verdict")?.execute([])?;
-            let applied = apply_in(&tx, &job.write);
+            let applied = apply_in(&tx, &job.write, job.heartbeats, job.first_at_ms);
             if !matches!(applied, Ok(Applied::Done { .. })) {
                 tx.prepare_cached("ROLLBACK TO verdict")?.execute([])?;
             }
@@ -1161,13 +1431,19 @@ fn changes_snapshot(w: &VerdictWrite, result: &Result<Applied, StoreError>) -> b
                 || w.registration.is_some()
                 || w.stamp_register_failure
         }
+        Ok(Applied::Coalesced) => false,
         Ok(Applied::Conflict) | Err(_) => true,
     }
 }
 
 /// Apply one verdict inside the caller's transaction; writes nothing on a
 /// conflict (the caller rolls back).
-fn apply_in(tx: &Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
+fn apply_in(
+    tx: &Connection,
+    w: &VerdictWrite,
+    heartbeats: u32,
+    first_at_ms: Option<i64>,
+) -> Result<Applied, StoreError> {
     let id = w.workspace_id.as_str();
     let version: Option<i64> = tx
         .prepare_cached("SELECT version FROM workspaces WHERE id = ?1")?
@@ -1261,10 +1537,11 @@ fn apply_in(tx: &Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
     }
 
     let d = &w.decision;
+    let (input_json, steps_json, final_actions_json) = d.detail.columns();
     tx.prepare_cached(
         "INSERT INTO decisions (workspace_id, at_ms, event_kind, chain_version, outcome,
-             input, steps, final_actions, attempts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             input, steps, final_actions, attempts, heartbeats, first_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         id,
@@ -1272,10 +1549,12 @@ fn apply_in(tx: &Connection, w: &VerdictWrite) -> Result<Applied, StoreError> {
         d.event_kind,
         d.chain_version,
         d.outcome,
-        d.input_json,
-        d.steps_json,
-        d.final_actions_json,
-        d.attempts
+        input_json,
+        steps_json,
+        final_actions_json,
+        d.attempts,
+        heartbeats,
+        first_at_ms
     ])?;
     let decision_id = tx.last_insert_rowid();
 
@@ -1421,7 +1700,20 @@ impl Store for SqliteStore {
     }
 
     fn submit(&self, write: VerdictWrite, done: Done) {
-        self.writer.submit(Job { write, done });
+        self.writer.submit(Job::new(write, done, false));
+    }
+
+    fn submit_liveness(&self, write: VerdictWrite, done: Done) {
+        debug_assert!(write.records_only_liveness());
+        self.writer.submit(Job::new(write, done, true));
+    }
+
+    fn backlog(&self) -> u64 {
+        self.writer.backlog()
+    }
+
+    fn flush(&self) {
+        self.writer.flush();
     }
 
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError> {
@@ -1958,9 +2250,11 @@ mod tests {
                 event_kind: "heartbeat".into(),
                 chain_version: "test".into(),
                 outcome: "applied".into(),
-                input_json: "{}".into(),
-                steps_json: "[]".into(),
-                final_actions_json: "[]".into(),
+                detail: DecisionJson::Text {
+                    input: "{}".into(),
+                    steps: "[]".into(),
+                    final_actions: "[]".into(),
+                },
                 attempts: 1,
             },
         }
@@ -2062,5 +2356,148 @@ mod tests {
             .unwrap()
             .len();
         assert!(wal < 8 << 20, "the WAL is {wal} bytes after 3 000 verdicts");
+    }
+
+    /// Submit a liveness-only verdict as the service does for an early
+    /// acknowledgement; the outcome arrives on the returned channel.
+    fn submit_held(
+        store: &SqliteStore,
+        write: VerdictWrite,
+    ) -> std::sync::mpsc::Receiver<Result<Applied, StoreError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.submit_liveness(
+            write,
+            Box::new(move |applied| {
+                let _ = tx.send(applied);
+            }),
+        );
+        rx
+    }
+
+    fn beat_at(id: &str, version: i64, now_ms: i64, task: &str) -> VerdictWrite {
+        let mut w = liveness_only(id, version);
+        w.now_ms = now_ms;
+        if let Some(l) = w.liveness.as_mut() {
+            l.current_task = Some(task.into());
+        }
+        w.decision.detail = DecisionJson::Text {
+            input: format!(r#"{{"task":"{task}"}}"#),
+            steps: "[]".into(),
+            final_actions: "[]".into(),
+        };
+        w
+    }
+
+    #[test]
+    fn liveness_only_verdicts_close_together_are_coalesced_into_the_last() {
+        let (_dir, store) = store_with("ws");
+        let v = version(&store, "ws");
+        let first = submit_held(&store, beat_at("ws", v, 1_000, "a"));
+        let second = submit_held(&store, beat_at("ws", v, 1_100, "b"));
+        let third = submit_held(&store, beat_at("ws", v, 1_200, "c"));
+        store.flush();
+        let outcomes: Vec<_> = [first, second, third]
+            .iter()
+            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(outcomes[0], Applied::Coalesced);
+        assert_eq!(outcomes[1], Applied::Coalesced);
+        assert!(matches!(outcomes[2], Applied::Done { .. }), "{outcomes:?}");
+        let rows = store.decisions("ws", 10).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].heartbeats, 3);
+        assert_eq!(rows[0].first_at_ms, Some(1_000));
+        assert_eq!(rows[0].at_ms, 1_200);
+        assert_eq!(rows[0].input["task"], "c");
+        let record = store.workspace("ws").unwrap().unwrap();
+        assert_eq!(record.last_heartbeat_ms, Some(1_200));
+    }
+
+    #[test]
+    fn liveness_only_verdicts_a_hold_apart_or_failed_keep_their_rows() {
+        let (_dir, store) = store_with("ws");
+        let v = version(&store, "ws");
+        let hold = i64::try_from(LIVENESS_HOLD.as_millis()).unwrap();
+        let _a = submit_held(&store, beat_at("ws", v, 1_000, "a"));
+        let _b = submit_held(&store, beat_at("ws", v, 1_000 + hold, "b"));
+        let mut failed = beat_at("ws", v, 1_000 + hold + 1, "c");
+        failed.decision.outcome = "failed:timeout".into();
+        let _c = submit_held(&store, failed);
+        let _d = submit_held(&store, beat_at("ws", v, 1_000 + hold + 2, "d"));
+        store.flush();
+        let mut rows = store.decisions("ws", 10).unwrap();
+        rows.sort_by_key(|r| r.id);
+        let tasks: Vec<_> = rows.iter().map(|r| r.input["task"].clone()).collect();
+        assert_eq!(tasks, ["a", "b", "c", "d"], "{rows:?}");
+        assert!(
+            rows.iter()
+                .all(|r| r.heartbeats == 1 && r.first_at_ms.is_none())
+        );
+    }
+
+    #[test]
+    fn a_held_verdict_is_written_before_a_later_committed_one_of_its_workspace() {
+        let (_dir, store) = store_with("ws");
+        let v = version(&store, "ws");
+        let held = submit_held(&store, beat_at("ws", v, 1_000, "held"));
+        // A verdict the caller waits for: the held one goes first, in the
+        // same batch, without waiting for the hold to run out.
+        let applied = store.apply(beat_at("ws", v, 1_050, "waited")).unwrap();
+        assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+        assert!(matches!(
+            held.try_recv().unwrap().unwrap(),
+            Applied::Done { .. }
+        ));
+        let mut rows = store.decisions("ws", 10).unwrap();
+        rows.sort_by_key(|r| r.id);
+        let tasks: Vec<_> = rows.iter().map(|r| r.input["task"].clone()).collect();
+        assert_eq!(tasks, ["held", "waited"]);
+    }
+
+    #[test]
+    fn a_held_verdict_is_written_after_the_hold_and_its_conflict_reported() {
+        let (dir, store) = store_with("ws");
+        let v = version(&store, "ws");
+        let on_time = submit_held(&store, beat_at("ws", v, 1_000, "a"));
+        // Nothing else happens: the writer's timer writes it.
+        let applied = on_time.recv_timeout(LIVENESS_HOLD * 40).unwrap().unwrap();
+        assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+        // The workspace changes elsewhere while a verdict is held.
+        let stale = submit_held(&store, beat_at("ws", v, 2_000, "b"));
+        Connection::open(dir.path().join("v.db"))
+            .unwrap()
+            .execute(
+                "UPDATE workspaces SET status = 'paused' WHERE id = 'ws'",
+                [],
+            )
+            .unwrap();
+        store.flush();
+        assert_eq!(stale.try_recv().unwrap().unwrap(), Applied::Conflict);
+        assert_eq!(store.decisions("ws", 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn closing_the_store_writes_the_held_verdicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = {
+            let store = SqliteStore::open(&dir.path().join("v.db")).unwrap();
+            store
+                .add_workspace(
+                    &NewWorkspace {
+                        id: "ws".into(),
+                        name: String::new(),
+                        kind: WorkspaceKind::Workspace,
+                        model_configured: false,
+                    },
+                    1,
+                )
+                .unwrap();
+            let v = version(&store, "ws");
+            let _held = submit_held(&store, beat_at("ws", v, 1_000, "a"));
+            v
+        };
+        let store = SqliteStore::open(&dir.path().join("v.db")).unwrap();
+        let rows = store.decisions("ws", 10).unwrap();
+        assert_eq!(rows.len(), 1, "version {v}: {rows:?}");
     }
 }

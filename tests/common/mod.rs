@@ -214,6 +214,23 @@ impl Service {
         self.post_raw("POST", path, bearer, body.to_string()).await
     }
 
+    /// A heartbeat's status and its `heartgate-durability` header
+    /// (`committed`, or `queued` for a liveness-only verdict).
+    pub async fn heartbeat_durability(&self, token: &str, body: Value) -> (StatusCode, String) {
+        let req = Request::post(format!("http://{}/registry/heartbeat", self.addr))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let resp = self.client.request(req).await.unwrap();
+        let durability = resp
+            .headers()
+            .get("heartgate-durability")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (resp.status(), durability)
+    }
+
     pub async fn heartbeat(&self, token: &str, body: Value) -> (StatusCode, Value) {
         self.post("/registry/heartbeat", Some(token), &body).await
     }
