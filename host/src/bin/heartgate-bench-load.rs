@@ -26,6 +26,11 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use heartgate::ServiceOptions;
+
+/// The allocator of the `heartgate` binary, so the service measured here
+/// allocates as the deployed one does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use heartgate::model::WorkspaceKind;
 use heartgate::store::NewWorkspace;
 
