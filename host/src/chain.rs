@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engine::{Engine, EvalFailure, FailureKind, Limits, LoadError, PolicyModule};
+use crate::engine::{
+    Engine, EvalFailure, FailureKind, GuestInput, Limits, LoadError, PolicyModule,
+};
 use crate::model::{Action, Input};
 
 /// The embedded built-in policies, by name: (name, component bytes).
@@ -196,6 +198,34 @@ pub struct Slot {
     pub limits: Limits,
     pub grants: Vec<Grant>,
     pub on_failure: OnFailure,
+    /// How its steps name it: shared by every evaluation, not copied.
+    step_id: Arc<StepId>,
+}
+
+impl Slot {
+    pub fn new(
+        name: String,
+        module: Arc<PolicyModule>,
+        limits: Limits,
+        grants: Vec<Grant>,
+        on_failure: OnFailure,
+    ) -> Slot {
+        let meta = module.metadata();
+        let step_id = Arc::new(StepId {
+            slot: name.clone(),
+            policy: meta.name.clone(),
+            policy_version: meta.version.clone(),
+            digest: module.digest().to_string(),
+        });
+        Slot {
+            name,
+            module,
+            limits,
+            grants,
+            on_failure,
+            step_id,
+        }
+    }
 }
 
 /// An ordered, loaded chain of policies.
@@ -211,13 +241,20 @@ pub struct Chain {
     pub spec: ChainSpec,
 }
 
-/// What one slot did in one evaluation (a decision-log entry).
-#[derive(Clone, Debug, Serialize)]
-pub struct Step {
+/// The slot and policy a step is of.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StepId {
     pub slot: String,
     pub policy: String,
     pub policy_version: String,
     pub digest: String,
+}
+
+/// What one slot did in one evaluation (a decision-log entry).
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    #[serde(flatten)]
+    pub id: Arc<StepId>,
     pub elapsed_us: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<Vec<Action>>,
@@ -343,13 +380,13 @@ impl Chain {
                 grants: Some(grants.clone()),
                 ..s.clone()
             });
-            slots.push(Slot {
-                name: s.name.clone(),
-                module: Arc::new(module),
+            slots.push(Slot::new(
+                s.name.clone(),
+                Arc::new(module),
                 limits,
                 grants,
-                on_failure: s.on_failure.unwrap_or_default(),
-            });
+                s.on_failure.unwrap_or_default(),
+            ));
         }
         let spec = ChainSpec { slot: normalized };
         let canonical = serde_json::to_vec(&spec).unwrap_or_default();
@@ -365,13 +402,13 @@ impl Chain {
     /// default limits: how a policy is tested on its own, in the same
     /// sandbox and with the same output checks as in a service.
     pub fn single(name: &str, module: PolicyModule) -> Chain {
-        Chain::of_slot(Slot {
-            name: name.to_string(),
-            module: Arc::new(module),
-            limits: Limits::default(),
-            grants: Grant::ALL.to_vec(),
-            on_failure: OnFailure::FailClosed,
-        })
+        Chain::of_slot(Slot::new(
+            name.to_string(),
+            Arc::new(module),
+            Limits::default(),
+            Grant::ALL.to_vec(),
+            OnFailure::FailClosed,
+        ))
     }
 
     /// A chain of one slot of another chain, with its grants and limits.
@@ -414,21 +451,14 @@ impl Chain {
     pub async fn evaluate_from_async(&self, input: &Input, proposed: Vec<Action>) -> ChainOutcome {
         let mut steps = Vec::with_capacity(self.slots.len());
         let mut proposed = proposed;
+        let mut guest = GuestInput::new(input);
         for slot in &self.slots {
             let meta = slot.module.metadata();
-            let own = Input {
-                markers: input
-                    .markers
-                    .iter()
-                    .filter(|m| m.owner == meta.name)
-                    .cloned()
-                    .collect(),
-                ..input.clone()
-            };
+            guest.set_markers(input.markers.iter().filter(|m| m.owner == meta.name));
             let started = Instant::now();
             let result = slot
                 .module
-                .evaluate_async(&own, &proposed, slot.limits)
+                .evaluate_guest_async(&guest, &proposed, slot.limits)
                 .await
                 .and_then(|out| {
                     check_output(
@@ -441,10 +471,7 @@ impl Chain {
                 });
             let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let mut step = Step {
-                slot: slot.name.clone(),
-                policy: meta.name.clone(),
-                policy_version: meta.version.clone(),
-                digest: slot.module.digest().to_string(),
+                id: slot.step_id.clone(),
                 elapsed_us,
                 output: None,
                 failure: None,

@@ -415,16 +415,29 @@ impl PolicyModule {
         proposed: &[model::Action],
         limits: Limits,
     ) -> Result<Vec<model::Action>, EvalFailure> {
+        let mut guest = GuestInput::new(input);
+        guest.set_markers(input.markers.iter());
+        self.evaluate_guest_async(&guest, proposed, limits).await
+    }
+
+    /// [`PolicyModule::evaluate_async`] of an input already converted for
+    /// the guest (once per chain evaluation, not once per slot).
+    pub async fn evaluate_guest_async(
+        &self,
+        input: &GuestInput,
+        proposed: &[model::Action],
+        limits: Limits,
+    ) -> Result<Vec<model::Action>, EvalFailure> {
         let mut store = self.engine.store(limits);
         let instance = self
             .pre
             .instantiate_async(&mut store)
             .await
             .map_err(|e| classify(&store, e, true))?;
-        let wit_input = to_wit_input(input);
+        let wit_input = &input.0;
         let wit_proposed: Vec<wit::Action> = proposed.iter().map(to_wit_action).collect();
         let result = instance
-            .call_evaluate(&mut store, &wit_input, &wit_proposed)
+            .call_evaluate(&mut store, wit_input, &wit_proposed)
             .await
             .map_err(|e| classify(&store, e, false))?;
         match result {
@@ -530,6 +543,29 @@ fn from_wit_trigger(t: wit::ReconcileTrigger) -> model::ReconcileTrigger {
     }
 }
 
+/// An evaluation's input as the guests receive it, converted once for every
+/// slot of a chain; each slot gets only its own markers
+/// ([`GuestInput::set_markers`]).
+pub struct GuestInput(wit::Input);
+
+impl GuestInput {
+    /// `input` without its markers.
+    pub fn new(input: &model::Input) -> GuestInput {
+        GuestInput(to_wit_input(input))
+    }
+
+    /// Replace the markers the guest sees.
+    pub fn set_markers<'a>(&mut self, markers: impl Iterator<Item = &'a model::Marker>) {
+        self.0.markers.clear();
+        self.0.markers.extend(markers.map(|m| wit::Marker {
+            owner: m.owner.clone(),
+            key: m.key.clone(),
+            value: m.value.clone(),
+        }));
+    }
+}
+
+/// `input` for the guest, without markers.
 fn to_wit_input(input: &model::Input) -> wit::Input {
     let event = match &input.event {
         model::Event::Register(r) => wit::Event::Register(wit::RegisterEvent {
@@ -561,15 +597,7 @@ fn to_wit_input(input: &model::Input) -> wit::Input {
             declared_plugins: ws.declared_plugins.clone(),
             last_register_failure_ms: ws.last_register_failure_ms,
         },
-        markers: input
-            .markers
-            .iter()
-            .map(|m| wit::Marker {
-                owner: m.owner.clone(),
-                key: m.key.clone(),
-                value: m.value.clone(),
-            })
-            .collect(),
+        markers: Vec::new(),
         now_ms: input.now_ms,
     }
 }

@@ -832,7 +832,7 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
     let last_slot = outcome
         .steps
         .last()
-        .map(|s| s.slot.clone())
+        .map(|s| s.id.slot.clone())
         .unwrap_or_default();
     let invalid = |message: String| SlotFailure {
         slot: last_slot.clone(),

@@ -99,10 +99,10 @@ fn trace_steps(
             .collect();
         let next = step.output.clone();
         steps.push(TraceStep {
-            slot: step.slot,
-            policy: step.policy,
-            policy_version: step.policy_version,
-            digest: step.digest,
+            slot: step.id.slot.clone(),
+            policy: step.id.policy.clone(),
+            policy_version: step.id.policy_version.clone(),
+            digest: step.id.digest.clone(),
             markers,
             proposed: seen.clone(),
             output: step.output,
