@@ -778,6 +778,9 @@ const CHECKPOINT_FRAMES: i64 = 1000;
 /// before its commit) to coalesce later ones of the same workspace into it:
 /// also the most liveness a killed process can lose.
 pub const LIVENESS_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+/// The writer connection's page cache (reader connections keep SQLite's
+/// default 2 MiB).
+const WRITER_CACHE_KIB: u32 = 16 << 10;
 /// The most workspaces with a held verdict; past it, all are written.
 const MAX_HELD: usize = 16_384;
 /// Verdicts queued at which a submit wakes the writer even if they may be
@@ -900,6 +903,11 @@ impl SqliteStore {
             Ok(())
         }))?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        // A batch touches a workspace row per verdict: with many workspaces
+        // SQLite's default 2 MiB cache spilled mid-transaction and re-read
+        // pages. The savepoints' statement journal stays in memory.
+        conn.pragma_update(None, "cache_size", -(WRITER_CACHE_KIB as i64))?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         let cache = Arc::new(SnapshotCache::default());
         let writer = Arc::new(Writer {
             conn: Mutex::new(conn),
@@ -1396,6 +1404,19 @@ fn apply_batch(conn: &mut Connection, batch: &[Job]) -> Vec<Result<Applied, Stor
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(batch.len());
         for job in batch {
+            // A liveness-only verdict can only conflict at its version check,
+            // before it writes anything: no savepoint to undo it. (An error
+            // fails the whole batch.)
+            if job.write.records_only_liveness() {
+                let applied = apply_in(&tx, &job.write, job.heartbeats, job.first_at_ms);
+                match &applied {
+                    // Found before anything was written.
+                    Ok(_) | Err(StoreError::UnknownWorkspace(_)) => {}
+                    Err(e) => return Err(StoreError::Failed(e.to_string())),
+                }
+                results.push(applied);
+                continue;
+            }
             // Savepoints by cached statements: no SQL parsed per verdict.
             tx.prepare_cached("SAVEPOINT verdict")?.execute([])?;
             let applied = apply_in(&tx, &job.write, job.heartbeats, job.first_at_ms);
