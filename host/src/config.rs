@@ -62,6 +62,8 @@ pub struct RestartSection {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub listen: Option<SocketAddr>,
+    /// The SQLite database file (`--db` and `HEARTGATE_DB` override it).
+    pub database: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
     /// The environment variable holding the admin API's bearer token.
     pub admin_token_env: Option<String>,
@@ -85,50 +87,92 @@ impl ConfigFile {
             path: path.to_path_buf(),
             error,
         })?;
-        let invalid = |message: String| ConfigError::Invalid {
+        // Parse errors carry their own line and column; a value the parser
+        // accepted but the rules refuse is reported at its key's line.
+        let config: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
-            message,
+            message: e.to_string(),
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: match key_line(&text, key) {
+                Some(line) => format!("line {line}: `{key}` {message}"),
+                None => format!("`{key}` {message}"),
+            },
         };
-        let config: ConfigFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if let Some(n) = config.max_body_bytes
             && !(1024..=16 << 20).contains(&n)
         {
-            return Err(invalid(format!(
-                "`max_body_bytes` must be 1024-16777216, not {n}"
-            )));
+            return Err(invalid(
+                "max_body_bytes",
+                format!("must be 1024-16777216, not {n}"),
+            ));
         }
         let r = &config.reconcile;
-        if r.concurrency.is_some_and(|n| !(1..=64).contains(&n)) {
-            return Err(invalid("`reconcile.concurrency` must be 1-64".into()));
+        if let Some(n) = r.concurrency.filter(|n| !(1..=64).contains(n)) {
+            return Err(invalid(
+                "reconcile.concurrency",
+                format!("must be 1-64, not {n}"),
+            ));
         }
-        if r.deadline_secs.is_some_and(|n| !(1..=86_400).contains(&n)) {
-            return Err(invalid("`reconcile.deadline_secs` must be 1-86400".into()));
+        if let Some(n) = r.deadline_secs.filter(|n| !(1..=86_400).contains(n)) {
+            return Err(invalid(
+                "reconcile.deadline_secs",
+                format!("must be 1-86400, not {n}"),
+            ));
         }
-        if r.max_plugin_mib.is_some_and(|n| !(1..=4096).contains(&n)) {
-            return Err(invalid("`reconcile.max_plugin_mib` must be 1-4096".into()));
+        if let Some(n) = r.max_plugin_mib.filter(|n| !(1..=4096).contains(n)) {
+            return Err(invalid(
+                "reconcile.max_plugin_mib",
+                format!("must be 1-4096, not {n}"),
+            ));
         }
         let restart = &config.restart;
         if restart.command.is_some() && restart.url.is_some() {
             return Err(invalid(
-                "`restart` takes `command` or `url`, not both".into(),
+                "restart.url",
+                "and `restart.command` exclude each other".into(),
             ));
         }
         if restart.command.as_ref().is_some_and(Vec::is_empty) {
-            return Err(invalid("`restart.command` must name a program".into()));
+            return Err(invalid("restart.command", "must name a program".into()));
         }
         if let Some(url) = &restart.url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(invalid(format!(
-                "`restart.url` must be an http(s) URL, not `{url}`"
-            )));
+            return Err(invalid(
+                "restart.url",
+                format!("must be an http(s) URL, not `{url}`"),
+            ));
         }
         if let Some(url) = &config.gitea.base_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(invalid(format!(
-                "`gitea.base_url` must be an http(s) URL, not `{url}`"
-            )));
+            return Err(invalid(
+                "gitea.base_url",
+                format!("must be an http(s) URL, not `{url}`"),
+            ));
+        }
+        for (key, name) in [
+            ("admin_token_env", &config.admin_token_env),
+            ("gitea.token_env", &config.gitea.token_env),
+            ("restart.secret_env", &config.restart.secret_env),
+        ] {
+            if let Some(name) = name
+                && !valid_env_name(name)
+            {
+                return Err(invalid(
+                    key,
+                    format!("must name an environment variable (A-Z, 0-9, _), not `{name}`"),
+                ));
+            }
+        }
+        if config
+            .database
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("database", "must not be empty".into()));
         }
         Ok(config)
     }
@@ -190,6 +234,35 @@ impl ConfigFile {
     }
 }
 
+/// The 1-based line of the dotted `key` (e.g. `reconcile.concurrency`) in the
+/// TOML `text`, if it is there.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            let start = k.span().start;
+            return Some(text[..start.min(text.len())].matches('\n').count() + 1);
+        }
+        table = match v.get_ref() {
+            toml::de::DeValue::Table(t) => t,
+            _ => return None,
+        };
+    }
+    None
+}
+
+/// A portable environment variable name.
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +297,25 @@ mod tests {
         );
         std::fs::write(&path, "[restart]\ncommand = []\n").unwrap();
         let err = ConfigFile::load(&path).unwrap_err().to_string();
-        assert!(err.contains("restart.command"), "{err}");
+        assert!(
+            err.contains("`restart.command`") && err.contains("line 2"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            "# limits\nmax_body_bytes = 4096\n\n[reconcile]\n\nconcurrency = 0\n",
+        )
+        .unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("line 6: `reconcile.concurrency` must be 1-64, not 0"),
+            "{err}"
+        );
+        std::fs::write(&path, "admin_token_env = \"my token\"\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 1: `admin_token_env`"), "{err}");
+        std::fs::write(&path, "listen = \"localhost\"\n").unwrap();
+        let err = ConfigFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("listen"), "{err}");
     }
 }

@@ -79,6 +79,8 @@ pub struct App {
     admin: Arc<Admin>,
     permits: Semaphore,
     config: ServerConfig,
+    /// The reconcile worker whose state `/readyz` reports.
+    worker: Option<Arc<crate::reconcile::Worker>>,
 }
 
 impl App {
@@ -88,7 +90,15 @@ impl App {
             admin: Arc::new(admin),
             permits: Semaphore::new(config.max_in_flight.max(1)),
             config,
+            worker: None,
         }
+    }
+
+    /// Report `worker`'s state in `/readyz` (without one, `/readyz` says
+    /// the reconcile worker is not running).
+    pub fn with_worker(mut self, worker: Arc<crate::reconcile::Worker>) -> App {
+        self.worker = Some(worker);
+        self
     }
 }
 
@@ -247,6 +257,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         (&Method::POST, "/registry/register") => register(app, req).await,
         (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, "/readyz") => readyz(app).await,
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(app.executor.metrics().render())));
             resp.headers_mut().insert(
@@ -265,7 +276,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method `{}` not allowed on `{path}`", req.method()),
         )),
-        (_, "/registry/register" | "/registry/heartbeat" | "/healthz" | "/metrics") => {
+        (_, "/registry/register" | "/registry/heartbeat" | "/healthz" | "/readyz" | "/metrics") => {
             Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("method `{}` not allowed on `{path}`", req.method()),
@@ -273,6 +284,40 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
     }
+}
+
+/// Ready to serve: the database takes a write transaction, a chain is
+/// loaded, the reconcile worker is running. 200 or 503, with each check.
+async fn readyz(app: Arc<App>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let store = app.executor.store().clone();
+    let database = match blocking(&app, move || store.check_writable()).await? {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    };
+    let chain = app.executor.chain();
+    let chain = if chain.slots.is_empty() {
+        json!({"ok": false, "error": "no chain is loaded"})
+    } else {
+        json!({"ok": true, "version": chain.version})
+    };
+    let worker = if app.worker.as_ref().is_some_and(|w| w.is_running()) {
+        json!({"ok": true})
+    } else {
+        json!({"ok": false, "error": "the reconcile worker is not running"})
+    };
+    let ready = [&database, &chain, &worker]
+        .iter()
+        .all(|c| c["ok"] == json!(true));
+    let body = json!({
+        "status": if ready { "ready" } else { "unready" },
+        "checks": {"database": database, "chain": chain, "reconcile_worker": worker},
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json_response(status, &body))
 }
 
 async fn read_body(app: &App, req: Request<Incoming>) -> Result<(Option<String>, Bytes), ApiError> {

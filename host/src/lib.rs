@@ -179,7 +179,10 @@ pub async fn run(
         service.policies.clone(),
     );
     let store = service.executor.store().clone();
-    let app = Arc::new(http::App::new(service.executor, admin, opts.server.clone()));
+    let app = Arc::new(
+        http::App::new(service.executor, admin, opts.server.clone())
+            .with_worker(service.worker.clone()),
+    );
     tracing::info!(addr = %listener.local_addr()?, "serving");
     let served = http::serve(listener, app, shutdown).await;
     let _ = stop.send(true);

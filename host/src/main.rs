@@ -30,14 +30,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Agent-fleet liveness decided by sandboxed WebAssembly policies"
 )]
 struct Cli {
-    /// The SQLite database file.
-    #[arg(
-        long,
-        global = true,
-        env = "HEARTGATE_DB",
-        default_value = "heartgate.db"
-    )]
-    db: PathBuf,
+    /// The SQLite database file [default: `database` of the config, or
+    /// heartgate.db].
+    #[arg(long, global = true, env = "HEARTGATE_DB")]
+    db: Option<PathBuf>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -49,17 +45,22 @@ struct Cli {
 enum Command {
     /// Run the service.
     Serve {
-        /// Address to listen on [default: 127.0.0.1:8080, or `listen` of the config].
-        #[arg(long)]
+        /// Address to listen on [default: `listen` of the config, or
+        /// 127.0.0.1:8080].
+        #[arg(long, env = "HEARTGATE_LISTEN")]
         listen: Option<SocketAddr>,
-        /// Configuration file (TOML).
-        #[arg(long)]
+        /// Configuration file (TOML); flags and their environment variables
+        /// override its keys.
+        #[arg(long, env = "HEARTGATE_CONFIG")]
         config: Option<PathBuf>,
         /// Watch a directory for `<slot>.wasm` files and activate each new or
         /// changed one in its slot, after the same validation as a push.
         #[arg(long)]
         watch: Option<PathBuf>,
     },
+    /// Validate configuration files without starting anything.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Provision and inspect workspaces.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
@@ -203,6 +204,14 @@ enum PolicyCommand {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check FILE: its syntax, every key and value, and the chain it names
+    /// (each module loaded and checked). Prints `ok: FILE` or the first error
+    /// with its key and line, and exits 1.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum WorkspaceCommand {
     /// Provision a workspace (status `provisioning`).
     Add {
@@ -273,7 +282,9 @@ fn run(cli: Cli) -> Result<()> {
             config,
             watch,
         } => serve(cli.db, listen, config, watch),
-        Command::Policy { server, command } => match local_policy(&cli.db, command)? {
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Policy { server, command } => match local_policy(&db_or_default(cli.db), command)?
+        {
             Local::Done(code) => {
                 if code != 0 {
                     std::process::exit(code);
@@ -283,11 +294,11 @@ fn run(cli: Cli) -> Result<()> {
             Local::Remote(command) => policy(&server, command),
         },
         Command::Workspace(cmd) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&db_or_default(cli.db))?;
             workspace(store.as_ref(), cmd, now)
         }
         Command::Token(cmd) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&db_or_default(cli.db))?;
             match cmd {
                 TokenCommand::Issue { id } => {
                     let token = auth::mint().context("minting a token")?;
@@ -302,7 +313,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Reconcile(cmd) => {
-            let store = open_store(&cli.db)?;
+            let store = open_store(&db_or_default(cli.db))?;
             match cmd {
                 ReconcileCommand::List { workspace } => {
                     for run in store.reconcile_runs(workspace.as_deref())? {
@@ -358,27 +369,57 @@ fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
     Ok(())
 }
 
+/// The database named by `--db` or `HEARTGATE_DB`, or the default.
+fn db_or_default(db: Option<PathBuf>) -> PathBuf {
+    db.unwrap_or_else(|| PathBuf::from(DEFAULT_DB))
+}
+
+const DEFAULT_DB: &str = "heartgate.db";
+
+/// The directory relative paths of the config file `path` are taken from.
+fn config_base(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `heartgate config check FILE`.
+fn config_check(path: &Path) -> Result<()> {
+    let file = ConfigFile::load(path)?;
+    let base = config_base(path);
+    if let Some(spec) = &file.chain {
+        let engine = heartgate::engine::Engine::new()?;
+        heartgate::chain::Chain::from_spec(&engine, spec, &base, &|_| None)
+            .map_err(|e| anyhow::anyhow!("`{}`: chain: {e}", path.display()))?;
+    }
+    println!("ok: {}", path.display());
+    Ok(())
+}
+
 fn serve(
-    db: PathBuf,
+    db: Option<PathBuf>,
     listen: Option<SocketAddr>,
     config: Option<PathBuf>,
     watch: Option<PathBuf>,
 ) -> Result<()> {
-    let mut opts = ServiceOptions::new(db);
-    opts.watch_dir = watch;
     let mut addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    let mut opts = ServiceOptions::new(DEFAULT_DB);
     if let Some(path) = &config {
         let file = ConfigFile::load(path)?;
         if let Some(a) = file.listen {
             addr = a;
         }
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = config_base(path);
+        if let Some(database) = &file.database {
+            opts.db = base.join(database);
+        }
         file.apply(&mut opts, &base);
     }
+    if let Some(db) = db {
+        opts.db = db;
+    }
+    opts.watch_dir = watch;
     if let Some(a) = listen {
         addr = a;
     }

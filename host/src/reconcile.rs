@@ -56,6 +56,8 @@ pub struct Worker {
     deliverer: PluginDeliverer,
     config: WorkerConfig,
     wake: Notify,
+    /// Inside [`Worker::run`] (what `/readyz` reports).
+    running: std::sync::atomic::AtomicBool,
 }
 
 /// Wakes the worker when a verdict queued a run.
@@ -72,6 +74,11 @@ impl Deliverer for WorkerHandle {
 }
 
 impl Worker {
+    /// Whether [`Worker::run`] is running.
+    pub fn is_running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
@@ -84,6 +91,7 @@ impl Worker {
             deliverer,
             config,
             wake: Notify::new(),
+            running: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -104,6 +112,16 @@ impl Worker {
 
     /// Run until `shutdown` resolves.
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        // Running until this returns or its task is dropped.
+        struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _running = Running(&self.running);
         let mut shutdown = std::pin::pin!(shutdown);
         match self.blocking(|s| s.requeue_interrupted()).await {
             Ok(0) => {}

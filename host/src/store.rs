@@ -392,6 +392,9 @@ pub trait Store: Send + Sync + 'static {
     fn backlog(&self) -> u64 {
         0
     }
+    /// Whether verdicts can be written now: the writer is running and the
+    /// database accepts a write transaction. For `/readyz`.
+    fn check_writable(&self) -> Result<(), StoreError>;
     /// Wait until every verdict submitted before this call has been
     /// answered (committed or failed): what a reader calls to see the
     /// verdicts that were acknowledged before they were committed.
@@ -847,6 +850,13 @@ impl Job {
 }
 
 const MAX_IDLE_READERS: usize = 8;
+
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    std::path::PathBuf::from(name)
+}
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -1731,6 +1741,30 @@ impl Store for SqliteStore {
 
     fn backlog(&self) -> u64 {
         self.writer.backlog()
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.writer.queue.lock().map_or(true, |q| q.closed) {
+            return Err(StoreError::WriterStopped);
+        }
+        // Asked of the OS, not of an open connection: one keeps writing to a
+        // file made read-only since (its descriptor was opened for writing)
+        // until a checkpoint fails, and SQLite reuses such descriptors.
+        for file in [self.path.clone(), wal_path(&self.path)] {
+            if let Err(e) = std::fs::OpenOptions::new().write(true).open(&file)
+                && (file == self.path || e.kind() != std::io::ErrorKind::NotFound)
+            {
+                return Err(StoreError::Failed(format!(
+                    "the database file `{}` is read-only: {e}",
+                    file.display()
+                )));
+            }
+        }
+        // And the write lock can be taken (no other process holds it for
+        // longer than the busy timeout).
+        let conn = open_connection(&self.path)?;
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
     }
 
     fn flush(&self) {

@@ -1,0 +1,153 @@
+//! What a platform team runs the service with (issue 8): the configuration
+//! check, readiness, and the metrics, on the real binary or the real service
+//! on loopback with a temp SQLite file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use hyper::StatusCode;
+use serde_json::json;
+
+use common::{Service, T0_MS};
+use heartgate::clock::ManualClock;
+
+const HEARTGATE: &str = env!("CARGO_BIN_EXE_heartgate");
+
+fn config_check(file: &Path) -> (bool, String) {
+    let out = Command::new(HEARTGATE)
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn config_check_passes_the_example_and_names_the_key_and_line_of_a_broken_file() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/heartgate.example.toml");
+    let (ok, text) = config_check(&example);
+    assert!(ok, "{text}");
+    assert!(text.starts_with("ok: "), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("heartgate.toml");
+    for (body, want) in [
+        // A misspelt key.
+        (
+            "listen = \"127.0.0.1:8080\"\n\n[reconcile]\nconcurency = 2\n",
+            &["line 4", "concurency"][..],
+        ),
+        // A value out of range.
+        (
+            "# ours\n[reconcile]\nconcurrency = 2\ndeadline_secs = 0\n",
+            &["line 4", "`reconcile.deadline_secs` must be 1-86400, not 0"][..],
+        ),
+        // A wrong type.
+        (
+            "max_body_bytes = \"big\"\n",
+            &["line 1", "max_body_bytes"][..],
+        ),
+        // An environment variable name that is not one.
+        (
+            "\n[gitea]\ntoken_env = \"my token\"\n",
+            &["line 3", "`gitea.token_env`"][..],
+        ),
+        // Not TOML.
+        ("listen = \n", &["line 1"][..]),
+        // A chain whose module is missing: named by its slot.
+        (
+            "[[chain.slot]]\nname = \"gate\"\nmodule = \"missing.wasm\"\n",
+            &["slot `gate`", "missing.wasm"][..],
+        ),
+    ] {
+        std::fs::write(&file, body).unwrap();
+        let (ok, text) = config_check(&file);
+        assert!(!ok, "accepted:\n{body}");
+        for w in want {
+            assert!(text.contains(w), "`{w}` missing for\n{body}\n{text}");
+        }
+    }
+}
+
+/// Make `path` read-only for every process: `chattr +i` where the file
+/// system allows it (root, as on the CI machines, ignores permission bits),
+/// else the permission bits. Undone by the guard's drop.
+struct ReadOnly<'a>(&'a Path, bool);
+
+impl<'a> ReadOnly<'a> {
+    fn make(path: &'a Path) -> ReadOnly<'a> {
+        let immutable = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !immutable {
+            let mut perms = std::fs::metadata(path).unwrap().permissions();
+            perms.set_readonly(true);
+            std::fs::set_permissions(path, perms).unwrap();
+        }
+        ReadOnly(path, immutable)
+    }
+}
+
+impl Drop for ReadOnly<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+        } else if let Ok(meta) = std::fs::metadata(self.0) {
+            let mut perms = meta.permissions();
+            #[allow(
+                clippy::permissions_set_readonly_false,
+                reason = "undoing the test's own change"
+            )]
+            perms.set_readonly(false);
+            let _ = std::fs::set_permissions(self.0, perms);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_when_the_database_is_made_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let svc = Service::start(&db, ManualClock::at(T0_MS)).await;
+    let (status, body) = svc.get("/readyz").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["checks"]["database"], json!({"ok": true}));
+    assert_eq!(body["checks"]["chain"]["ok"], true);
+    assert!(body["checks"]["chain"]["version"].is_string(), "{body}");
+    assert_eq!(body["checks"]["reconcile_worker"], json!({"ok": true}));
+
+    {
+        let _read_only = ReadOnly::make(&db);
+        let (status, body) = svc.get("/readyz").await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["status"], "unready");
+        assert_eq!(body["checks"]["database"]["ok"], false);
+        assert!(
+            body["checks"]["database"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("read-only"),
+            "{body}"
+        );
+        // Only the database failed, and the service is still alive.
+        assert_eq!(body["checks"]["chain"]["ok"], true);
+        assert_eq!(body["checks"]["reconcile_worker"]["ok"], true);
+        let (status, _) = svc.get("/healthz").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, body) = svc.get("/readyz").await.unwrap();
+    assert_eq!(status, StatusCode::OK, "ready again once writable: {body}");
+    svc.stop().await;
+}
