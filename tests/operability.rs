@@ -151,3 +151,131 @@ async fn readyz_turns_unready_when_the_database_is_made_read_only() {
     assert_eq!(status, StatusCode::OK, "ready again once writable: {body}");
     svc.stop().await;
 }
+
+/// The value of the sample `name{labels}` in a Prometheus text scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_deadlock_scenario() {
+    use heartgate::model::WorkspaceKind::{Platform, Workspace};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let clock = ManualClock::at(T0_MS);
+    let svc = Service::start(&db, clock.clone()).await;
+    let concierge = svc.provision("concierge", Platform, true);
+    svc.force_status("concierge", "online");
+    let worker = svc.provision("worker", Workspace, true);
+    let missing =
+        json!({"workspace_id": "concierge", "uptime_seconds": 60, "mcp_server_present": false});
+    let healthy = json!({"workspace_id": "worker", "uptime_seconds": 60});
+
+    // The platform workspace loses its MCP: failed by the gate, recovery
+    // queued; a minute later, still missing: the cooldown holds.
+    assert_eq!(
+        svc.heartbeat(&concierge, missing.clone()).await.0,
+        StatusCode::OK
+    );
+    clock.advance(common::MINUTE_MS);
+    assert_eq!(
+        svc.heartbeat(&concierge, missing.clone()).await.0,
+        StatusCode::OK
+    );
+    // An ordinary workspace comes online, then heartbeats.
+    assert_eq!(
+        svc.heartbeat(&worker, healthy.clone()).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        svc.heartbeat(&worker, healthy.clone()).await.0,
+        StatusCode::OK
+    );
+    // A bad token and an unknown route.
+    assert_eq!(
+        svc.heartbeat("nope", healthy.clone()).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(svc.get("/nowhere").await.unwrap().0, StatusCode::NOT_FOUND);
+    svc.wait_for("the reconcile runs to finish", 30, |s| {
+        s.store
+            .reconcile_runs(None)
+            .unwrap()
+            .iter()
+            .all(|r| r.state == "succeeded" || r.state == "failed")
+    })
+    .await;
+    // The worker counts a run once it is recorded.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = svc.get_text("/metrics").await.1;
+        if sample(
+            &text,
+            r#"heartgate_reconcile_runs_total{trigger="mcp-recovery",outcome="succeeded"}"#,
+        )
+        .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let want = [
+        (
+            r#"heartgate_http_requests_total{route="/registry/heartbeat",status="200"}"#,
+            4.0,
+        ),
+        (
+            r#"heartgate_http_requests_total{route="/registry/heartbeat",status="401"}"#,
+            1.0,
+        ),
+        (
+            r#"heartgate_http_requests_total{route="other",status="404"}"#,
+            1.0,
+        ),
+        (
+            r#"heartgate_evaluations_total{event="heartbeat",outcome="applied"}"#,
+            4.0,
+        ),
+        (
+            r#"heartgate_slot_evaluation_seconds_count{slot="gate"}"#,
+            4.0,
+        ),
+        (
+            r#"heartgate_slot_evaluation_seconds_count{slot="cooldown"}"#,
+            4.0,
+        ),
+        (
+            r#"heartgate_status_transitions_total{from="online",to="failed"}"#,
+            1.0,
+        ),
+        (
+            r#"heartgate_status_transitions_total{from="provisioning",to="online"}"#,
+            1.0,
+        ),
+        (
+            r#"heartgate_reconcile_runs_total{trigger="mcp-recovery",outcome="succeeded"}"#,
+            1.0,
+        ),
+        (
+            r#"heartgate_cooldown_suppressions_total{slot="cooldown",trigger="mcp-recovery"}"#,
+            1.0,
+        ),
+    ];
+    for (series, value) in want {
+        assert_eq!(sample(&text, series), Some(value), "{series}\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("heartgate_active_chain{version=") && l.ends_with(" 1")),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "heartgate_db_commit_seconds_count").unwrap() >= 1.0,
+        "{text}"
+    );
+    // Re-asserting `failed` (what lets the trigger fire again) is no change.
+    assert!(!text.contains(r#"from="failed",to="failed""#), "{text}");
+    svc.stop().await;
+}

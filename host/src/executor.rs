@@ -214,6 +214,8 @@ impl Executor {
         clock: Arc<dyn Clock>,
         deliverer: Arc<dyn Deliverer>,
     ) -> Executor {
+        let metrics = Arc::new(Metrics::new());
+        metrics.active_chain(&chain.version);
         Executor {
             store,
             chain: ArcSwap::from_pointee(chain),
@@ -221,7 +223,7 @@ impl Executor {
             clock,
             deliverer,
             open_registration: false,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             retries: std::sync::OnceLock::new(),
         }
     }
@@ -275,9 +277,51 @@ impl Executor {
         &self.metrics
     }
 
-    fn count(&self, input: &Input, outcome: &str, checked: &Result<Effects, SlotFailure>) {
+    /// Count into `metrics` (shared with the reconcile worker and the store)
+    /// instead of metrics of its own.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Executor {
+        metrics.active_chain(&self.chain.load().version);
+        self.metrics = metrics;
+        self
+    }
+
+    /// Count a verdict that was committed (or queued, if liveness only):
+    /// its outcome, each slot's time, the reconcile requests a slot dropped,
+    /// and its status change.
+    fn count(
+        &self,
+        input: &Input,
+        recorded: &str,
+        checked: &Result<Effects, SlotFailure>,
+        outcome: &ChainOutcome,
+    ) {
         let slot = checked.as_ref().err().map(|f| f.slot.as_str());
-        self.metrics.verdict(input.event.kind(), outcome, slot);
+        self.metrics.verdict(input.event.kind(), recorded, slot);
+        let mut proposed: &[Action] = &[];
+        for step in &outcome.steps {
+            self.metrics
+                .slot_evaluated(&step.id.slot, step.elapsed_us as f64 / 1e6);
+            let Some(output) = &step.output else {
+                continue;
+            };
+            for action in proposed {
+                if let Effect::RequestReconcile { trigger } = &action.effect
+                    && !output.contains(action)
+                {
+                    self.metrics.suppressed(&step.id.slot, trigger.as_str());
+                }
+            }
+            proposed = output;
+        }
+        if let Ok(Effects {
+            status: Some(change),
+            ..
+        }) = checked
+            && change.expected != change.to
+        {
+            self.metrics
+                .transition(change.expected.as_str(), change.to.as_str());
+        }
     }
 
     /// Let a register for an unknown id create the workspace (an ordinary
@@ -347,6 +391,7 @@ impl Executor {
     /// Replace the active chain at once; evaluations that already loaded the
     /// old one finish on it. Returns the old chain.
     pub fn swap_chain(&self, chain: Chain) -> Arc<Chain> {
+        self.metrics.active_chain(&chain.version);
         self.chain.swap(Arc::new(chain))
     }
 
@@ -444,7 +489,12 @@ impl Executor {
                             "a liveness-only heartbeat acknowledged before its commit was not written"),
                     }),
                 );
-                self.count(&pending.input, &pending.recorded, &pending.checked);
+                self.count(
+                    &pending.input,
+                    &pending.recorded,
+                    &pending.checked,
+                    &pending.outcome,
+                );
                 self.compare_with_shadow_async(&pending.input, &pending.outcome)
                     .await;
                 return Ok(Acknowledged {
@@ -461,7 +511,12 @@ impl Executor {
             );
             match rx.await.unwrap_or(Err(StoreError::WriterStopped)) {
                 Ok(Applied::Done { queued, .. }) => {
-                    self.count(&pending.input, &pending.recorded, &pending.checked);
+                    self.count(
+                        &pending.input,
+                        &pending.recorded,
+                        &pending.checked,
+                        &pending.outcome,
+                    );
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
@@ -629,7 +684,7 @@ impl Executor {
                     token_stored,
                     ..
                 }) => {
-                    self.count(&input, &recorded, &checked);
+                    self.count(&input, &recorded, &checked, &outcome);
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }

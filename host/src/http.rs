@@ -244,11 +244,39 @@ async fn handle(
         verdict = tracing::field::Empty,
         status = tracing::field::Empty,
     );
+    let route_name = route_label(req.method(), req.uri().path());
+    let metrics = app.executor.metrics().clone();
     let resp = route(app, req).instrument(span.clone()).await;
     let resp = resp.unwrap_or_else(ApiError::into_response);
     span.record("status", resp.status().as_u16());
+    metrics.request(route_name, resp.status().as_u16());
     span.in_scope(|| tracing::debug!("request done"));
     Ok(resp)
+}
+
+/// The route a request is counted under: a fixed template, so clients
+/// cannot create metric series with their paths.
+fn route_label(method: &Method, path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (_, ["registry", "register"]) => "/registry/register",
+        (_, ["registry", "heartbeat"]) => "/registry/heartbeat",
+        (_, ["healthz"]) => "/healthz",
+        (_, ["readyz"]) => "/readyz",
+        (_, ["metrics"]) => "/metrics",
+        (_, ["admin", "workspaces", _, "plugins"]) => "/admin/workspaces/{id}/plugins",
+        (_, ["admin", "reconciles"]) => "/admin/reconciles",
+        (_, ["admin", "reconciles", _]) => "/admin/reconciles/{id}",
+        (_, ["admin", "chain"]) => "/admin/chain",
+        (_, ["admin", "shadow"]) => "/admin/shadow",
+        (_, ["admin", "modules"]) => "/admin/modules",
+        (_, ["admin", "chains"]) => "/admin/chains",
+        (_, ["admin", "chains", "rollback"]) => "/admin/chains/rollback",
+        (_, ["admin", "chains", _, "activate"]) => "/admin/chains/{id}/activate",
+        (_, ["admin", "eval"]) => "/admin/eval",
+        (_, ["admin", ..]) => "/admin/other",
+        _ => "other",
+    }
 }
 
 async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {

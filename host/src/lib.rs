@@ -122,6 +122,10 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     );
     let deliverer = PluginDeliverer::new(opts.deliverer.clone(), store.clone(), opts.clock.clone());
     let worker = Worker::new(store.clone(), opts.clock.clone(), deliverer, opts.worker);
+    // One set of metrics for the executor, the worker and the store's writer.
+    let metrics = Arc::new(metrics::Metrics::new());
+    store.observe_commits(metrics.commit_histogram());
+    worker.count_in(metrics.clone());
     let executor = Arc::new(
         Executor::new(
             store.clone(),
@@ -129,7 +133,8 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
             opts.clock.clone(),
             Arc::new(worker.handle()),
         )
-        .with_open_registration(opts.open_registration),
+        .with_open_registration(opts.open_registration)
+        .with_metrics(metrics),
     );
     let policies = Arc::new(policy_set::PolicySet::new(
         engine,

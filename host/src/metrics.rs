@@ -1,6 +1,18 @@
 //! Prometheus metrics, served at `GET /metrics` in the OpenMetrics text
 //! format. Names are `heartgate_<thing>_<unit>`; counters end in `_total`.
 //!
+//! - `heartgate_http_requests_total{route,status}` (routes are fixed templates)
+//! - `heartgate_evaluations_total{event,outcome}`,
+//!   `heartgate_policy_failures_total{slot,kind}`
+//! - `heartgate_slot_evaluation_seconds{slot}` (histogram, fresh sandbox included)
+//! - `heartgate_status_transitions_total{from,to}` (committed changes)
+//! - `heartgate_reconcile_runs_total{trigger,outcome}`
+//! - `heartgate_cooldown_suppressions_total{slot,trigger}`: reconcile requests
+//!   a slot dropped from what was proposed to it
+//! - `heartgate_active_chain{version}`: 1 for the chain in use
+//! - `heartgate_db_commit_seconds` (histogram): the writer's apply-and-commit
+//!   of one batch
+//!
 //! Each evaluation outcome is its own label value (`applied`, `rejected`,
 //! `timeout`, `out_of_memory`, `trap`, `instantiation`, `policy_error`,
 //! `invalid_output`, `ungranted_action`), so a sandbox breach is never
@@ -9,6 +21,8 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::engine::FailureKind;
@@ -30,12 +44,62 @@ pub struct SlotFailureLabels {
     pub kind: &'static str,
 }
 
+/// Labels of an HTTP request: its route (a fixed template, so a client
+/// cannot create series) and response status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabels {
+    pub slot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub trigger: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SuppressionLabels {
+    pub slot: String,
+    pub trigger: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChainLabels {
+    pub version: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 5 us to 80 ms: one policy's evaluation.
+fn slot_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(5e-6, 2.0, 15))
+}
+
 /// The service's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     evaluations: Family<EvaluationLabels, Counter>,
     slot_failures: Family<SlotFailureLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    slot_seconds: HistogramFamily<SlotLabels>,
+    transitions: Family<TransitionLabels, Counter>,
+    reconcile_runs: Family<RunLabels, Counter>,
+    suppressions: Family<SuppressionLabels, Counter>,
+    chain: Family<ChainLabels, Gauge>,
+    commit_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -59,11 +123,119 @@ impl Metrics {
             "Slots that failed an evaluation, by slot and failure kind",
             slot_failures.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "heartgate_http_requests",
+            "HTTP requests answered, by route and status",
+            requests.clone(),
+        );
+        let slot_seconds: HistogramFamily<SlotLabels> =
+            Family::new_with_constructor(slot_buckets as fn() -> Histogram);
+        registry.register(
+            "heartgate_slot_evaluation_seconds",
+            "Time one slot's policy took in one evaluation (fresh sandbox included), by slot",
+            slot_seconds.clone(),
+        );
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "heartgate_status_transitions",
+            "Workspace status changes committed by verdicts, by from and to",
+            transitions.clone(),
+        );
+        let reconcile_runs = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "heartgate_reconcile_runs",
+            "Reconcile runs finished, by trigger and outcome",
+            reconcile_runs.clone(),
+        );
+        let suppressions = Family::<SuppressionLabels, Counter>::default();
+        registry.register(
+            "heartgate_cooldown_suppressions",
+            "Reconcile requests a slot dropped from the actions proposed to it (a cooldown holding), by slot and trigger",
+            suppressions.clone(),
+        );
+        let chain = Family::<ChainLabels, Gauge>::default();
+        registry.register(
+            "heartgate_active_chain",
+            "1 for the version of the chain evaluating verdicts",
+            chain.clone(),
+        );
+        let commit_seconds = Histogram::new(exponential_buckets(5e-5, 2.0, 14));
+        registry.register(
+            "heartgate_db_commit_seconds",
+            "Time the writer took to apply and commit one batch of verdicts",
+            commit_seconds.clone(),
+        );
         Metrics {
             registry,
             evaluations,
             slot_failures,
+            requests,
+            slot_seconds,
+            transitions,
+            reconcile_runs,
+            suppressions,
+            chain,
+            commit_seconds,
         }
+    }
+
+    /// Count an answered HTTP request.
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+    }
+
+    /// Record how long `slot` took in one evaluation.
+    pub fn slot_evaluated(&self, slot: &str, seconds: f64) {
+        self.slot_seconds
+            .get_or_create(&SlotLabels {
+                slot: slot.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// Count a committed status change.
+    pub fn transition(&self, from: &'static str, to: &'static str) {
+        self.transitions
+            .get_or_create(&TransitionLabels { from, to })
+            .inc();
+    }
+
+    /// Count a finished reconcile run.
+    pub fn reconcile_run(&self, trigger: &str, outcome: &'static str) {
+        self.reconcile_runs
+            .get_or_create(&RunLabels {
+                trigger: trigger.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Count a reconcile request `slot` dropped.
+    pub fn suppressed(&self, slot: &str, trigger: &'static str) {
+        self.suppressions
+            .get_or_create(&SuppressionLabels {
+                slot: slot.to_string(),
+                trigger,
+            })
+            .inc();
+    }
+
+    /// The chain now evaluating verdicts.
+    pub fn active_chain(&self, version: &str) {
+        self.chain.clear();
+        self.chain
+            .get_or_create(&ChainLabels {
+                version: version.to_string(),
+            })
+            .set(1);
+    }
+
+    /// The histogram the store's writer records its commits in.
+    pub fn commit_histogram(&self) -> Histogram {
+        self.commit_seconds.clone()
     }
 
     /// Count a recorded verdict with its decision-log outcome (`applied`,

@@ -58,6 +58,7 @@ pub struct Worker {
     wake: Notify,
     /// Inside [`Worker::run`] (what `/readyz` reports).
     running: std::sync::atomic::AtomicBool,
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 /// Wakes the worker when a verdict queued a run.
@@ -74,6 +75,11 @@ impl Deliverer for WorkerHandle {
 }
 
 impl Worker {
+    /// Count finished runs in `metrics` (once; later calls are ignored).
+    pub fn count_in(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
     /// Whether [`Worker::run`] is running.
     pub fn is_running(&self) -> bool {
         self.running.load(std::sync::atomic::Ordering::SeqCst)
@@ -92,6 +98,7 @@ impl Worker {
             config,
             wake: Notify::new(),
             running: std::sync::atomic::AtomicBool::new(false),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -214,6 +221,13 @@ impl Worker {
         match &cause {
             Some(c) => tracing::error!(cause = %c, "reconcile failed"),
             None => tracing::info!("reconcile succeeded"),
+        }
+        if let Some(metrics) = self.metrics.get() {
+            let label = match outcome {
+                RunOutcome::Succeeded => "succeeded",
+                RunOutcome::Failed => "failed",
+            };
+            metrics.reconcile_run(&run.trigger, label);
         }
         let now = self.clock.now_ms();
         let id = run.id;

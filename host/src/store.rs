@@ -392,6 +392,9 @@ pub trait Store: Send + Sync + 'static {
     fn backlog(&self) -> u64 {
         0
     }
+    /// Record how long each commit of verdicts takes in `histogram` (once;
+    /// later calls are ignored).
+    fn observe_commits(&self, _histogram: prometheus_client::metrics::histogram::Histogram) {}
     /// Whether verdicts can be written now: the writer is running and the
     /// database accepts a write transaction. For `/readyz`.
     fn check_writable(&self) -> Result<(), StoreError>;
@@ -772,6 +775,8 @@ struct Writer {
     cache: Arc<SnapshotCache>,
     /// Pages in the WAL after the last commit (from the WAL hook).
     wal_frames: Arc<std::sync::atomic::AtomicI64>,
+    /// Where each batch's apply-and-commit time goes (the metrics).
+    commit_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// The WAL size (pages) at which the writer checkpoints (SQLite's default
@@ -926,6 +931,7 @@ impl SqliteStore {
             answered: Condvar::new(),
             cache: cache.clone(),
             wal_frames,
+            commit_seconds: std::sync::OnceLock::new(),
         });
         let thread = std::thread::Builder::new()
             .name("heartgate-writer".into())
@@ -1096,10 +1102,15 @@ impl Writer {
             let results = if writes.is_empty() {
                 Vec::new()
             } else {
-                match self.conn.lock() {
+                let started = Instant::now();
+                let results = match self.conn.lock() {
                     Ok(mut conn) => apply_batch(&mut conn, &writes),
                     Err(_) => writes.iter().map(|_| Err(StoreError::Poisoned)).collect(),
+                };
+                if let Some(h) = self.commit_seconds.get() {
+                    h.observe(started.elapsed().as_secs_f64());
                 }
+                results
             };
             let answered = (writes.len() + coalesced.len()) as u64;
             for done in coalesced {
@@ -1741,6 +1752,10 @@ impl Store for SqliteStore {
 
     fn backlog(&self) -> u64 {
         self.writer.backlog()
+    }
+
+    fn observe_commits(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.writer.commit_seconds.set(histogram);
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
