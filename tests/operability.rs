@@ -279,3 +279,70 @@ async fn metrics_count_the_deadlock_scenario() {
     assert!(!text.contains(r#"from="failed",to="failed""#), "{text}");
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_routes() {
+    use std::collections::BTreeSet;
+    const ADMIN: &str = "admin-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let svc = Service::start_with(&db, ManualClock::at(T0_MS), "127.0.0.1:0", |o| {
+        o.admin_token = Some(heartgate::deliverer::Secret::Value(ADMIN.into()));
+    })
+    .await;
+
+    // Served as checked in.
+    let (status, served) = svc.get("/openapi.json").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let checked_in: serde_json::Value =
+        serde_json::from_str(heartgate::http::OPENAPI).expect("openapi.json is JSON");
+    assert_eq!(served, checked_in);
+    assert_eq!(served["openapi"], "3.1.0");
+
+    // The same routes as the router's list.
+    let documented: BTreeSet<(String, String)> = served["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let routed: BTreeSet<(String, String)> = heartgate::http::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, routed);
+
+    // And the router answers each of them (with the admin token; ids that
+    // exist or not): never with its own "not found" or 405.
+    let is_router_miss = |status: StatusCode, body: &serde_json::Value| {
+        status == StatusCode::METHOD_NOT_ALLOWED
+            || (status == StatusCode::NOT_FOUND && body == &json!({"error": "not found"}))
+    };
+    for (method, template) in &routed {
+        let path = template.replace("{id}", "1");
+        let (status, body) = svc.post_raw(method, &path, Some(ADMIN), "{}").await;
+        assert!(
+            !is_router_miss(status, &body),
+            "{method} {path}: {status} {body}"
+        );
+    }
+    // What the check would catch.
+    for (method, path) in [
+        ("GET", "/admin/nowhere"),
+        ("POST", "/admin/chain"),
+        ("GET", "/registry/heartbeat"),
+        ("GET", "/nowhere"),
+    ] {
+        let (status, body) = svc.post_raw(method, path, Some(ADMIN), "").await;
+        assert!(
+            is_router_miss(status, &body),
+            "{method} {path}: {status} {body}"
+        );
+    }
+    svc.stop().await;
+}

@@ -254,6 +254,32 @@ async fn handle(
     Ok(resp)
 }
 
+/// The OpenAPI document of every route, served at `GET /openapi.json`
+/// (`tests/operability.rs` checks it against [`ROUTES`] and the router).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every route the router answers, as method and path template.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/registry/register"),
+    ("POST", "/registry/heartbeat"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/admin/reconciles"),
+    ("GET", "/admin/reconciles/{id}"),
+    ("GET", "/admin/workspaces/{id}/plugins"),
+    ("GET", "/admin/chain"),
+    ("GET", "/admin/shadow"),
+    ("POST", "/admin/shadow"),
+    ("DELETE", "/admin/shadow"),
+    ("POST", "/admin/modules"),
+    ("POST", "/admin/chains"),
+    ("POST", "/admin/chains/rollback"),
+    ("POST", "/admin/chains/{id}/activate"),
+    ("POST", "/admin/eval"),
+];
+
 /// The route a request is counted under: a fixed template, so clients
 /// cannot create metric series with their paths.
 fn route_label(method: &Method, path: &str) -> &'static str {
@@ -264,6 +290,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, ["healthz"]) => "/healthz",
         (_, ["readyz"]) => "/readyz",
         (_, ["metrics"]) => "/metrics",
+        (_, ["openapi.json"]) => "/openapi.json",
         (_, ["admin", "workspaces", _, "plugins"]) => "/admin/workspaces/{id}/plugins",
         (_, ["admin", "reconciles"]) => "/admin/reconciles",
         (_, ["admin", "reconciles", _]) => "/admin/reconciles/{id}",
@@ -286,6 +313,12 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, "/readyz") => readyz(app).await,
+        (&Method::GET, "/openapi.json") => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(resp)
+        }
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(Full::new(Bytes::from(app.executor.metrics().render())));
             resp.headers_mut().insert(
@@ -304,12 +337,18 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method `{}` not allowed on `{path}`", req.method()),
         )),
-        (_, "/registry/register" | "/registry/heartbeat" | "/healthz" | "/readyz" | "/metrics") => {
-            Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method `{}` not allowed on `{path}`", req.method()),
-            ))
-        }
+        (
+            _,
+            "/registry/register"
+            | "/registry/heartbeat"
+            | "/healthz"
+            | "/readyz"
+            | "/metrics"
+            | "/openapi.json",
+        ) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method `{}` not allowed on `{path}`", req.method()),
+        )),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
     }
 }
