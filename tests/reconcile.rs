@@ -180,6 +180,115 @@ async fn deadlock_breaks_end_to_end() {
     svc.stop().await;
 }
 
+/// `heartgate workspace explain` and `GET /admin/workspaces/{id}/history` on
+/// the deadlock scenario, with the system clock (the story is ordered by
+/// time): failed by the gate, recovery queued, delivered, restarted, online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_tells_the_deadlock_story_in_order() {
+    const ADMIN: &str = "admin-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let configs = dir.path().join("configs");
+    let db = dir.path().join("heartgate.db");
+    management_plugin(&dir.path().join("plugins"));
+    let svc = Service::start_with(&db, ManualClock::at(T0_MS), "127.0.0.1:0", |o| {
+        o.clock = Arc::new(heartgate::clock::SystemClock);
+        o.deliverer.restart = sim_restart_hook(&configs);
+        o.admin_token = Some(Secret::Value(ADMIN.into()));
+    })
+    .await;
+    svc.provision("concierge", Platform, true);
+    svc.store.revoke_tokens("concierge", T0_MS).unwrap();
+    svc.store
+        .declare_plugin(
+            "concierge",
+            MANAGEMENT_PLUGIN,
+            "local://molecule-platform-mcp",
+            T0_MS,
+        )
+        .unwrap();
+    let ws_configs = configs.join("concierge");
+    let sim = Sim::start(&svc.url(), "concierge", &ws_configs, 200);
+    svc.wait_for("the concierge to come online", 60, |s| {
+        s.status("concierge") == "online"
+            && !finished_runs(s, "concierge", "mcp-recovery").is_empty()
+    })
+    .await;
+    drop(sim);
+
+    // Over HTTP: the entries, in order.
+    let (status, history) = svc
+        .get_as("/admin/workspaces/concierge/history?limit=50", Some(ADMIN))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let entries = history["entries"].as_array().unwrap();
+    let position = |what: &dyn Fn(&Value) -> bool| {
+        entries
+            .iter()
+            .position(what)
+            .unwrap_or_else(|| panic!("not in the history: {history:#}"))
+    };
+    let failed = position(&|e| {
+        e["kind"] == "transition" && e["to"] == "failed" && e["reason"] == "mcp_server_missing"
+    });
+    let queued = position(&|e| e["kind"] == "reconcile_queued" && e["trigger"] == "mcp-recovery");
+    let ran = position(&|e| e["kind"] == "reconcile_run" && e["trigger"] == "mcp-recovery");
+    let online = position(&|e| e["kind"] == "transition" && e["to"] == "online");
+    assert!(
+        failed < queued && queued < ran && ran < online,
+        "{history:#}"
+    );
+    assert_eq!(entries[ran]["plugins"][0]["result"], "delivered");
+    assert_eq!(entries[ran]["restart"]["ok"], true);
+    let by_gate = &entries[failed - 1];
+    assert_eq!(by_gate["kind"], "decision");
+    assert_eq!(by_gate["steps"][0]["slot"], "gate");
+    assert_eq!(by_gate["steps"][0]["output"][0]["to"], "failed");
+    let (status, _) = svc
+        .get_as("/admin/workspaces/nobody/history", Some(ADMIN))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = svc
+        .get_as("/admin/workspaces/concierge/history?limit=0", Some(ADMIN))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    svc.stop().await;
+
+    // The CLI tells the same story, in words.
+    let out = Command::new(env!("CARGO_BIN_EXE_heartgate"))
+        .args(["workspace", "explain", "concierge", "--limit", "50", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let story = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{story}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let at = |needle: &str| {
+        story
+            .find(needle)
+            .unwrap_or_else(|| panic!("`{needle}` not in the story:\n{story}"))
+    };
+    let gate =
+        at("gate (rca2970-gate): added set_status provisioning->failed (mcp_server_missing)");
+    let failed = at("status provisioning -> failed (mcp_server_missing)");
+    let queued = at("(mcp-recovery) queued by decision");
+    let delivered = at(&format!("ran: delivered {MANAGEMENT_PLUGIN}; restarted"));
+    let online = at("status failed -> online");
+    assert!(
+        gate < failed && failed < queued && queued < delivered && delivered < online,
+        "out of order:\n{story}"
+    );
+    assert!(
+        story.starts_with("workspace concierge (platform) is online"),
+        "{story}"
+    );
+}
+
 /// A Gitea-like server on loopback serving one private archive.
 struct Gitea {
     addr: std::net::SocketAddr,

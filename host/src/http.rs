@@ -269,6 +269,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/reconciles"),
     ("GET", "/admin/reconciles/{id}"),
     ("GET", "/admin/workspaces/{id}/plugins"),
+    ("GET", "/admin/workspaces/{id}/history"),
     ("GET", "/admin/chain"),
     ("GET", "/admin/shadow"),
     ("POST", "/admin/shadow"),
@@ -292,6 +293,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         (_, ["metrics"]) => "/metrics",
         (_, ["openapi.json"]) => "/openapi.json",
         (_, ["admin", "workspaces", _, "plugins"]) => "/admin/workspaces/{id}/plugins",
+        (_, ["admin", "workspaces", _, "history"]) => "/admin/workspaces/{id}/history",
         (_, ["admin", "reconciles"]) => "/admin/reconciles",
         (_, ["admin", "reconciles", _]) => "/admin/reconciles/{id}",
         (_, ["admin", "chain"]) => "/admin/chain",
@@ -541,6 +543,33 @@ async fn admin(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             serde_json::to_value(view).unwrap_or_default()
         }
         ["shadow"] => serde_json::to_value(admin.policies().shadow_report()).unwrap_or_default(),
+        ["workspaces", id, "history"] => {
+            let limit = match query.split('&').find_map(|kv| kv.strip_prefix("limit=")) {
+                None => 20,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=crate::history::MAX_DECISIONS).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!("limit must be 1-{}", crate::history::MAX_DECISIONS),
+                        )
+                    })?,
+            };
+            let id = id.to_string();
+            let store = app.executor.store().clone();
+            let history = blocking(&app, move || {
+                // Liveness-only verdicts acknowledged before their commit
+                // are part of the story.
+                store.flush();
+                crate::history::history(store.as_ref(), &id, limit)
+            })
+            .await?
+            .map_err(store_error)?
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown workspace"))?;
+            serde_json::to_value(history).unwrap_or_default()
+        }
         ["workspaces", id, "plugins"] => {
             let id = id.to_string();
             let view = blocking(&app, move || admin.plugins(&id))

@@ -31,6 +31,7 @@ pub mod engine;
 pub mod executor;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -226,6 +226,18 @@ enum WorkspaceCommand {
     },
     /// Print one workspace as JSON.
     Show { id: String },
+    /// Why the workspace is in its state: its last decisions with each
+    /// policy's output, the status transitions, the reconcile runs and their
+    /// outcomes, in order.
+    Explain {
+        id: String,
+        /// How many decisions (1-1000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// The history as JSON (what `GET /admin/workspaces/{id}/history` answers).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every workspace, one JSON object a line.
     List,
     /// Declare a plugin the workspace must have.
@@ -348,6 +360,19 @@ fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
                 },
                 now,
             )?;
+        }
+        WorkspaceCommand::Explain { id, limit, json } => {
+            if !(1..=heartgate::history::MAX_DECISIONS).contains(&limit) {
+                bail!("--limit must be 1-{}", heartgate::history::MAX_DECISIONS);
+            }
+            let Some(history) = heartgate::history::history(store, &id, limit)? else {
+                bail!("unknown workspace `{id}`");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&history)?);
+            } else {
+                print!("{}", heartgate::history::explain(&history));
+            }
         }
         WorkspaceCommand::Show { id } => match store.workspace(&id)? {
             Some(rec) => print_json(&rec)?,
