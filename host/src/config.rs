@@ -45,6 +45,17 @@ pub struct GiteaSection {
     pub token_env: Option<String>,
 }
 
+/// `[decision_log]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionLogSection {
+    /// The most decision rows kept; the oldest are pruned first.
+    pub max_rows: Option<u64>,
+    /// Decisions older than this many days are pruned; 0 keeps them until
+    /// `max_rows`.
+    pub retention_days: Option<u64>,
+}
+
 /// `[restart]`: either `command` or `url`, or neither.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +88,8 @@ pub struct ConfigFile {
     pub gitea: GiteaSection,
     #[serde(default)]
     pub restart: RestartSection,
+    #[serde(default)]
+    pub decision_log: DecisionLogSection,
     pub chain: Option<ChainSpec>,
 }
 
@@ -151,6 +164,22 @@ impl ConfigFile {
             return Err(invalid(
                 "gitea.base_url",
                 format!("must be an http(s) URL, not `{url}`"),
+            ));
+        }
+        let log = &config.decision_log;
+        if let Some(n) = log
+            .max_rows
+            .filter(|n| !(1_000..=1_000_000_000).contains(n))
+        {
+            return Err(invalid(
+                "decision_log.max_rows",
+                format!("must be 1000-1000000000, not {n}"),
+            ));
+        }
+        if let Some(n) = log.retention_days.filter(|n| *n > 36_500) {
+            return Err(invalid(
+                "decision_log.retention_days",
+                format!("must be 0-36500, not {n}"),
             ));
         }
         for (key, name) in [
@@ -230,6 +259,19 @@ impl ConfigFile {
             },
             (None, None) => RestartHook::None,
         };
+        if let Some(n) = self.decision_log.max_rows {
+            opts.retention.max_rows = n;
+        }
+        if let Some(days) = self.decision_log.retention_days {
+            opts.retention.max_age_ms = match days {
+                0 => None,
+                d => Some(
+                    i64::try_from(d)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(86_400_000),
+                ),
+            };
+        }
         opts.chain = self.chain.map(|spec| (spec, base.to_path_buf()));
     }
 }

@@ -71,6 +71,8 @@ pub struct ServiceOptions {
     /// Watch this directory for `<slot>.wasm` files to activate.
     pub watch_dir: Option<PathBuf>,
     pub server: http::ServerConfig,
+    /// How much of the decision log is kept.
+    pub retention: store::Retention,
 }
 
 impl ServiceOptions {
@@ -88,6 +90,7 @@ impl ServiceOptions {
             open_registration: false,
             watch_dir: None,
             server: http::ServerConfig::default(),
+            retention: store::Retention::default(),
         }
     }
 }
@@ -126,6 +129,7 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     // One set of metrics for the executor, the worker and the store's writer.
     let metrics = Arc::new(metrics::Metrics::new());
     store.observe_commits(metrics.commit_histogram());
+    store.set_retention(opts.retention);
     worker.count_in(metrics.clone());
     let executor = Arc::new(
         Executor::new(

@@ -392,6 +392,11 @@ pub trait Store: Send + Sync + 'static {
     fn backlog(&self) -> u64 {
         0
     }
+    /// Keep the decision log within `retention`: the oldest rows are pruned
+    /// in small chunks between batches of verdicts, so pruning never holds
+    /// a heartbeat for long; events of a pruned decision go with it and
+    /// its reconcile runs stay, without it.
+    fn set_retention(&self, _retention: Retention) {}
     /// Record how long each commit of verdicts takes in `histogram` (once;
     /// later calls are ignored).
     fn observe_commits(&self, _histogram: prometheus_client::metrics::histogram::Histogram) {}
@@ -706,7 +711,37 @@ BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; E
 ALTER TABLE decisions ADD COLUMN heartbeats INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE decisions ADD COLUMN first_at_ms INTEGER;
 "#,
+    // The decision log is pruned oldest first: what points at a decision
+    // is found by index.
+    r#"
+CREATE INDEX events_by_decision ON events (decision_id);
+CREATE INDEX reconcile_runs_by_decision ON reconcile_runs (decision_id);
+"#,
 ];
+
+/// How much of the decision log is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// The most decision rows kept; the oldest go first.
+    pub max_rows: u64,
+    /// Decisions older than this (by the verdicts' clock) go; `None` keeps
+    /// them until `max_rows`.
+    pub max_age_ms: Option<i64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_rows: 1_000_000,
+            max_age_ms: Some(30 * 24 * 3_600_000),
+        }
+    }
+}
+
+/// Decision rows pruned at most at once, between two batches of verdicts.
+const PRUNE_CHUNK: i64 = 2_000;
+/// How often the writer prunes while verdicts keep coming.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether [`Store::load`] may answer from the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -777,6 +812,7 @@ struct Writer {
     wal_frames: Arc<std::sync::atomic::AtomicI64>,
     /// Where each batch's apply-and-commit time goes (the metrics).
     commit_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    retention: Mutex<Retention>,
 }
 
 /// The WAL size (pages) at which the writer checkpoints (SQLite's default
@@ -932,6 +968,7 @@ impl SqliteStore {
             cache: cache.clone(),
             wal_frames,
             commit_seconds: std::sync::OnceLock::new(),
+            retention: Mutex::new(Retention::default()),
         });
         let thread = std::thread::Builder::new()
             .name("heartgate-writer".into())
@@ -1028,6 +1065,9 @@ impl Writer {
         // first of them must be written.
         let mut held: HashMap<String, Job> = HashMap::new();
         let mut write_held_at: Option<Instant> = None;
+        // The verdicts' clock (what retention ages by), and the last prune.
+        let mut latest_ms = i64::MIN;
+        let mut pruned_at = Instant::now();
         loop {
             let (batch, flush) = {
                 let Ok(mut queue) = self.queue.lock() else {
@@ -1112,6 +1152,9 @@ impl Writer {
                 }
                 results
             };
+            if let Some(ms) = writes.iter().map(|j| j.write.now_ms).max() {
+                latest_ms = latest_ms.max(ms);
+            }
             let answered = (writes.len() + coalesced.len()) as u64;
             for done in coalesced {
                 done(Ok(Applied::Coalesced));
@@ -1129,6 +1172,65 @@ impl Writer {
             if self.wal_frames.load(std::sync::atomic::Ordering::Relaxed) >= CHECKPOINT_FRAMES {
                 self.checkpoint();
             }
+            if pruned_at.elapsed() >= PRUNE_EVERY || flush {
+                pruned_at = Instant::now();
+                self.prune(latest_ms);
+            }
+        }
+    }
+
+    /// Prune at most one chunk of the decision log's oldest rows beyond the
+    /// retention (`now_ms`: the latest verdict's time).
+    fn prune(&self, now_ms: i64) {
+        let retention = self.retention.lock().map(|r| *r).unwrap_or_default();
+        let cutoff = match retention.max_age_ms {
+            Some(age) if now_ms != i64::MIN => now_ms.saturating_sub(age),
+            _ => i64::MIN,
+        };
+        let Ok(mut conn) = self.conn.lock() else {
+            return;
+        };
+        let run = |conn: &mut Connection| -> Result<usize, StoreError> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS pruned (id INTEGER PRIMARY KEY)",
+                [],
+            )?;
+            tx.execute("DELETE FROM temp.pruned", [])?;
+            // The oldest rows only: ids grow with time, so the chunk is the
+            // start of the table, whichever rule selects it.
+            let n = tx.execute(
+                "INSERT INTO temp.pruned (id)
+                 SELECT id FROM (SELECT id, at_ms FROM decisions ORDER BY id LIMIT ?1)
+                 WHERE id <= (SELECT MAX(id) FROM decisions) - ?2 OR at_ms < ?3",
+                params![
+                    PRUNE_CHUNK,
+                    i64::try_from(retention.max_rows).unwrap_or(i64::MAX),
+                    cutoff
+                ],
+            )?;
+            if n > 0 {
+                tx.execute(
+                    "UPDATE reconcile_runs SET decision_id = NULL
+                     WHERE decision_id IN (SELECT id FROM temp.pruned)",
+                    [],
+                )?;
+                tx.execute(
+                    "DELETE FROM events WHERE decision_id IN (SELECT id FROM temp.pruned)",
+                    [],
+                )?;
+                tx.execute(
+                    "DELETE FROM decisions WHERE id IN (SELECT id FROM temp.pruned)",
+                    [],
+                )?;
+            }
+            tx.commit()?;
+            Ok(n)
+        };
+        match run(&mut conn) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(decisions = n, "pruned the decision log"),
+            Err(e) => tracing::warn!(error = %e, "pruning the decision log failed"),
         }
     }
 
@@ -1756,6 +1858,12 @@ impl Store for SqliteStore {
 
     fn observe_commits(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
         let _ = self.writer.commit_seconds.set(histogram);
+    }
+
+    fn set_retention(&self, retention: Retention) {
+        if let Ok(mut r) = self.writer.retention.lock() {
+            *r = retention;
+        }
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
@@ -2569,5 +2677,35 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("v.db")).unwrap();
         let rows = store.decisions("ws", 10).unwrap();
         assert_eq!(rows.len(), 1, "version {v}: {rows:?}");
+    }
+
+    #[test]
+    fn the_decision_log_is_pruned_oldest_first_within_its_retention() {
+        let (_dir, store) = store_with("ws");
+        let v = version(&store, "ws");
+        store.set_retention(Retention {
+            max_rows: 1_000,
+            max_age_ms: Some(1_000_000),
+        });
+        // 3 000 verdicts, one a millisecond apart, each waited for.
+        for i in 0..3_000 {
+            let applied = store.apply(beat_at("ws", v, 10_000 + i, "t")).unwrap();
+            assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+        }
+        // One pass of the writer's pruning: one chunk (2 000 rows at most)
+        // beyond the cap.
+        store.writer.prune(10_000 + 2_999);
+        let rows = store.decisions("ws", 5_000).unwrap();
+        assert_eq!(rows.len(), 1_000, "the newest 1 000 are kept");
+        assert_eq!(rows.first().unwrap().at_ms, 10_000 + 2_000);
+        assert_eq!(rows.last().unwrap().at_ms, 10_000 + 2_999);
+
+        // By age: a verdict 1 000 s later makes every older row too old.
+        let late = 10_000 + 3_000 + 1_000_000;
+        store.apply(beat_at("ws", v, late, "late")).unwrap();
+        store.writer.prune(late);
+        let rows = store.decisions("ws", 5_000).unwrap();
+        assert_eq!(rows.len(), 1, "{:?}", rows.first());
+        assert_eq!(rows[0].input["task"], "late");
     }
 }
