@@ -346,3 +346,88 @@ async fn openapi_document_matches_the_routes() {
     }
     svc.stop().await;
 }
+
+/// The real binary with JSON logs: one span per request, carrying the
+/// workspace id, the chain version and the verdict.
+#[test]
+fn json_logs_carry_one_span_per_request_with_workspace_chain_and_verdict() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let cli = |args: &[&str]| {
+        let out = Command::new(HEARTGATE)
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&["workspace", "add", "logged", "--model-configured"]);
+    let token = cli(&["token", "issue", "logged"]).trim().to_string();
+    let mut serve = Command::new(HEARTGATE)
+        .current_dir(dir.path())
+        .arg("--db")
+        .arg(&db)
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,heartgate=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_string();
+    let body = r#"{"workspace_id":"logged","uptime_seconds":5}"#;
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /registry/heartbeat HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // SIGTERM: the service drains and exits, and its log ends.
+    Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    let mut logs = String::new();
+    serve
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(serve.wait().unwrap().success(), "{logs}");
+
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let done: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "request done")
+        .collect();
+    assert_eq!(done.len(), 1, "{logs}");
+    let span = &done[0]["span"];
+    assert_eq!(span["name"], "request", "{logs}");
+    assert_eq!(span["path"], "/registry/heartbeat");
+    assert_eq!(span["workspace_id"], "logged");
+    assert_eq!(span["verdict"], "provisioning->online,reconcile:online");
+    assert_eq!(span["status"], 200);
+    let chain = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "chain loaded")
+        .expect("the chain is logged at start");
+    assert_eq!(
+        span["chain_version"], chain["fields"]["chain_version"],
+        "{logs}"
+    );
+}

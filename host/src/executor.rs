@@ -103,6 +103,8 @@ pub struct Registered {
     /// The new token, when this register minted one.
     pub auth_token: Option<String>,
     pub verdict: String,
+    /// The version of the chain that decided it.
+    pub chain_version: String,
 }
 
 /// What a durable verdict answered `Applied::Coalesced` means: it was not
@@ -117,6 +119,9 @@ pub struct Acknowledged {
     /// Committed before the acknowledgement; `false` for a liveness-only
     /// verdict acknowledged once queued.
     pub committed: bool,
+    /// The version of the chain that decided it (empty for a removed
+    /// workspace, which no chain evaluates).
+    pub chain_version: String,
 }
 
 /// A heartbeat, as parsed by the HTTP layer.
@@ -466,6 +471,7 @@ impl Executor {
                 return Ok(Acknowledged {
                     verdict: "ignored: removed".into(),
                     committed: true,
+                    chain_version: String::new(),
                 });
             };
             // Early only for a verdict the chain applied: a failed
@@ -500,6 +506,7 @@ impl Executor {
                 return Ok(Acknowledged {
                     verdict: pending.summary,
                     committed: false,
+                    chain_version: pending.chain_version,
                 });
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -525,6 +532,7 @@ impl Executor {
                     return Ok(Acknowledged {
                         verdict: pending.summary,
                         committed: true,
+                        chain_version: pending.chain_version,
                     });
                 }
                 // Evaluate again on fresh state.
@@ -580,6 +588,7 @@ impl Executor {
         });
         let summary = summarize(input.workspace.status, &checked);
         let recorded = write.decision.outcome.clone();
+        let chain_version = write.decision.chain_version.clone();
         Ok(Some(Verdict {
             write,
             pending: Pending {
@@ -588,6 +597,7 @@ impl Executor {
                 checked,
                 summary,
                 recorded,
+                chain_version,
             },
         }))
     }
@@ -694,6 +704,7 @@ impl Executor {
                         delivery_mode,
                         auth_token: minted.filter(|_| token_stored).map(|m| m.plaintext),
                         verdict: summarize(snap.workspace.status, &checked),
+                        chain_version: chain.version.clone(),
                     });
                 }
                 Ok(Applied::Conflict) => continue,
@@ -846,6 +857,7 @@ struct Pending {
     summary: String,
     /// The decision log's outcome label, for the metrics.
     recorded: String,
+    chain_version: String,
 }
 
 /// `from`: the status the verdict was computed from.

@@ -241,6 +241,7 @@ async fn handle(
         method = %req.method(),
         path = %req.uri().path(),
         workspace_id = tracing::field::Empty,
+        chain_version = tracing::field::Empty,
         verdict = tracing::field::Empty,
         status = tracing::field::Empty,
     );
@@ -747,6 +748,7 @@ async fn register(
     let executor = app.executor.clone();
     let registered = blocking(&app, move || executor.register(&request)).await??;
     tracing::Span::current().record("verdict", registered.verdict.as_str());
+    tracing::Span::current().record("chain_version", registered.chain_version.as_str());
     let mut out = json!({"status": "registered", "delivery_mode": registered.delivery_mode});
     if let Some(token) = registered.auth_token {
         out["auth_token"] = json!(token);
@@ -781,6 +783,7 @@ async fn heartbeat(
     // thread waiting for the writer.
     let ack = app.executor.heartbeat_acknowledged(&request).await?;
     tracing::Span::current().record("verdict", ack.verdict.as_str());
+    tracing::Span::current().record("chain_version", ack.chain_version.as_str());
     let mut resp = json_response(StatusCode::OK, &json!({"status": "ok"}));
     // Runtimes read only the body; this says whether the verdict was
     // committed before the answer or (liveness only) queued for the writer.

@@ -34,8 +34,14 @@ struct Cli {
     /// heartgate.db].
     #[arg(long, global = true, env = "HEARTGATE_DB")]
     db: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    /// Log format (`RUST_LOG` sets the levels).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "HEARTGATE_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
