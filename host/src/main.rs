@@ -43,6 +43,11 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Export spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, default
+    /// http://localhost:4318).
+    #[cfg(feature = "otel")]
+    #[arg(long, global = true)]
+    otel: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -277,6 +282,20 @@ enum ReconcileCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "otel")]
+    let _otel = if cli.otel {
+        match telemetry::init_with_otel(cli.log_format) {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                eprintln!("error: starting the OpenTelemetry exporter: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    } else {
+        telemetry::init(cli.log_format);
+        None
+    };
+    #[cfg(not(feature = "otel"))]
     telemetry::init(cli.log_format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
