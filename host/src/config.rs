@@ -45,6 +45,17 @@ pub struct GiteaSection {
     pub token_env: Option<String>,
 }
 
+/// `[http]`: the server's limits.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Registers and admin requests on blocking threads at once.
+    pub max_in_flight: Option<usize>,
+    pub header_timeout_secs: Option<u64>,
+    pub body_timeout_secs: Option<u64>,
+    pub shutdown_grace_secs: Option<u64>,
+}
+
 /// `[decision_log]`
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +101,8 @@ pub struct ConfigFile {
     pub restart: RestartSection,
     #[serde(default)]
     pub decision_log: DecisionLogSection,
+    #[serde(default)]
+    pub http: HttpSection,
     pub chain: Option<ChainSpec>,
 }
 
@@ -165,6 +178,22 @@ impl ConfigFile {
                 "gitea.base_url",
                 format!("must be an http(s) URL, not `{url}`"),
             ));
+        }
+        let http = &config.http;
+        if let Some(n) = http.max_in_flight.filter(|n| !(1..=1024).contains(n)) {
+            return Err(invalid(
+                "http.max_in_flight",
+                format!("must be 1-1024, not {n}"),
+            ));
+        }
+        for (key, value) in [
+            ("http.header_timeout_secs", http.header_timeout_secs),
+            ("http.body_timeout_secs", http.body_timeout_secs),
+            ("http.shutdown_grace_secs", http.shutdown_grace_secs),
+        ] {
+            if let Some(n) = value.filter(|n| !(1..=3_600).contains(n)) {
+                return Err(invalid(key, format!("must be 1-3600, not {n}")));
+            }
         }
         let log = &config.decision_log;
         if let Some(n) = log
@@ -259,6 +288,19 @@ impl ConfigFile {
             },
             (None, None) => RestartHook::None,
         };
+        let http = self.http;
+        if let Some(n) = http.max_in_flight {
+            opts.server.max_in_flight = n;
+        }
+        if let Some(n) = http.header_timeout_secs {
+            opts.server.header_timeout = Duration::from_secs(n);
+        }
+        if let Some(n) = http.body_timeout_secs {
+            opts.server.body_timeout = Duration::from_secs(n);
+        }
+        if let Some(n) = http.shutdown_grace_secs {
+            opts.server.shutdown_grace = Duration::from_secs(n);
+        }
         if let Some(n) = self.decision_log.max_rows {
             opts.retention.max_rows = n;
         }
@@ -321,6 +363,10 @@ mod tests {
             Path::new("/srv/heartgate/configs")
         );
         assert_eq!(opts.worker.deadline, Duration::from_secs(600));
+        assert_eq!(opts.server.body_timeout, Duration::from_secs(30));
+        assert_eq!(opts.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(opts.retention.max_rows, 1_000_000);
+        assert_eq!(opts.retention.max_age_ms, Some(30 * 86_400_000));
     }
 
     #[test]

@@ -740,7 +740,8 @@ impl Default for Retention {
 
 /// Decision rows pruned at most at once, between two batches of verdicts.
 const PRUNE_CHUNK: i64 = 2_000;
-/// How often the writer prunes while verdicts keep coming.
+/// How often the writer looks for rows to prune while the log is within
+/// its bounds (beyond them, it prunes a chunk after every batch).
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether [`Store::load`] may answer from the cache.
@@ -1068,6 +1069,8 @@ impl Writer {
         // The verdicts' clock (what retention ages by), and the last prune.
         let mut latest_ms = i64::MIN;
         let mut pruned_at = Instant::now();
+        // The last prune found rows to prune: there may be more.
+        let mut prune_more = true;
         loop {
             let (batch, flush) = {
                 let Ok(mut queue) = self.queue.lock() else {
@@ -1172,23 +1175,26 @@ impl Writer {
             if self.wal_frames.load(std::sync::atomic::Ordering::Relaxed) >= CHECKPOINT_FRAMES {
                 self.checkpoint();
             }
-            if pruned_at.elapsed() >= PRUNE_EVERY || flush {
+            // While the log is over its bounds, a chunk after every batch
+            // (so pruning keeps up with any rate of verdicts); otherwise a
+            // look once a second.
+            if prune_more || pruned_at.elapsed() >= PRUNE_EVERY || flush {
                 pruned_at = Instant::now();
-                self.prune(latest_ms);
+                prune_more = self.prune(latest_ms) > 0;
             }
         }
     }
 
     /// Prune at most one chunk of the decision log's oldest rows beyond the
-    /// retention (`now_ms`: the latest verdict's time).
-    fn prune(&self, now_ms: i64) {
+    /// retention (`now_ms`: the latest verdict's time); how many it pruned.
+    fn prune(&self, now_ms: i64) -> usize {
         let retention = self.retention.lock().map(|r| *r).unwrap_or_default();
         let cutoff = match retention.max_age_ms {
             Some(age) if now_ms != i64::MIN => now_ms.saturating_sub(age),
             _ => i64::MIN,
         };
         let Ok(mut conn) = self.conn.lock() else {
-            return;
+            return 0;
         };
         let run = |conn: &mut Connection| -> Result<usize, StoreError> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1228,9 +1234,16 @@ impl Writer {
             Ok(n)
         };
         match run(&mut conn) {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(decisions = n, "pruned the decision log"),
-            Err(e) => tracing::warn!(error = %e, "pruning the decision log failed"),
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(decisions = n, "pruned the decision log");
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the decision log failed");
+                0
+            }
         }
     }
 

@@ -46,6 +46,10 @@ struct Args {
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Keep at most this many decision rows (the service's
+    /// `[decision_log] max_rows`), to measure pruning under load.
+    #[arg(long)]
+    decision_log_rows: Option<u64>,
     /// Workspaces heartbeating (spread over the connections).
     #[arg(long, default_value_t = 1000)]
     workspaces: usize,
@@ -267,6 +271,9 @@ async fn run(args: Args) -> Result<()> {
     let mut opts = ServiceOptions::new(&db);
     opts.deliverer.configs_root = dir.path().join("configs");
     opts.deliverer.plugins_dir = dir.path().join("plugins");
+    if let Some(rows) = args.decision_log_rows {
+        opts.retention.max_rows = rows;
+    }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(heartgate::run(listener, opts, async move {
         let _ = rx.await;
