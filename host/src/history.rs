@@ -224,7 +224,7 @@ pub fn explain(h: &History) -> String {
             .count()
     );
     for e in &h.entries {
-        let at = format_ms(e.at_ms());
+        let at = crate::clock::rfc3339(e.at_ms());
         match e {
             Entry::Decision {
                 decision_id,
@@ -346,42 +346,5 @@ fn action(a: &Value) -> String {
         "clear_marker" => format!("clear_marker {}", text(&a["key"])),
         "reject" => format!("reject {}", a["http_status"]),
         other => other.to_string(),
-    }
-}
-
-/// `ms` since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-pub fn format_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times_are_utc() {
-        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_ms(1_782_302_400_000), "2026-06-24T12:00:00.000Z");
-        assert_eq!(format_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(format_ms(-1), "1969-12-31T23:59:59.999Z");
     }
 }
