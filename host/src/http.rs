@@ -245,7 +245,7 @@ async fn handle(
         verdict = tracing::field::Empty,
         status = tracing::field::Empty,
     );
-    let route_name = route_label(req.method(), req.uri().path());
+    let route_name = route_label(req.uri().path());
     let metrics = app.executor.metrics().clone();
     let resp = route(app, req).instrument(span.clone()).await;
     let resp = resp.unwrap_or_else(ApiError::into_response);
@@ -282,30 +282,25 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/eval"),
 ];
 
-/// The route a request is counted under: a fixed template, so clients
-/// cannot create metric series with their paths.
-fn route_label(method: &Method, path: &str) -> &'static str {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        (_, ["registry", "register"]) => "/registry/register",
-        (_, ["registry", "heartbeat"]) => "/registry/heartbeat",
-        (_, ["healthz"]) => "/healthz",
-        (_, ["readyz"]) => "/readyz",
-        (_, ["metrics"]) => "/metrics",
-        (_, ["openapi.json"]) => "/openapi.json",
-        (_, ["admin", "workspaces", _, "plugins"]) => "/admin/workspaces/{id}/plugins",
-        (_, ["admin", "workspaces", _, "history"]) => "/admin/workspaces/{id}/history",
-        (_, ["admin", "reconciles"]) => "/admin/reconciles",
-        (_, ["admin", "reconciles", _]) => "/admin/reconciles/{id}",
-        (_, ["admin", "chain"]) => "/admin/chain",
-        (_, ["admin", "shadow"]) => "/admin/shadow",
-        (_, ["admin", "modules"]) => "/admin/modules",
-        (_, ["admin", "chains"]) => "/admin/chains",
-        (_, ["admin", "chains", "rollback"]) => "/admin/chains/rollback",
-        (_, ["admin", "chains", _, "activate"]) => "/admin/chains/{id}/activate",
-        (_, ["admin", "eval"]) => "/admin/eval",
-        (_, ["admin", ..]) => "/admin/other",
-        _ => "other",
+/// The route a request is counted under: its template in [`ROUTES`] (any
+/// method), so clients cannot create metric series with their paths.
+fn route_label(path: &str) -> &'static str {
+    let matches = |template: &str| {
+        let mut want = template.split('/');
+        let mut got = path.split('/');
+        loop {
+            match (want.next(), got.next()) {
+                (None, None) => return true,
+                (Some("{id}"), Some(seg)) if !seg.is_empty() => {}
+                (Some(w), Some(g)) if w == g => {}
+                _ => return false,
+            }
+        }
+    };
+    match ROUTES.iter().find(|(_, template)| matches(template)) {
+        Some((_, template)) => template,
+        None if path.starts_with("/admin/") => "/admin/other",
+        None => "other",
     }
 }
 
@@ -885,7 +880,7 @@ fn non_negative(field: &str, value: Option<i64>) -> Result<i64, ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use super::json_depth;
+    use super::{json_depth, route_label};
 
     #[test]
     fn json_depth_counts_nesting_outside_strings() {
@@ -893,5 +888,26 @@ mod tests {
         assert_eq!(json_depth(br#"{"a":[{"b":[]}]}"#), 4);
         assert_eq!(json_depth(br#"{"a":"[[[{{{\"[["}"#), 1);
         assert_eq!(json_depth(b"[[[]]]"), 3);
+    }
+
+    #[test]
+    fn requests_are_counted_under_their_route_template() {
+        assert_eq!(route_label("/registry/heartbeat"), "/registry/heartbeat");
+        assert_eq!(
+            route_label("/admin/workspaces/ws-1/history"),
+            "/admin/workspaces/{id}/history"
+        );
+        assert_eq!(
+            route_label("/admin/chains/7/activate"),
+            "/admin/chains/{id}/activate"
+        );
+        assert_eq!(
+            route_label("/admin/chains/rollback"),
+            "/admin/chains/rollback"
+        );
+        assert_eq!(route_label("/admin/workspaces//history"), "/admin/other");
+        assert_eq!(route_label("/admin/nope"), "/admin/other");
+        assert_eq!(route_label("/registry/heartbeat/x"), "other");
+        assert_eq!(route_label("/"), "other");
     }
 }
