@@ -39,8 +39,8 @@ use crate::model::{
     WorkspaceKind,
 };
 use crate::store::{
-    Applied, DecisionDetail, DecisionJson, DecisionRecord, Liveness, MarkerWrite, NewWorkspace,
-    Read, Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
+    Applied, DecisionDetail, DecisionRecord, Liveness, MarkerWrite, NewWorkspace, Read,
+    Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
 };
 
 /// How many times a verdict is re-evaluated after conflicting writes.
@@ -765,11 +765,11 @@ impl Executor {
                 event_kind: input.event.kind().to_string(),
                 chain_version: chain.version.clone(),
                 outcome: decision_outcome.to_string(),
-                detail: DecisionJson::Deferred(Arc::new(Detail {
+                detail: Arc::new(Detail {
                     input: input.clone(),
                     outcome: outcome.clone(),
                     failure: failure.cloned(),
-                })),
+                }),
                 attempts,
             },
         }
@@ -816,6 +816,7 @@ impl Executor {
 
 /// A decision row's JSON, serialized by the store when it writes the row
 /// (so a coalesced liveness-only verdict is never serialized).
+#[derive(Debug)]
 struct Detail {
     input: Arc<Input>,
     outcome: Arc<ChainOutcome>,

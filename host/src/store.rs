@@ -122,69 +122,18 @@ pub struct DecisionRecord {
     pub chain_version: String,
     /// `applied`, `rejected`, or `failed:<kind>`.
     pub outcome: String,
-    /// The input, steps and final actions, as JSON.
-    pub detail: DecisionJson,
+    /// The input, steps and final actions, serialized when the row is
+    /// written, on the writer's thread: never for a verdict coalesced into
+    /// a later one.
+    pub detail: Arc<dyn DecisionDetail>,
     pub attempts: u32,
 }
 
-/// The JSON columns of a decision row.
-#[derive(Clone)]
-pub enum DecisionJson {
-    Text {
-        input: String,
-        steps: String,
-        final_actions: String,
-    },
-    /// Serialized when the row is written, on the writer's thread: never
-    /// for a verdict coalesced into a later one.
-    Deferred(Arc<dyn DecisionDetail>),
-}
-
-/// What a deferred decision row serializes.
-pub trait DecisionDetail: Send + Sync {
+/// What a decision row's JSON columns are made from.
+pub trait DecisionDetail: Send + Sync + std::fmt::Debug {
     fn input_json(&self) -> String;
     fn steps_json(&self) -> String;
     fn final_actions_json(&self) -> String;
-}
-
-impl DecisionJson {
-    /// The input, steps and final actions columns.
-    fn columns(
-        &self,
-    ) -> (
-        std::borrow::Cow<'_, str>,
-        std::borrow::Cow<'_, str>,
-        std::borrow::Cow<'_, str>,
-    ) {
-        use std::borrow::Cow;
-        match self {
-            DecisionJson::Text {
-                input,
-                steps,
-                final_actions,
-            } => (
-                Cow::Borrowed(input.as_str()),
-                Cow::Borrowed(steps.as_str()),
-                Cow::Borrowed(final_actions.as_str()),
-            ),
-            DecisionJson::Deferred(d) => (
-                Cow::Owned(d.input_json()),
-                Cow::Owned(d.steps_json()),
-                Cow::Owned(d.final_actions_json()),
-            ),
-        }
-    }
-}
-
-impl std::fmt::Debug for DecisionJson {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (input, steps, final_actions) = self.columns();
-        f.debug_struct("DecisionJson")
-            .field("input", &input)
-            .field("steps", &steps)
-            .field("final_actions", &final_actions)
-            .finish()
-    }
 }
 
 /// Everything one verdict writes, in one transaction.
@@ -1694,7 +1643,11 @@ fn apply_in(
     }
 
     let d = &w.decision;
-    let (input_json, steps_json, final_actions_json) = d.detail.columns();
+    let (input_json, steps_json, final_actions_json) = (
+        d.detail.input_json(),
+        d.detail.steps_json(),
+        d.detail.final_actions_json(),
+    );
     tx.prepare_cached(
         "INSERT INTO decisions (workspace_id, at_ms, event_kind, chain_version, outcome,
              input, steps, final_actions, attempts, heartbeats, first_at_ms)
@@ -2418,6 +2371,22 @@ mod tests {
         store.load(id, Read::Fresh).unwrap().unwrap().version
     }
 
+    /// A decision row with a fixed input and no steps or actions.
+    #[derive(Debug)]
+    struct Fixed(String);
+
+    impl DecisionDetail for Fixed {
+        fn input_json(&self) -> String {
+            self.0.clone()
+        }
+        fn steps_json(&self) -> String {
+            "[]".into()
+        }
+        fn final_actions_json(&self) -> String {
+            "[]".into()
+        }
+    }
+
     fn liveness_only(id: &str, expected_version: i64) -> VerdictWrite {
         VerdictWrite {
             workspace_id: id.into(),
@@ -2441,11 +2410,7 @@ mod tests {
                 event_kind: "heartbeat".into(),
                 chain_version: "test".into(),
                 outcome: "applied".into(),
-                detail: DecisionJson::Text {
-                    input: "{}".into(),
-                    steps: "[]".into(),
-                    final_actions: "[]".into(),
-                },
+                detail: Arc::new(Fixed("{}".into())),
                 attempts: 1,
             },
         }
@@ -2571,11 +2536,7 @@ mod tests {
         if let Some(l) = w.liveness.as_mut() {
             l.current_task = Some(task.into());
         }
-        w.decision.detail = DecisionJson::Text {
-            input: format!(r#"{{"task":"{task}"}}"#),
-            steps: "[]".into(),
-            final_actions: "[]".into(),
-        };
+        w.decision.detail = Arc::new(Fixed(format!(r#"{{"task":"{task}"}}"#)));
         w
     }
 
