@@ -199,14 +199,7 @@ async fn metrics_count_the_deadlock_scenario() {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(svc.get("/nowhere").await.unwrap().0, StatusCode::NOT_FOUND);
-    svc.wait_for("the reconcile runs to finish", 30, |s| {
-        s.store
-            .reconcile_runs(None)
-            .unwrap()
-            .iter()
-            .all(|r| r.state == "succeeded" || r.state == "failed")
-    })
-    .await;
+    svc.wait_reconciles_done().await;
     // The worker counts a run once it is recorded.
     let mut text = String::new();
     for _ in 0..100 {

@@ -110,6 +110,21 @@ fn finished_runs(svc: &Service, id: &str, trigger: &str) -> Vec<heartgate::store
         .collect()
 }
 
+/// The concierge as the deadlock found it: a platform workspace with no
+/// token yet (its runtime bootstraps one) and the management plugin declared.
+fn booting_concierge(svc: &Service) {
+    svc.provision("concierge", Platform, true);
+    svc.store.revoke_tokens("concierge", T0_MS).unwrap();
+    svc.store
+        .declare_plugin(
+            "concierge",
+            MANAGEMENT_PLUGIN,
+            "local://molecule-platform-mcp",
+            T0_MS,
+        )
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlock_breaks_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,16 +139,7 @@ async fn deadlock_breaks_end_to_end() {
         },
     )
     .await;
-    svc.provision("concierge", Platform, true);
-    svc.store.revoke_tokens("concierge", T0_MS).unwrap();
-    svc.store
-        .declare_plugin(
-            "concierge",
-            MANAGEMENT_PLUGIN,
-            "local://molecule-platform-mcp",
-            T0_MS,
-        )
-        .unwrap();
+    booting_concierge(&svc);
 
     let started = Instant::now();
     let ws_configs = configs.join("concierge");
@@ -196,16 +202,7 @@ async fn explain_tells_the_deadlock_story_in_order() {
         o.admin_token = Some(Secret::Value(ADMIN.into()));
     })
     .await;
-    svc.provision("concierge", Platform, true);
-    svc.store.revoke_tokens("concierge", T0_MS).unwrap();
-    svc.store
-        .declare_plugin(
-            "concierge",
-            MANAGEMENT_PLUGIN,
-            "local://molecule-platform-mcp",
-            T0_MS,
-        )
-        .unwrap();
+    booting_concierge(&svc);
     let ws_configs = configs.join("concierge");
     let sim = Sim::start(&svc.url(), "concierge", &ws_configs, 200);
     svc.wait_for("the concierge to come online", 60, |s| {

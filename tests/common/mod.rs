@@ -126,6 +126,12 @@ impl Service {
     /// Wait until the reconcile worker has nothing queued or running, then
     /// dump the database (so its own writes do not race a comparison).
     pub async fn quiet_dump(&self) -> Vec<String> {
+        self.wait_reconciles_done().await;
+        dump(&self.db)
+    }
+
+    /// Wait until no reconcile run is queued or running.
+    pub async fn wait_reconciles_done(&self) {
         self.wait_for("the reconcile worker to go idle", 30, |s| {
             s.store
                 .reconcile_runs(None)
@@ -134,7 +140,6 @@ impl Service {
                 .all(|r| r.state == "succeeded" || r.state == "failed")
         })
         .await;
-        dump(&self.db)
     }
 
     /// Stop the service and wait for it to finish.
