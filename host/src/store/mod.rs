@@ -1,0 +1,511 @@
+//! The store: the only code that knows SQL.
+//!
+//! [`Store`] is the interface the rest of the host uses; [`SqliteStore`] is the
+//! embedded implementation (rusqlite, bundled SQLite, WAL, migrations embedded
+//! in the binary). Every method is blocking: callers run it on a blocking
+//! thread, never on an async worker; the exceptions are [`Store::load`], a
+//! short read the heartbeat path makes on its own thread, and
+//! [`Store::submit`], which only queues.
+//!
+//! Verdicts are written by one writer thread (group commit): everything
+//! queued while it was committing goes into its next transaction, a savepoint
+//! per verdict, and each verdict's caller hears of it only after the commit.
+//!
+//! Per-workspace consistency lives in the database, not in process memory: a
+//! verdict is applied in one transaction whose status write and marker writes
+//! are compare-and-set against the state the verdict was computed from. If
+//! anything changed in between, [`Store::apply`] reports
+//! [`Applied::Conflict`] and writes nothing, and the caller re-evaluates on
+//! fresh state. That is what keeps the recovery cooldown to one fire per
+//! window under concurrent heartbeats and across restarts, and it maps
+//! directly onto `UPDATE ... WHERE` on PostgreSQL.
+//!
+//! # Layout
+//! - this module: the [`Store`] interface and the types it speaks;
+//! - [`sqlite`]: the embedded SQLite store: its connections and snapshot
+//!   cache (`mod.rs`), the writer thread with group commit, coalescing,
+//!   pruning and checkpoints (`writer.rs`), the reads (`read.rs`), and the
+//!   schema's migrations (`migrations.rs`).
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::model::{Marker, ReconcileTrigger, Status, Workspace, WorkspaceKind};
+
+/// The privileged plugin that only a platform workspace may declare.
+pub const MANAGEMENT_PLUGIN: &str = "molecule-ai-plugin-molecule-platform-mcp";
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("unknown workspace `{0}`")]
+    UnknownWorkspace(String),
+    #[error("workspace `{0}` already exists")]
+    Exists(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("database schema version {found} is newer than this binary's {supported}")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("the store's connection lock was poisoned")]
+    Poisoned,
+    #[error("the store's writer has stopped")]
+    WriterStopped,
+    #[error("database error: {0}")]
+    Failed(String),
+}
+
+/// Everything the request path needs about one workspace, read at once.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub workspace: Workspace,
+    /// All policy markers of the workspace (every owner).
+    pub markers: Vec<Marker>,
+    /// SHA-256 hashes of its live tokens.
+    pub live_token_hashes: Vec<Vec<u8>>,
+    pub delivery_mode: String,
+    /// The workspace's version: the database bumps it (by trigger) on every
+    /// change to anything above, whoever makes it.
+    pub version: i64,
+}
+
+/// The liveness fields of a heartbeat, stored on every accepted beat.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub error_rate: f64,
+    pub sample_error: String,
+    pub active_tasks: i64,
+    pub uptime_seconds: i64,
+    pub current_task: Option<String>,
+    pub loaded_mcp_tools: Option<Vec<String>>,
+}
+
+/// The fields a successful register stores.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub url: Option<String>,
+    pub agent_card: String,
+    pub delivery_mode: String,
+    /// A new token to store if the workspace has no live token at commit.
+    pub new_token: Option<NewToken>,
+}
+
+/// A token to store: only its hash and a display prefix.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    pub hash: Vec<u8>,
+    pub prefix: String,
+}
+
+/// A conditional status write.
+#[derive(Clone, Debug)]
+pub struct StatusWrite {
+    pub expected: Status,
+    pub to: Status,
+    pub message: Option<String>,
+}
+
+/// A compare-and-set on one marker: applied only if its stored value is still
+/// `seen`; `new == None` clears it.
+#[derive(Clone, Debug)]
+pub struct MarkerWrite {
+    pub owner: String,
+    pub key: String,
+    pub seen: Option<String>,
+    pub new: Option<String>,
+}
+
+/// The decision-log row of one evaluation.
+#[derive(Clone, Debug)]
+pub struct DecisionRecord {
+    pub event_kind: String,
+    pub chain_version: String,
+    /// `applied`, `rejected`, or `failed:<kind>`.
+    pub outcome: String,
+    /// The input, steps and final actions, serialized when the row is
+    /// written, on the writer's thread: never for a verdict coalesced into
+    /// a later one.
+    pub detail: Arc<dyn DecisionDetail>,
+    pub attempts: u32,
+}
+
+/// What a decision row's JSON columns are made from.
+pub trait DecisionDetail: Send + Sync + std::fmt::Debug {
+    fn input_json(&self) -> String;
+    fn steps_json(&self) -> String;
+    fn final_actions_json(&self) -> String;
+}
+
+/// Everything one verdict writes, in one transaction.
+#[derive(Clone, Debug)]
+pub struct VerdictWrite {
+    pub workspace_id: String,
+    pub now_ms: i64,
+    /// The version of the snapshot the verdict was computed from; the
+    /// verdict is a conflict if the workspace has changed since.
+    pub expected_version: Option<i64>,
+    pub liveness: Option<Liveness>,
+    pub registration: Option<Registration>,
+    pub stamp_register_failure: bool,
+    pub status: Option<StatusWrite>,
+    pub events: Vec<(String, String)>,
+    pub markers: Vec<MarkerWrite>,
+    pub reconciles: Vec<ReconcileTrigger>,
+    pub decision: DecisionRecord,
+}
+
+impl VerdictWrite {
+    /// Whether the verdict writes nothing but liveness (last heartbeat time,
+    /// counters) and its decision row: no status change, marker, event,
+    /// reconcile request or registration. Only such a verdict may be
+    /// acknowledged before it is committed.
+    pub fn records_only_liveness(&self) -> bool {
+        self.status.is_none()
+            && self.markers.is_empty()
+            && self.events.is_empty()
+            && self.reconciles.is_empty()
+            && self.registration.is_none()
+            && !self.stamp_register_failure
+    }
+}
+
+/// A reconcile run queued by a verdict.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QueuedRun {
+    pub id: i64,
+    pub workspace_id: String,
+    pub trigger: ReconcileTrigger,
+}
+
+/// The outcome of [`Store::apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Committed.
+    Done {
+        decision_id: i64,
+        queued: Vec<QueuedRun>,
+        token_stored: bool,
+    },
+    /// The state changed since the snapshot; nothing was written.
+    Conflict,
+    /// A liveness-only verdict superseded by a later one of the same
+    /// workspace, which was written in its place (see
+    /// [`Store::submit_liveness`]).
+    Coalesced,
+}
+
+/// A workspace to provision.
+#[derive(Clone, Debug)]
+pub struct NewWorkspace {
+    pub id: String,
+    pub name: String,
+    pub kind: WorkspaceKind,
+    pub model_configured: bool,
+}
+
+/// A workspace as an operator sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkspaceRecord {
+    pub id: String,
+    pub name: String,
+    pub kind: WorkspaceKind,
+    pub status: Status,
+    pub url: Option<String>,
+    pub delivery_mode: String,
+    pub last_sample_error: String,
+    pub last_error_rate: f64,
+    pub last_heartbeat_ms: Option<i64>,
+    pub last_register_failure_ms: Option<i64>,
+    pub model_configured: bool,
+    pub declared_plugins: Vec<DeclaredPlugin>,
+    pub live_tokens: i64,
+}
+
+/// A declared plugin.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeclaredPlugin {
+    pub name: String,
+    pub source: String,
+}
+
+/// A reconcile run as stored.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReconcileRun {
+    pub id: i64,
+    pub workspace_id: String,
+    pub trigger: String,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub state: String,
+    pub requested_ms: i64,
+    pub decision_id: Option<i64>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub attempts: i64,
+    pub cause: Option<String>,
+    pub detail: Option<serde_json::Value>,
+}
+
+/// An installed plugin as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InstalledPlugin {
+    pub name: String,
+    pub source: String,
+    pub tracked_ref: String,
+    pub installed_sha: Option<String>,
+    pub installed_ms: i64,
+}
+
+/// What a reconcile of one workspace works from.
+#[derive(Clone, Debug)]
+pub struct ReconcilePlan {
+    pub kind: WorkspaceKind,
+    pub declared: Vec<DeclaredPlugin>,
+    pub installed: Vec<InstalledPlugin>,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// A recorded event.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub workspace_id: String,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub at_ms: i64,
+}
+
+/// A decision-log row.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionRow {
+    pub id: i64,
+    pub workspace_id: String,
+    pub at_ms: i64,
+    pub event_kind: String,
+    pub chain_version: String,
+    pub outcome: String,
+    pub input: serde_json::Value,
+    pub steps: serde_json::Value,
+    pub final_actions: serde_json::Value,
+    pub attempts: i64,
+    /// How many evaluations this row stands for: liveness-only heartbeats
+    /// of one workspace are coalesced, and only the last one's input and
+    /// steps are kept.
+    pub heartbeats: i64,
+    /// When the first of them was evaluated (`None` for a single one).
+    pub first_at_ms: Option<i64>,
+}
+
+/// A chain as stored: its spec (JSON, modules as `builtin:` or `sha256:`).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StoredChain {
+    pub id: i64,
+    pub version: String,
+    pub spec: String,
+    /// `staged`, `active` or `retired`.
+    pub state: String,
+    pub created_ms: i64,
+    pub created_by: String,
+    pub activated_ms: Option<i64>,
+    pub activated_by: Option<String>,
+}
+
+/// The store's interface. Blocking; every method is atomic (one transaction,
+/// or for `apply` one savepoint of a transaction shared with other verdicts).
+pub trait Store: Send + Sync + 'static {
+    /// Read the workspace, its markers and its live token hashes. With
+    /// [`Read::Cached`] the answer may come from the store's cache and be
+    /// stale: a verdict computed from it carries its version, and
+    /// [`Store::submit`] reports a conflict if the workspace changed since,
+    /// so a stale snapshot costs a re-evaluation, never a wrong write.
+    fn load(&self, workspace_id: &str, read: Read) -> Result<Option<Snapshot>, StoreError>;
+    /// Queue one verdict to be applied atomically, or to report a conflict
+    /// and write nothing. `done` is called once with the outcome, after the
+    /// verdict is durable (committed), on the store's own thread: it must be
+    /// quick and must not call back into the store.
+    fn submit(&self, write: VerdictWrite, done: Done);
+    /// [`Store::submit`] for a verdict that
+    /// [records only liveness](VerdictWrite::records_only_liveness) and whose
+    /// caller does not wait for it: the store may hold it for up to
+    /// [`LIVENESS_HOLD`] and write only the last of a workspace's verdicts
+    /// held meanwhile (the others are answered [`Applied::Coalesced`]).
+    fn submit_liveness(&self, write: VerdictWrite, done: Done) {
+        self.submit(write, done);
+    }
+    /// Verdicts submitted and not yet answered.
+    fn backlog(&self) -> u64 {
+        0
+    }
+    /// Keep the decision log within `retention`: the oldest rows are pruned
+    /// in small chunks between batches of verdicts, so pruning never holds
+    /// a heartbeat for long; events of a pruned decision go with it and
+    /// its reconcile runs stay, without it.
+    fn set_retention(&self, _retention: Retention) {}
+    /// Record how long each commit of verdicts takes in `histogram` (once;
+    /// later calls are ignored).
+    fn observe_commits(&self, _histogram: prometheus_client::metrics::histogram::Histogram) {}
+    /// Whether verdicts can be written now: the writer is running and the
+    /// database accepts a write transaction. For `/readyz`.
+    fn check_writable(&self) -> Result<(), StoreError>;
+    /// Wait until every verdict submitted before this call has been
+    /// answered (committed or failed): what a reader calls to see the
+    /// verdicts that were acknowledged before they were committed.
+    fn flush(&self) {}
+    /// [`Store::submit`], waiting for the outcome.
+    fn apply(&self, write: VerdictWrite) -> Result<Applied, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            write,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.recv().unwrap_or(Err(StoreError::WriterStopped))
+    }
+    /// Record that an authenticated register failed (for the degrade rule).
+    fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Provision a workspace (`provisioning`).
+    fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError>;
+    /// One workspace, as an operator sees it.
+    fn workspace(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError>;
+    /// Every workspace, by id.
+    fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, StoreError>;
+    /// Set an operator-decided status (e.g. `removed`), unconditionally.
+    fn set_status(&self, id: &str, status: Status, now_ms: i64) -> Result<(), StoreError>;
+    /// Record that a secret named `name` is configured (values live elsewhere).
+    fn set_secret(&self, id: &str, name: &str, now_ms: i64) -> Result<(), StoreError>;
+    /// Declare a plugin; the management plugin only on a platform workspace.
+    fn declare_plugin(
+        &self,
+        id: &str,
+        name: &str,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Store a new token's hash.
+    fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
+    /// Revoke every live token of a workspace; returns how many.
+    fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError>;
+    /// Reconcile runs, oldest first, optionally of one workspace.
+    fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError>;
+    /// One reconcile run.
+    fn reconcile_run(&self, id: i64) -> Result<Option<ReconcileRun>, StoreError>;
+    /// Put runs left `running` by a process that died back in the queue;
+    /// returns how many. Called once by the worker at start.
+    fn requeue_interrupted(&self) -> Result<usize, StoreError>;
+    /// Atomically start the oldest queued run whose workspace has no run in
+    /// progress, so a workspace never has two runs at once.
+    fn claim_run(&self, now_ms: i64) -> Result<Option<ReconcileRun>, StoreError>;
+    /// Record how a run ended.
+    fn finish_run(
+        &self,
+        id: i64,
+        outcome: RunOutcome,
+        now_ms: i64,
+        cause: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    /// The declared and installed plugins of a workspace.
+    fn reconcile_plan(&self, workspace_id: &str) -> Result<ReconcilePlan, StoreError>;
+    /// Record a delivered plugin (the management plugin only on a platform
+    /// workspace).
+    fn record_install(
+        &self,
+        workspace_id: &str,
+        plugin: &InstalledPlugin,
+    ) -> Result<(), StoreError>;
+    /// The installed plugins of a workspace, by name.
+    fn installed_plugins(&self, workspace_id: &str) -> Result<Vec<InstalledPlugin>, StoreError>;
+    /// Events of a workspace, oldest first.
+    fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError>;
+    /// The newest `limit` decisions of a workspace, oldest first.
+    fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError>;
+    /// Up to `limit` decisions of every workspace made at or after `since_ms`
+    /// with an id above `after_id`, oldest first: page through the log by
+    /// passing the last id seen.
+    fn decisions_since(
+        &self,
+        since_ms: i64,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DecisionRow>, StoreError>;
+
+    /// Keep a policy module's bytes under its digest (idempotent).
+    fn put_module(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        meta: &crate::model::Metadata,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// A stored module's bytes.
+    fn module_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Record a validated chain as `staged`.
+    fn stage_chain(
+        &self,
+        version: &str,
+        spec: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<StoredChain, StoreError>;
+    /// Make chain `id` the active one; the active one before it is retired.
+    fn activate_chain(&self, id: i64, by: &str, now_ms: i64) -> Result<StoredChain, StoreError>;
+    /// The active chain, if one was ever activated.
+    fn active_chain(&self) -> Result<Option<StoredChain>, StoreError>;
+    /// One chain.
+    fn chain(&self, id: i64) -> Result<Option<StoredChain>, StoreError>;
+    /// The chain that was active before the current one.
+    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError>;
+    /// The newest stored chain with content version `version`.
+    fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError>;
+}
+
+/// How much of the decision log is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// The most decision rows kept; the oldest go first.
+    pub max_rows: u64,
+    /// Decisions older than this (by the verdicts' clock) go; `None` keeps
+    /// them until `max_rows`.
+    pub max_age_ms: Option<i64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_rows: 1_000_000,
+            max_age_ms: Some(30 * 24 * 3_600_000),
+        }
+    }
+}
+
+/// Whether [`Store::load`] may answer from the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    Cached,
+    Fresh,
+}
+
+/// The most snapshots the cache keeps; when full it starts over.
+pub const SNAPSHOT_CACHE_ENTRIES: usize = 1 << 18;
+
+/// The longest the writer holds a liveness-only verdict (acknowledged
+/// before its commit) to coalesce later ones of the same workspace into it:
+/// also the most liveness a killed process can lose.
+pub const LIVENESS_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How a queued verdict's caller hears of its outcome.
+pub type Done = Box<dyn FnOnce(Result<Applied, StoreError>) + Send>;

@@ -1,0 +1,239 @@
+//! The schema, as the migrations that build it, in order; the version
+//! reached is kept in `PRAGMA user_version`.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::StoreError;
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE workspaces (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT 'workspace' CHECK (kind IN ('workspace', 'platform')),
+    status TEXT NOT NULL DEFAULT 'provisioning' CHECK (status IN ('provisioning', 'online',
+        'offline', 'degraded', 'failed', 'removed', 'paused', 'hibernated', 'hibernating',
+        'awaiting_agent')),
+    url TEXT,
+    agent_card TEXT,
+    delivery_mode TEXT NOT NULL DEFAULT 'push' CHECK (delivery_mode IN ('push', 'poll')),
+    last_heartbeat_ms INTEGER,
+    last_error_rate REAL NOT NULL DEFAULT 0,
+    last_sample_error TEXT NOT NULL DEFAULT '',
+    active_tasks INTEGER NOT NULL DEFAULT 0,
+    uptime_seconds INTEGER NOT NULL DEFAULT 0,
+    current_task TEXT,
+    loaded_mcp_tools TEXT,
+    last_register_failure_ms INTEGER,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+) STRICT;
+
+-- Secrets by name only: their values live in the secret store, never here.
+CREATE TABLE workspace_secrets (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, name)
+) STRICT;
+
+CREATE TABLE auth_tokens (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    token_hash BLOB NOT NULL UNIQUE,
+    prefix TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+) STRICT;
+CREATE INDEX auth_tokens_live ON auth_tokens (workspace_id) WHERE revoked_ms IS NULL;
+
+CREATE TABLE declared_plugins (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    plugin_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, plugin_name)
+) STRICT;
+
+CREATE TABLE installed_plugins (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    plugin_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    tracked_ref TEXT NOT NULL DEFAULT 'none',
+    installed_sha TEXT,
+    installed_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, plugin_name)
+) STRICT;
+
+CREATE TABLE policy_markers (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, owner, key)
+) STRICT;
+
+CREATE TABLE decisions (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    event_kind TEXT NOT NULL,
+    chain_version TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    input TEXT NOT NULL,
+    steps TEXT NOT NULL,
+    final_actions TEXT NOT NULL,
+    attempts INTEGER NOT NULL
+) STRICT;
+CREATE INDEX decisions_by_workspace ON decisions (workspace_id, id);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    decision_id INTEGER REFERENCES decisions(id)
+) STRICT;
+CREATE INDEX events_by_workspace ON events (workspace_id, id);
+
+CREATE TABLE reconcile_runs (
+    id INTEGER PRIMARY KEY,
+    workspace_id TEXT NOT NULL,
+    trigger TEXT NOT NULL CHECK (trigger IN ('online', 'mcp-recovery')),
+    state TEXT NOT NULL DEFAULT 'queued'
+        CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    requested_ms INTEGER NOT NULL,
+    decision_id INTEGER REFERENCES decisions(id),
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    -- How many times a worker started it (a crash re-queues a running run).
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- For a failure, the cause in plain words.
+    cause TEXT,
+    -- JSON: per-plugin results and the restart hook's outcome.
+    detail TEXT
+) STRICT;
+CREATE INDEX reconcile_runs_by_state ON reconcile_runs (state, id);
+CREATE INDEX reconcile_runs_by_workspace ON reconcile_runs (workspace_id, id);
+"#,
+    r#"
+-- Policy modules by content, so an activated chain survives restarts and
+-- never depends on files staying where they were.
+CREATE TABLE policy_modules (
+    digest TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    uploaded_ms INTEGER NOT NULL,
+    uploaded_by TEXT NOT NULL
+) STRICT;
+
+-- Chains as staged and activated; at most one is active.
+CREATE TABLE chains (
+    id INTEGER PRIMARY KEY,
+    version TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('staged', 'active', 'retired')),
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    activated_ms INTEGER,
+    activated_by TEXT
+) STRICT;
+CREATE UNIQUE INDEX chains_one_active ON chains (state) WHERE state = 'active';
+"#,
+    // Replay reads the decision log by time across workspaces.
+    r#"
+CREATE INDEX decisions_by_time ON decisions (at_ms, id);
+"#,
+    // A version per workspace, bumped on any change to what a verdict is
+    // computed from (by triggers, so that raw SQL and other processes bump it
+    // too; a write of the same value is no change): a verdict computed from
+    // an older version is a conflict.
+    r#"
+ALTER TABLE workspaces ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+CREATE TRIGGER workspaces_version AFTER UPDATE OF kind, status, last_register_failure_ms,
+    delivery_mode ON workspaces
+WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
+    OR OLD.last_register_failure_ms IS NOT NEW.last_register_failure_ms
+    OR OLD.delivery_mode IS NOT NEW.delivery_mode
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
+CREATE TRIGGER policy_markers_version_insert AFTER INSERT ON policy_markers
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER policy_markers_version_update AFTER UPDATE ON policy_markers
+WHEN OLD.value IS NOT NEW.value OR OLD.key IS NOT NEW.key OR OLD.owner IS NOT NEW.owner
+    OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER policy_markers_version_delete AFTER DELETE ON policy_markers
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+CREATE TRIGGER auth_tokens_version_insert AFTER INSERT ON auth_tokens
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER auth_tokens_version_update AFTER UPDATE ON auth_tokens
+WHEN OLD.revoked_ms IS NOT NEW.revoked_ms OR OLD.token_hash IS NOT NEW.token_hash
+    OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER auth_tokens_version_delete AFTER DELETE ON auth_tokens
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+CREATE TRIGGER declared_plugins_version_insert AFTER INSERT ON declared_plugins
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER declared_plugins_version_update AFTER UPDATE ON declared_plugins
+WHEN OLD.plugin_name IS NOT NEW.plugin_name OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER declared_plugins_version_delete AFTER DELETE ON declared_plugins
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+CREATE TRIGGER workspace_secrets_version_insert AFTER INSERT ON workspace_secrets
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER workspace_secrets_version_update AFTER UPDATE ON workspace_secrets
+WHEN OLD.name IS NOT NEW.name OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER workspace_secrets_version_delete AFTER DELETE ON workspace_secrets
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+"#,
+    // Liveness-only heartbeats are coalesced: one decision row stands for
+    // the `heartbeats` evaluations since `first_at_ms` (its own `at_ms` is the
+    // last one's, and so are its input and steps).
+    r#"
+ALTER TABLE decisions ADD COLUMN heartbeats INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE decisions ADD COLUMN first_at_ms INTEGER;
+"#,
+    // The decision log is pruned oldest first: what points at a decision
+    // is found by index.
+    r#"
+CREATE INDEX events_by_decision ON events (decision_id);
+CREATE INDEX reconcile_runs_by_decision ON reconcile_runs (decision_id);
+"#,
+];
+
+/// WAL journal mode, then the embedded migrations.
+pub(super) fn init(conn: &mut Connection) -> Result<(), StoreError> {
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(mode, "sqlite refused WAL journal mode");
+    }
+    migrate(conn)
+}
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > supported {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}

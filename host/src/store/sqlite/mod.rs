@@ -1,0 +1,749 @@
+//! The embedded SQLite store: rusqlite with bundled SQLite, WAL,
+//! `synchronous=NORMAL`, one writer connection (used by the writer thread
+//! for verdicts, and directly for everything else), a small pool of reader
+//! connections, and the snapshot cache.
+
+mod migrations;
+mod read;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use self::migrations::init;
+use self::read::*;
+use self::writer::{Job, Queue, WRITER_CACHE_KIB, Writer, insert_token};
+use crate::model::{Status, WorkspaceKind};
+use crate::store::*;
+
+/// The embedded SQLite store: one writer connection (used by the writer
+/// thread for verdicts and directly for everything else), a small pool of
+/// readers.
+pub struct SqliteStore {
+    writer: Arc<Writer>,
+    thread: Option<JoinHandle<()>>,
+    readers: Mutex<Vec<Connection>>,
+    /// Snapshots by workspace id, for [`Read::Cached`]. Never trusted for a
+    /// write: each verdict's version is checked by the writer.
+    cache: Arc<SnapshotCache>,
+    path: std::path::PathBuf,
+}
+
+/// The snapshot cache. A snapshot here may be stale (another process or
+/// host changed the workspace); the writer's version check catches that.
+#[derive(Default)]
+struct SnapshotCache {
+    entries: Mutex<std::collections::HashMap<String, Snapshot>>,
+}
+
+impl SnapshotCache {
+    fn get(&self, id: &str) -> Option<Snapshot> {
+        self.entries.lock().ok()?.get(id).cloned()
+    }
+
+    fn put(&self, snapshot: &Snapshot) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= SNAPSHOT_CACHE_ENTRIES
+                && !entries.contains_key(&snapshot.workspace.id)
+            {
+                entries.clear();
+            }
+            entries.insert(snapshot.workspace.id.clone(), snapshot.clone());
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(id);
+        }
+    }
+}
+
+const MAX_IDLE_READERS: usize = 8;
+
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    std::path::PathBuf::from(name)
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Every statement of the request path stays prepared (the default keeps 16).
+    conn.set_prepared_statement_cache_capacity(128);
+    // Plans that do not depend on bound values: without this, SQLite (built
+    // with STAT4) recompiles some cached statements on every new binding.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path` and migrate it.
+    ///
+    /// Two processes may open a fresh file at once (the service starting
+    /// while the CLI provisions a workspace). Switching to WAL and migrating
+    /// can then find the file locked without SQLite's busy handler being
+    /// asked, so both steps are retried for up to five seconds.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let mut conn = open_connection(path)?;
+        let started = std::time::Instant::now();
+        loop {
+            match init(&mut conn) {
+                Ok(()) => break,
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && started.elapsed() < std::time::Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The writer thread checkpoints the WAL itself once it passes
+        // `CHECKPOINT_FRAMES` pages, but after it has answered the batch that
+        // crossed the line rather than inside that batch's commit (SQLite's
+        // automatic checkpoint, which the hook below replaces). A checkpoint
+        // on another thread (tried) copies the pages but never finishes while
+        // commits keep landing, so the WAL never starts over and grows
+        // without bound. A WAL a burst grew is cut back to 64 MiB when it
+        // starts over.
+        let wal_frames = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let frames = wal_frames.clone();
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages| {
+            frames.store(i64::from(pages), std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }))?;
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        // A batch touches a workspace row per verdict: with many workspaces
+        // SQLite's default 2 MiB cache spilled mid-transaction and re-read
+        // pages. The savepoints' statement journal stays in memory.
+        conn.pragma_update(None, "cache_size", -(WRITER_CACHE_KIB as i64))?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        let cache = Arc::new(SnapshotCache::default());
+        let writer = Arc::new(Writer {
+            conn: Mutex::new(conn),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            answered: Condvar::new(),
+            cache: cache.clone(),
+            wal_frames,
+            commit_seconds: std::sync::OnceLock::new(),
+            retention: Mutex::new(Retention::default()),
+        });
+        let thread = std::thread::Builder::new()
+            .name("heartgate-writer".into())
+            .spawn({
+                let writer = writer.clone();
+                move || writer.run()
+            })
+            .map_err(|e| StoreError::Failed(format!("starting the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            writer,
+            thread: Some(thread),
+            readers: Mutex::new(Vec::new()),
+            cache,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.readers.lock().map_err(|_| StoreError::Poisoned)?.pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => open_connection(&self.path)?,
+        };
+        let result = f(&mut conn);
+        // A connection left inside a transaction (a failed COMMIT) is closed.
+        if conn.is_autocommit()
+            && let Ok(mut idle) = self.readers.lock()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(conn);
+        }
+        result
+    }
+
+    /// A write to one workspace outside a verdict; its cached snapshot is
+    /// dropped afterwards.
+    fn with_workspace_writer<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = self.with_writer(f);
+        self.cache.forget(id);
+        result
+    }
+
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut conn)
+    }
+}
+
+impl Drop for SqliteStore {
+    /// Stop taking verdicts, let the writer commit what is queued, and wait.
+    fn drop(&mut self) {
+        self.writer.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&self, workspace_id: &str, read: Read) -> Result<Option<Snapshot>, StoreError> {
+        if read == Read::Cached
+            && let Some(snapshot) = self.cache.get(workspace_id)
+        {
+            return Ok(Some(snapshot));
+        }
+        let snapshot = self.with_reader(|c| load_snapshot(c, workspace_id))?;
+        match &snapshot {
+            // A removed workspace is never cached: nothing is written for
+            // it, so no version check would catch a stale entry.
+            Some(s) if s.workspace.status != Status::Removed => self.cache.put(s),
+            _ => self.cache.forget(workspace_id),
+        }
+        Ok(snapshot)
+    }
+
+    fn submit(&self, write: VerdictWrite, done: Done) {
+        self.writer.submit(Job::new(write, done, false));
+    }
+
+    fn submit_liveness(&self, write: VerdictWrite, done: Done) {
+        debug_assert!(write.records_only_liveness());
+        self.writer.submit(Job::new(write, done, true));
+    }
+
+    fn backlog(&self) -> u64 {
+        self.writer.backlog()
+    }
+
+    fn observe_commits(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.writer.commit_seconds.set(histogram);
+    }
+
+    fn set_retention(&self, retention: Retention) {
+        if let Ok(mut r) = self.writer.retention.lock() {
+            *r = retention;
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.writer.queue.lock().map_or(true, |q| q.closed) {
+            return Err(StoreError::WriterStopped);
+        }
+        // Asked of the OS, not of an open connection: one keeps writing to a
+        // file made read-only since (its descriptor was opened for writing)
+        // until a checkpoint fails, and SQLite reuses such descriptors.
+        for file in [self.path.clone(), wal_path(&self.path)] {
+            if let Err(e) = std::fs::OpenOptions::new().write(true).open(&file)
+                && (file == self.path || e.kind() != std::io::ErrorKind::NotFound)
+            {
+                return Err(StoreError::Failed(format!(
+                    "the database file `{}` is read-only: {e}",
+                    file.display()
+                )));
+            }
+        }
+        // And the write lock can be taken (no other process holds it for
+        // longer than the busy timeout).
+        let conn = open_connection(&self.path)?;
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
+    }
+
+    fn flush(&self) {
+        self.writer.flush();
+    }
+
+    fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with_workspace_writer(workspace_id, |c| {
+            c.execute(
+                "UPDATE workspaces SET last_register_failure_ms = ?2 WHERE id = ?1",
+                params![workspace_id, now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError> {
+        if !crate::model::valid_workspace_id(&new.id) {
+            return Err(StoreError::Refused(format!(
+                "workspace id `{}` must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.`",
+                new.id
+            )));
+        }
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let inserted = tx.execute(
+                "INSERT INTO workspaces (id, name, kind, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING",
+                params![new.id, new.name, new.kind.as_str(), now_ms],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Exists(new.id.clone()));
+            }
+            if new.model_configured {
+                tx.execute(
+                    "INSERT INTO workspace_secrets (workspace_id, name, created_ms)
+                     VALUES (?1, 'MODEL', ?2)",
+                    params![new.id, now_ms],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn workspace(&self, id: &str) -> Result<Option<WorkspaceRecord>, StoreError> {
+        self.with_reader(|c| read_workspace(c, id))
+    }
+
+    fn workspaces(&self) -> Result<Vec<WorkspaceRecord>, StoreError> {
+        self.with_reader(|c| {
+            let tx = c.transaction()?;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare("SELECT id FROM workspaces ORDER BY id")?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
+            };
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(rec) = read_workspace(&tx, &id)? {
+                    out.push(rec);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn set_status(&self, id: &str, status: Status, now_ms: i64) -> Result<(), StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let n = c.execute(
+                "UPDATE workspaces SET status = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, status.as_str(), now_ms],
+            )?;
+            if n == 0 {
+                return Err(StoreError::UnknownWorkspace(id.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    fn set_secret(&self, id: &str, name: &str, now_ms: i64) -> Result<(), StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            tx.execute(
+                "INSERT INTO workspace_secrets (workspace_id, name, created_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+                params![id, name, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn declare_plugin(
+        &self,
+        id: &str,
+        name: &str,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let kind = require_workspace(&tx, id)?;
+            if name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
+                return Err(StoreError::Refused(format!(
+                    "refusing to declare privileged plugin `{name}` on non-platform workspace `{id}`"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO declared_plugins (workspace_id, plugin_name, source, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (workspace_id, plugin_name)
+                 DO UPDATE SET source = excluded.source, updated_ms = excluded.updated_ms",
+                params![id, name, source, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            insert_token(&tx, id, token, now_ms)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            let n = tx.execute(
+                "UPDATE auth_tokens SET revoked_ms = ?2 WHERE workspace_id = ?1 AND revoked_ms IS NULL",
+                params![id, now_ms],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{RUN_COLUMNS} WHERE ?1 IS NULL OR workspace_id = ?1 ORDER BY id"
+            ))?;
+            let rows = stmt
+                .query_map([workspace_id], run_from_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn reconcile_run(&self, id: i64) -> Result<Option<ReconcileRun>, StoreError> {
+        self.with_reader(|c| {
+            Ok(
+                c.query_row(&format!("{RUN_COLUMNS} WHERE id = ?1"), [id], run_from_row)
+                    .optional()?,
+            )
+        })
+    }
+
+    fn requeue_interrupted(&self) -> Result<usize, StoreError> {
+        self.with_writer(|c| {
+            Ok(c.execute(
+                "UPDATE reconcile_runs SET state = 'queued', started_ms = NULL WHERE state = 'running'",
+                [],
+            )?)
+        })
+    }
+
+    fn claim_run(&self, now_ms: i64) -> Result<Option<ReconcileRun>, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let id: Option<i64> = tx
+                .query_row(
+                    "SELECT r.id FROM reconcile_runs r
+                     WHERE r.state = 'queued' AND NOT EXISTS (
+                         SELECT 1 FROM reconcile_runs x
+                         WHERE x.workspace_id = r.workspace_id AND x.state = 'running')
+                     ORDER BY r.id LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(id) = id else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE reconcile_runs SET state = 'running', started_ms = ?2,
+                     attempts = attempts + 1
+                 WHERE id = ?1",
+                params![id, now_ms],
+            )?;
+            let run = tx.query_row(&format!("{RUN_COLUMNS} WHERE id = ?1"), [id], run_from_row)?;
+            tx.commit()?;
+            Ok(Some(run))
+        })
+    }
+
+    fn finish_run(
+        &self,
+        id: i64,
+        outcome: RunOutcome,
+        now_ms: i64,
+        cause: Option<&str>,
+        detail: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let state = match outcome {
+            RunOutcome::Succeeded => "succeeded",
+            RunOutcome::Failed => "failed",
+        };
+        self.with_writer(|c| {
+            c.execute(
+                "UPDATE reconcile_runs SET state = ?2, finished_ms = ?3, cause = ?4, detail = ?5
+                 WHERE id = ?1",
+                params![id, state, now_ms, cause, detail.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn reconcile_plan(&self, workspace_id: &str) -> Result<ReconcilePlan, StoreError> {
+        self.with_reader(|c| {
+            let tx = c.transaction()?;
+            let kind = require_workspace(&tx, workspace_id)?;
+            let declared = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT plugin_name, source FROM declared_plugins
+                     WHERE workspace_id = ?1 ORDER BY plugin_name",
+                )?;
+                stmt.query_map([workspace_id], |r| {
+                    Ok(DeclaredPlugin {
+                        name: r.get(0)?,
+                        source: r.get(1)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            let installed = read_installed(&tx, workspace_id)?;
+            tx.commit()?;
+            Ok(ReconcilePlan {
+                kind,
+                declared,
+                installed,
+            })
+        })
+    }
+
+    fn record_install(
+        &self,
+        workspace_id: &str,
+        plugin: &InstalledPlugin,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let kind = require_workspace(&tx, workspace_id)?;
+            if plugin.name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
+                return Err(StoreError::Refused(format!(
+                    "refusing to record privileged plugin `{}` on non-platform workspace `{workspace_id}`",
+                    plugin.name
+                )));
+            }
+            tx.execute(
+                "INSERT INTO installed_plugins
+                     (workspace_id, plugin_name, source, tracked_ref, installed_sha, installed_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (workspace_id, plugin_name) DO UPDATE SET
+                     source = excluded.source, tracked_ref = excluded.tracked_ref,
+                     installed_sha = excluded.installed_sha, installed_ms = excluded.installed_ms",
+                params![
+                    workspace_id,
+                    plugin.name,
+                    plugin.source,
+                    plugin.tracked_ref,
+                    plugin.installed_sha,
+                    plugin.installed_ms
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn installed_plugins(&self, workspace_id: &str) -> Result<Vec<InstalledPlugin>, StoreError> {
+        self.with_reader(|c| read_installed(c, workspace_id))
+    }
+
+    fn events(&self, workspace_id: &str) -> Result<Vec<EventRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, workspace_id, event_type, payload, at_ms FROM events
+                 WHERE workspace_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([workspace_id], |r| {
+                    Ok(EventRow {
+                        id: r.get(0)?,
+                        workspace_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        payload: json_or_null(r.get(3)?),
+                        at_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn decisions(&self, workspace_id: &str, limit: usize) -> Result<Vec<DecisionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{DECISION_COLUMNS} WHERE workspace_id = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let mut rows: Vec<DecisionRow> = stmt
+                .query_map(params![workspace_id, limit as i64], decision_from_row)?
+                .collect::<Result<_, _>>()?;
+            rows.reverse();
+            Ok(rows)
+        })
+    }
+
+    fn decisions_since(
+        &self,
+        since_ms: i64,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DecisionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{DECISION_COLUMNS} WHERE at_ms >= ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+            ))?;
+            let rows = stmt
+                .query_map(params![since_ms, after_id, limit as i64], decision_from_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn put_module(
+        &self,
+        digest: &str,
+        bytes: &[u8],
+        meta: &crate::model::Metadata,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            c.execute(
+                "INSERT INTO policy_modules (digest, bytes, name, version, uploaded_ms, uploaded_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                params![digest, bytes, meta.name, meta.version, now_ms, by],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn module_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                "SELECT bytes FROM policy_modules WHERE digest = ?1",
+                [digest],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
+    fn stage_chain(
+        &self,
+        version: &str,
+        spec: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<StoredChain, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO chains (version, spec, state, created_ms, created_by)
+                 VALUES (?1, ?2, 'staged', ?3, ?4)",
+                params![version, spec, now_ms, by],
+            )?;
+            let id = tx.last_insert_rowid();
+            let chain = tx.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                [id],
+                chain_from_row,
+            )?;
+            tx.commit()?;
+            Ok(chain)
+        })
+    }
+
+    fn activate_chain(&self, id: i64, by: &str, now_ms: i64) -> Result<StoredChain, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM chains WHERE id = ?1)",
+                [id],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Err(StoreError::Refused(format!("no chain {id}")));
+            }
+            tx.execute(
+                "UPDATE chains SET state = 'retired' WHERE state = 'active' AND id != ?1",
+                [id],
+            )?;
+            tx.execute(
+                "UPDATE chains SET state = 'active', activated_ms = ?2, activated_by = ?3
+                 WHERE id = ?1",
+                params![id, now_ms, by],
+            )?;
+            let chain = tx.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                [id],
+                chain_from_row,
+            )?;
+            tx.commit()?;
+            Ok(chain)
+        })
+    }
+
+    fn active_chain(&self) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE state = 'active'"),
+                [],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn chain(&self, id: i64) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                [id],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{CHAIN_COLUMNS} WHERE version = ?1 ORDER BY id DESC LIMIT 1"),
+                [version],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!(
+                    "{CHAIN_COLUMNS} WHERE state = 'retired' AND activated_ms IS NOT NULL
+                     ORDER BY activated_ms DESC, id DESC LIMIT 1"
+                ),
+                [],
+                chain_from_row,
+            )
+            .optional()?)
+        })
+    }
+}

@@ -1,0 +1,255 @@
+//! Reads: the snapshot a verdict is computed from, and the rows operators
+//! read, mapped from SQL.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::model::{Marker, Status, Workspace, WorkspaceKind};
+use crate::store::{
+    DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError, StoredChain,
+    WorkspaceRecord,
+};
+
+pub(super) fn parse_status(s: String) -> rusqlite::Result<Status> {
+    Status::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown status `{s}`").into(),
+        )
+    })
+}
+
+pub(super) fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
+    WorkspaceKind::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unknown kind `{s}`").into(),
+        )
+    })
+}
+
+pub(super) const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, created_by,
+    activated_ms, activated_by FROM chains";
+
+pub(super) const DECISION_COLUMNS: &str =
+    "SELECT id, workspace_id, at_ms, event_kind, chain_version,
+    outcome, input, steps, final_actions, attempts, heartbeats, first_at_ms FROM decisions";
+
+pub(super) fn decision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DecisionRow> {
+    Ok(DecisionRow {
+        id: r.get(0)?,
+        workspace_id: r.get(1)?,
+        at_ms: r.get(2)?,
+        event_kind: r.get(3)?,
+        chain_version: r.get(4)?,
+        outcome: r.get(5)?,
+        input: json_or_null(r.get(6)?),
+        steps: json_or_null(r.get(7)?),
+        final_actions: json_or_null(r.get(8)?),
+        attempts: r.get(9)?,
+        heartbeats: r.get(10)?,
+        first_at_ms: r.get(11)?,
+    })
+}
+
+pub(super) fn chain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredChain> {
+    Ok(StoredChain {
+        id: r.get(0)?,
+        version: r.get(1)?,
+        spec: r.get(2)?,
+        state: r.get(3)?,
+        created_ms: r.get(4)?,
+        created_by: r.get(5)?,
+        activated_ms: r.get(6)?,
+        activated_by: r.get(7)?,
+    })
+}
+
+pub(super) const RUN_COLUMNS: &str =
+    "SELECT id, workspace_id, trigger, state, requested_ms, decision_id,
+    started_ms, finished_ms, attempts, cause, detail FROM reconcile_runs";
+
+pub(super) fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReconcileRun> {
+    Ok(ReconcileRun {
+        id: r.get(0)?,
+        workspace_id: r.get(1)?,
+        trigger: r.get(2)?,
+        state: r.get(3)?,
+        requested_ms: r.get(4)?,
+        decision_id: r.get(5)?,
+        started_ms: r.get(6)?,
+        finished_ms: r.get(7)?,
+        attempts: r.get(8)?,
+        cause: r.get(9)?,
+        detail: r.get::<_, Option<String>>(10)?.map(json_or_null),
+    })
+}
+
+pub(super) fn read_installed(
+    conn: &Connection,
+    workspace_id: &str,
+) -> Result<Vec<InstalledPlugin>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT plugin_name, source, tracked_ref, installed_sha, installed_ms
+         FROM installed_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
+    )?;
+    let rows = stmt
+        .query_map([workspace_id], |r| {
+            Ok(InstalledPlugin {
+                name: r.get(0)?,
+                source: r.get(1)?,
+                tracked_ref: r.get(2)?,
+                installed_sha: r.get(3)?,
+                installed_ms: r.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+pub(super) fn json_or_null(s: String) -> serde_json::Value {
+    serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))
+}
+
+pub(super) fn load_snapshot(
+    conn: &mut Connection,
+    id: &str,
+) -> Result<Option<Snapshot>, StoreError> {
+    // One read transaction for the four reads, begun and ended by cached
+    // statements: this runs once per heartbeat, so nothing here parses SQL.
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let read = read_snapshot(conn, id);
+    let end = conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut s| s.execute([]));
+    let snapshot = read?;
+    end?;
+    Ok(snapshot)
+}
+
+pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
+    let row = tx
+        .prepare_cached(
+            "SELECT kind, status, last_register_failure_ms, delivery_mode,
+                    EXISTS(SELECT 1 FROM workspace_secrets s
+                           WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
+                    version
+             FROM workspaces w WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                parse_kind(r.get(0)?)?,
+                parse_status(r.get(1)?)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((kind, status, last_register_failure_ms, delivery_mode, model_configured, version)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let declared_plugins = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT plugin_name FROM declared_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
+        )?;
+        stmt.query_map([id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?
+    };
+    let markers = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT owner, key, value FROM policy_markers WHERE workspace_id = ?1 ORDER BY owner, key",
+        )?;
+        stmt.query_map([id], |r| {
+            Ok(Marker {
+                owner: r.get(0)?,
+                key: r.get(1)?,
+                value: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    };
+    let live_token_hashes = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT token_hash FROM auth_tokens WHERE workspace_id = ?1 AND revoked_ms IS NULL",
+        )?;
+        stmt.query_map([id], |r| r.get(0))?
+            .collect::<Result<Vec<Vec<u8>>, _>>()?
+    };
+    Ok(Some(Snapshot {
+        workspace: Workspace {
+            id: id.to_string(),
+            kind,
+            status,
+            model_configured,
+            declared_plugins,
+            last_register_failure_ms,
+        },
+        markers,
+        live_token_hashes,
+        delivery_mode,
+        version,
+    }))
+}
+
+pub(super) fn require_workspace(conn: &Connection, id: &str) -> Result<WorkspaceKind, StoreError> {
+    conn.query_row("SELECT kind FROM workspaces WHERE id = ?1", [id], |r| {
+        parse_kind(r.get(0)?)
+    })
+    .optional()?
+    .ok_or_else(|| StoreError::UnknownWorkspace(id.to_string()))
+}
+
+pub(super) fn read_workspace(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<WorkspaceRecord>, StoreError> {
+    let rec = conn
+        .query_row(
+            "SELECT id, name, kind, status, url, delivery_mode, last_sample_error,
+                    last_error_rate, last_heartbeat_ms, last_register_failure_ms,
+                    EXISTS(SELECT 1 FROM workspace_secrets s
+                           WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
+                    (SELECT COUNT(*) FROM auth_tokens t
+                     WHERE t.workspace_id = w.id AND t.revoked_ms IS NULL)
+             FROM workspaces w WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(WorkspaceRecord {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    kind: parse_kind(r.get(2)?)?,
+                    status: parse_status(r.get(3)?)?,
+                    url: r.get(4)?,
+                    delivery_mode: r.get(5)?,
+                    last_sample_error: r.get(6)?,
+                    last_error_rate: r.get(7)?,
+                    last_heartbeat_ms: r.get(8)?,
+                    last_register_failure_ms: r.get(9)?,
+                    model_configured: r.get(10)?,
+                    declared_plugins: Vec::new(),
+                    live_tokens: r.get(11)?,
+                })
+            },
+        )
+        .optional()?;
+    let Some(mut rec) = rec else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT plugin_name, source FROM declared_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
+    )?;
+    rec.declared_plugins = stmt
+        .query_map([id], |r| {
+            Ok(DeclaredPlugin {
+                name: r.get(0)?,
+                source: r.get(1)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(rec))
+}
