@@ -20,191 +20,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-const HEARTGATE: &str = env!("CARGO_BIN_EXE_heartgate");
-
-// ---------------------------------------------------------------------------
-// The binary as a child process.
-
-/// The operator CLI on `db`; returns its stdout.
-fn cli(db: &Path, args: &[&str]) -> String {
-    let out = Command::new(HEARTGATE)
-        .arg("--db")
-        .arg(db)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "heartgate {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Provision a workspace with the CLI and issue it a token.
-fn provision(db: &Path, id: &str, platform: bool) -> String {
-    if platform {
-        cli(
-            db,
-            &[
-                "workspace",
-                "add",
-                id,
-                "--kind",
-                "platform",
-                "--model-configured",
-            ],
-        );
-    } else {
-        cli(db, &["workspace", "add", id]);
-    }
-    cli(db, &["token", "issue", id]).trim().to_string()
-}
-
-/// A `heartgate serve` child process; killed if still running when dropped.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    /// Kept open: the service may write to its stdout after the first line.
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Serve {
-    /// Start the service on `db` and `config` on a free loopback port; its
-    /// log goes to `log`. Returns once it has bound its port.
-    fn start(db: &Path, config: &Path, log: &Path) -> Serve {
-        let mut child = Command::new(HEARTGATE)
-            .arg("--db")
-            .arg(db)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .env_remove("HEARTGATE_FAILPOINT")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let Some(url) = line.trim().strip_prefix("heartgate listening on http://") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the service did not start: {line:?}\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        };
-        Serve {
-            addr: url.parse().unwrap(),
-            child,
-            log: log.to_path_buf(),
-            _stdout: stdout,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Send `signal` (`TERM`, ...) with `kill`.
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// SIGKILL, and reap it.
-    fn sigkill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Wait for the process to exit; panics after `within`.
-    async fn exit_within(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service did not exit within {within:?}; its log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Poll `check` until it holds; panics after `within`.
-async fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A configuration file in `dir`: config volumes and local plugins in the
-/// temp dir (never in the working directory), plus `extra`.
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
-    let path = dir.join("heartgate.toml");
-    std::fs::write(
-        &path,
-        format!("configs_root = \"configs\"\nplugins_dir = \"plugins\"\n{extra}"),
-    )
-    .unwrap();
-    path
-}
-
-fn open_db(db: &Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn
-}
-
-fn integrity_check(conn: &rusqlite::Connection) {
-    let result: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(result, "ok", "PRAGMA integrity_check");
-    let broken: i64 = conn
-        .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(broken, 0, "PRAGMA foreign_key_check");
-}
+use common::binary::{
+    Answer, HttpClient, Serve, cli, integrity_check, open_db, post_heartbeat, provision,
+    wait_until, write_config,
+};
 
 /// `(id, state, attempts)` of every reconcile run, by id.
 fn run_states(db: &Path) -> Vec<(i64, String, i64)> {
@@ -479,35 +314,6 @@ struct ClientLog {
     killed_at: HashMap<usize, Instant>,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-async fn post_heartbeat(
-    client: &HttpClient,
-    base: &str,
-    token: &str,
-    body: &Value,
-) -> Result<(u16, Option<String>, Bytes), String> {
-    let req = hyper::Request::post(format!("{base}/registry/heartbeat"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let durability = resp
-        .headers()
-        .get("heartgate-durability")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, durability, body))
-}
-
 /// Send one heartbeat and record what came back.
 async fn beat_once(
     client: &HttpClient,
@@ -537,7 +343,11 @@ async fn beat_once(
     .await;
     let mut log = log.lock().unwrap();
     match result {
-        Ok(Ok((200, durability, resp))) if resp.as_ref() == br#"{"status":"ok"}"# => {
+        Ok(Ok(Answer {
+            status: 200,
+            durability,
+            body,
+        })) if body.as_ref() == br#"{"status":"ok"}"# => {
             let sent = log.sent.get_mut(&nonce).unwrap();
             sent.acked = true;
             sent.acked_at = Some(Instant::now());
@@ -551,10 +361,10 @@ async fn beat_once(
             }
             true
         }
-        Ok(Ok((status, _, resp))) => {
+        Ok(Ok(Answer { status, body, .. })) => {
             log.unexpected.push(format!(
                 "{nonce}: {status} {}",
-                String::from_utf8_lossy(&resp)
+                String::from_utf8_lossy(&body)
             ));
             false
         }
