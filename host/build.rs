@@ -21,7 +21,7 @@ const TARGET: &str = "wasm32-unknown-unknown";
 const WASI_TARGET: &str = "wasm32-wasip2";
 
 /// (crate name, file stem of its core module, name of the component file)
-const POLICIES: [(&str, &str, &str); 10] = [
+const POLICIES: [(&str, &str, &str); 12] = [
     ("heartgate-policy-gate", "heartgate_policy_gate", "gate"),
     (
         "heartgate-policy-status-rules",
@@ -66,6 +66,16 @@ const POLICIES: [(&str, &str, &str); 10] = [
         "heartgate-guest-cooldown-1m",
         "heartgate_guest_cooldown_1m",
         "cooldown_1m",
+    ),
+    (
+        "heartgate-guest-impostor",
+        "heartgate_guest_impostor",
+        "impostor",
+    ),
+    (
+        "heartgate-guest-long-name",
+        "heartgate_guest_long_name",
+        "long_name",
     ),
 ];
 

@@ -42,6 +42,7 @@ const MISSING_TOKEN: &str = "missing workspace auth token";
 const INVALID_TOKEN: &str = "invalid workspace auth token";
 const UNKNOWN_WORKSPACE: &str = "unknown workspace";
 const BAD_ID: &str = "must be 1-128 of";
+const TOOLS: &str = "loaded_mcp_tools: at most 512 names of at most 256 bytes";
 
 /// The registry's body limit, from `http::ServerConfig::default()`.
 const REGISTRY_LIMIT: usize = 256 * 1024;
@@ -165,6 +166,11 @@ fn padded_heartbeat(len: usize) -> String {
     body
 }
 
+/// `{"workspace_id":"ws","loaded_mcp_tools":[...]}` with `names`.
+fn tools_heartbeat(names: &[String]) -> String {
+    json!({"workspace_id": "ws", "loaded_mcp_tools": names}).to_string()
+}
+
 fn heartbeat_cases(t: &Tokens) -> Vec<Case> {
     let row = |name, body: &[u8], status, says| {
         Case::new(
@@ -181,6 +187,8 @@ fn heartbeat_cases(t: &Tokens) -> Vec<Case> {
         r#"{{"workspace_id":"ws","sample_error":"{}"}}"#,
         "x".repeat(300 * 1024)
     );
+    let many_tools = tools_heartbeat(&(0..513).map(|i| format!("t{i}")).collect::<Vec<_>>());
+    let long_tool = tools_heartbeat(&["t".repeat(257)]);
     let deep_arrays = format!(r#"{{"workspace_id":"ws","x":{}}}"#, nested_arrays(100_000));
     let unclosed = format!(r#"{{"workspace_id":"ws","x":{}"#, "[".repeat(100_000));
     let deep_objects = format!(
@@ -460,6 +468,8 @@ fn heartbeat_cases(t: &Tokens) -> Vec<Case> {
         row("100k unclosed arrays", unclosed.as_bytes(), 400, TOO_DEEP),
         row("40 nested objects", deep_objects.as_bytes(), 400, TOO_DEEP),
         row("sample_error of 300 KB", huge_sample.as_bytes(), 413, TOO_LARGE),
+        row("513 loaded tools", many_tools.as_bytes(), 400, TOOLS),
+        row("a tool name of 257 bytes", long_tool.as_bytes(), 400, TOOLS),
         row("body one byte over the limit", just_over.as_bytes(), 413, TOO_LARGE),
         row("binary body over the limit", &zeros, 413, TOO_LARGE),
         row("chunked body over the limit", huge_sample.as_bytes(), 413, TOO_LARGE).chunked(),
@@ -539,6 +549,14 @@ fn register_cases(t: &Tokens) -> Vec<Case> {
     );
     let nested_card = format!(r#"{{"id":"ws","agent_card":{}}}"#, nested_objects(33));
     let long_id = format!(r#"{{"id":"{}","agent_card":{{}}}}"#, "w".repeat(10 * 1024));
+    let long_url =
+        json!({"id": "ws", "url": format!("http://{}", "u".repeat(2042)), "agent_card": {}})
+            .to_string();
+    let big_card = json!({"id": "ws", "url": "", "agent_card": {"name": "n".repeat(65 << 10)}, "delivery_mode": "poll"})
+        .to_string();
+    let many_tools = json!({"id": "ws", "url": "", "agent_card": {}, "delivery_mode": "poll",
+        "loaded_mcp_tools": (0..513).map(|i| format!("t{i}")).collect::<Vec<_>>()})
+    .to_string();
     vec![
         row("malformed json", b"{\"id\":", 400, INVALID),
         row("empty body", b"", 400, INVALID),
@@ -678,6 +696,19 @@ fn register_cases(t: &Tokens) -> Vec<Case> {
         row("agent card of 300 KB", huge_card.as_bytes(), 413, TOO_LARGE),
         row("url of 300 KB", huge_url.as_bytes(), 413, TOO_LARGE),
         row(
+            "url of 2049 bytes",
+            long_url.as_bytes(),
+            400,
+            "url longer than 2048 bytes",
+        ),
+        row(
+            "agent_card of 65 KiB",
+            big_card.as_bytes(),
+            400,
+            "agent_card larger than 65536 bytes",
+        ),
+        row("513 loaded tools", many_tools.as_bytes(), 400, TOOLS),
+        row(
             "multipart body",
             b"--x\r\nContent-Disposition: form-data; name=\"id\"\r\n\r\nws\r\n--x--\r\n",
             400,
@@ -732,6 +763,8 @@ fn open_registration_cases() -> Vec<Case> {
         row("newline", "ws\nx", 400, BAD_ID),
         row("escape sequence", "ws\u{1b}[2J", 400, BAD_ID),
         row("space", "a b", 400, BAD_ID),
+        row("leading dash", "-ws", 400, BAD_ID),
+        row("an option", "--help", 400, BAD_ID),
         row("percent-encoded traversal", "%2e%2e%2f", 400, BAD_ID),
         row("non-ascii", "wś", 400, BAD_ID),
         row("129 characters", &just_over, 400, BAD_ID),
@@ -1691,7 +1724,7 @@ async fn start(dir: &tempfile::TempDir, admin: bool, open_registration: bool) ->
 /// Workspaces `ws` (a live and a revoked token) and `ws-other`.
 fn provision(svc: &Service) -> Tokens {
     let revoked = svc.provision("ws", Workspace, false);
-    svc.store.revoke_tokens("ws", T0_MS).unwrap();
+    svc.store.revoke_tokens("ws", T0_MS, false).unwrap();
     let ws = svc.issue_token("ws");
     let other = svc.provision("ws-other", Workspace, false);
     Tokens { ws, other, revoked }

@@ -114,7 +114,7 @@ fn finished_runs(svc: &Service, id: &str, trigger: &str) -> Vec<heartgate::store
 /// token yet (its runtime bootstraps one) and the management plugin declared.
 fn booting_concierge(svc: &Service) {
     svc.provision("concierge", Platform, true);
-    svc.store.revoke_tokens("concierge", T0_MS).unwrap();
+    svc.store.revoke_tokens("concierge", T0_MS, true).unwrap();
     svc.store
         .declare_plugin(
             "concierge",
@@ -386,7 +386,7 @@ async fn private_source_without_token_stays_failed() {
     })
     .await;
     svc.provision("concierge", Platform, true);
-    svc.store.revoke_tokens("concierge", T0_MS).unwrap();
+    svc.store.revoke_tokens("concierge", T0_MS, true).unwrap();
     svc.store
         .declare_plugin(
             "concierge",

@@ -2,8 +2,9 @@
 //!
 //! A token is 32 random bytes, base64url without padding; only its SHA-256
 //! hash is stored, with an 8-character prefix for display. Hashes are compared
-//! in constant time. A workspace with no live token is let in once
-//! (bootstrap): its first register mints one.
+//! in constant time. A workspace that never had a token is let in once
+//! (bootstrap): its first register mints one. Revoking every token closes
+//! it again, until the operator issues a token or reopens bootstrap.
 //!
 //! **Invariant:** a token's plaintext is never logged or stored; it leaves the
 //! process only in the register response that minted it, or on the CLI that
@@ -59,9 +60,12 @@ pub fn bearer(header: Option<&[u8]>) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-/// Check `bearer` against the workspace's live token hashes.
-pub fn check(bearer: Option<&str>, live_hashes: &[Vec<u8>]) -> AuthCheck {
-    if live_hashes.is_empty() {
+/// Check `bearer` against the workspace's live token hashes. With none,
+/// the request is let in to bootstrap a token only if `bootstrap` (the
+/// workspace never had a token, or the operator reopened it); a workspace
+/// whose tokens were revoked refuses everyone.
+pub fn check(bearer: Option<&str>, live_hashes: &[Vec<u8>], bootstrap: bool) -> AuthCheck {
+    if live_hashes.is_empty() && bootstrap {
         return AuthCheck::Bootstrap;
     }
     let Some(token) = bearer else {
@@ -105,10 +109,13 @@ mod tests {
     fn check_covers_bootstrap_missing_invalid_and_match() {
         let t = mint().unwrap();
         let live = vec![t.stored.hash.clone()];
-        assert_eq!(check(None, &[]), AuthCheck::Bootstrap);
-        assert_eq!(check(Some("stale"), &[]), AuthCheck::Bootstrap);
-        assert_eq!(check(None, &live), AuthCheck::Missing);
-        assert_eq!(check(Some("wrong"), &live), AuthCheck::Invalid);
-        assert_eq!(check(Some(&t.plaintext), &live), AuthCheck::Token);
+        assert_eq!(check(None, &[], true), AuthCheck::Bootstrap);
+        assert_eq!(check(Some("stale"), &[], true), AuthCheck::Bootstrap);
+        assert_eq!(check(None, &live, false), AuthCheck::Missing);
+        assert_eq!(check(Some("wrong"), &live, false), AuthCheck::Invalid);
+        assert_eq!(check(Some(&t.plaintext), &live, false), AuthCheck::Token);
+        // Revoked: no live token and bootstrap closed.
+        assert_eq!(check(None, &[], false), AuthCheck::Missing);
+        assert_eq!(check(Some(&t.plaintext), &[], false), AuthCheck::Invalid);
     }
 }

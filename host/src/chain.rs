@@ -388,6 +388,22 @@ impl Chain {
                 s.on_failure.unwrap_or_default(),
             ));
         }
+        // Markers belong to (slot, policy name): one name per chain, so that
+        // a module cannot reach the markers of another slot by reporting
+        // its name.
+        for (i, a) in slots.iter().enumerate() {
+            let name = &a.module.metadata().name;
+            if let Some(b) = slots[i + 1..]
+                .iter()
+                .find(|b| &b.module.metadata().name == name)
+            {
+                return Err(ChainError::Invalid(format!(
+                    "slots `{}` and `{}` both run a policy named `{name}`; a chain runs each policy once, \
+                     and a policy's markers belong to its slot",
+                    a.name, b.name
+                )));
+            }
+        }
         let spec = ChainSpec { slot: normalized };
         let canonical = serde_json::to_vec(&spec).unwrap_or_default();
         let version = crate::engine::hex(&Sha256::digest(&canonical)[..8]);
@@ -454,7 +470,12 @@ impl Chain {
         let mut guest = GuestInput::new(input);
         for slot in &self.slots {
             let meta = slot.module.metadata();
-            guest.set_markers(input.markers.iter().filter(|m| m.owner == meta.name));
+            guest.set_markers(
+                input
+                    .markers
+                    .iter()
+                    .filter(|m| m.belongs_to(&slot.name, &meta.name)),
+            );
             let started = Instant::now();
             let result = slot
                 .module

@@ -54,6 +54,27 @@ pub struct HttpSection {
     pub header_timeout_secs: Option<u64>,
     pub body_timeout_secs: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
+    /// The most connections open at once.
+    pub max_connections: Option<usize>,
+}
+
+/// `[policy]`: the store of pushed modules.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The most pushed modules stored.
+    pub max_stored_modules: Option<u64>,
+    /// The most MiB of pushed modules stored.
+    pub max_stored_module_mib: Option<u64>,
+}
+
+/// `[store]`: the database's file system.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Below this many MiB free, the service is unready and acknowledges no
+    /// heartbeat before its commit.
+    pub min_free_mib: Option<u64>,
 }
 
 /// `[decision_log]`
@@ -87,6 +108,8 @@ pub struct ConfigFile {
     /// The SQLite database file (`--db` and `HEARTGATE_DB` override it).
     pub database: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
+    /// The longest text of a runtime's request stored (longer ones are cut).
+    pub max_text_bytes: Option<usize>,
     /// The environment variable holding the admin API's bearer token.
     pub admin_token_env: Option<String>,
     pub configs_root: Option<PathBuf>,
@@ -103,6 +126,10 @@ pub struct ConfigFile {
     pub decision_log: DecisionLogSection,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub store: StoreSection,
     pub chain: Option<ChainSpec>,
 }
 
@@ -133,6 +160,42 @@ impl ConfigFile {
                 "max_body_bytes",
                 format!("must be 1024-16777216, not {n}"),
             ));
+        }
+        if let Some(n) = config.max_text_bytes
+            && !(256..=65_536).contains(&n)
+        {
+            return Err(invalid(
+                "max_text_bytes",
+                format!("must be 256-65536, not {n}"),
+            ));
+        }
+        if let Some(n) = config.http.max_connections
+            && !(16..=65_536).contains(&n)
+        {
+            return Err(invalid(
+                "http.max_connections",
+                format!("must be 16-65536, not {n}"),
+            ));
+        }
+        for (key, value, range) in [
+            (
+                "policy.max_stored_modules",
+                config.policy.max_stored_modules,
+                1..=100_000,
+            ),
+            (
+                "policy.max_stored_module_mib",
+                config.policy.max_stored_module_mib,
+                1..=65_536,
+            ),
+            ("store.min_free_mib", config.store.min_free_mib, 0..=1 << 20),
+        ] {
+            if let Some(n) = value.filter(|n| !range.contains(n)) {
+                return Err(invalid(
+                    key,
+                    format!("must be {}-{}, not {n}", range.start(), range.end()),
+                ));
+            }
         }
         let r = &config.reconcile;
         if let Some(n) = r.concurrency.filter(|n| !(1..=64).contains(n)) {
@@ -239,6 +302,21 @@ impl ConfigFile {
     pub fn apply(self, opts: &mut ServiceOptions, base: &Path) {
         if let Some(n) = self.max_body_bytes {
             opts.server.max_body_bytes = n;
+        }
+        if let Some(n) = self.max_text_bytes {
+            opts.server.input.max_text_bytes = n;
+        }
+        if let Some(n) = self.http.max_connections {
+            opts.server.max_connections = n;
+        }
+        if let Some(n) = self.policy.max_stored_modules {
+            opts.module_quota.max_modules = n;
+        }
+        if let Some(n) = self.policy.max_stored_module_mib {
+            opts.module_quota.max_bytes = n << 20;
+        }
+        if let Some(n) = self.store.min_free_mib {
+            opts.min_free_bytes = n << 20;
         }
         if let Some(open) = self.open_registration {
             opts.open_registration = open;

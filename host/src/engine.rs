@@ -290,16 +290,25 @@ impl Engine {
         let metadata = module
             .metadata_call(Limits::default())
             .map_err(|e| LoadError::Metadata(e.to_string()))?;
+        // The messages quote at most 64 characters of what the module said.
+        let quoted = |s: &str| {
+            let shown: String = s.chars().take(64).collect();
+            if shown.len() < s.len() {
+                format!("`{shown}...` ({} bytes)", s.len())
+            } else {
+                format!("`{shown}`")
+            }
+        };
         if !valid_name(&metadata.name) {
             return Err(LoadError::BadMetadata(format!(
-                "name `{}` must be 1-64 lowercase letters, digits or dashes",
-                metadata.name
+                "name {} must be 1-64 lowercase letters, digits or dashes",
+                quoted(&metadata.name)
             )));
         }
         if metadata.version.is_empty() || metadata.version.len() > 64 {
             return Err(LoadError::BadMetadata(format!(
-                "version `{}` must be 1-64 characters",
-                metadata.version
+                "version {} must be 1-64 characters",
+                quoted(&metadata.version)
             )));
         }
         module.metadata = metadata;

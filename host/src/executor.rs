@@ -66,6 +66,13 @@ pub enum RegistryError {
     InvalidToken,
     #[error("token lookup failed: {0}")]
     AuthUnavailable(StoreError),
+    /// Reading the workspace's snapshot failed elsewhere than at its
+    /// tokens; `what` names the part (`its declared plugins`, ...).
+    #[error("reading {what} failed: {error}")]
+    StateUnavailable {
+        what: &'static str,
+        error: StoreError,
+    },
     #[error("kind='platform' may only be assigned by the platform-agent install path")]
     PlatformKindRefused,
     #[error("rejected by policy: {message}")]
@@ -411,17 +418,21 @@ impl Executor {
         bearer: Option<&str>,
         read: Read,
     ) -> Result<Snapshot, RegistryError> {
-        let snap = self
-            .store
-            .load(id, read)
-            .map_err(RegistryError::AuthUnavailable)?;
+        let snap = self.store.load(id, read).map_err(|e| match e.reading() {
+            Some(what) if what != crate::store::READING_TOKENS => {
+                RegistryError::StateUnavailable { what, error: e }
+            }
+            _ => RegistryError::AuthUnavailable(e),
+        })?;
         let checked = match snap {
             None => Err(RegistryError::UnknownWorkspace),
-            Some(snap) => match auth::check(bearer, &snap.live_token_hashes) {
-                AuthCheck::Token | AuthCheck::Bootstrap => Ok(snap),
-                AuthCheck::Missing => Err(RegistryError::MissingToken),
-                AuthCheck::Invalid => Err(RegistryError::InvalidToken),
-            },
+            Some(snap) => {
+                match auth::check(bearer, &snap.live_token_hashes, snap.token_bootstrap) {
+                    AuthCheck::Token | AuthCheck::Bootstrap => Ok(snap),
+                    AuthCheck::Missing => Err(RegistryError::MissingToken),
+                    AuthCheck::Invalid => Err(RegistryError::InvalidToken),
+                }
+            }
         };
         match checked {
             // A refusal is never answered from the cache: the workspace or
@@ -476,11 +487,14 @@ impl Executor {
             };
             // Early only for a verdict the chain applied: a failed
             // evaluation's decision is committed before the answer.
+            // Never while the store cannot write: early acknowledgement is
+            // for speed, not for hiding a dead disk.
             if early
                 && write.records_only_liveness()
                 && pending.recorded == "applied"
                 && let Some(retries) = self.retries.get()
                 && self.store.backlog() < MAX_UNCOMMITTED
+                && self.store.allows_early_ack()
             {
                 let retries = retries.clone();
                 let again = req.clone();
@@ -491,6 +505,7 @@ impl Executor {
                         Ok(Applied::Conflict) => {
                             let _ = retries.send(again);
                         }
+                        // The store logs the failing episode at ERROR.
                         Err(e) => tracing::warn!(workspace_id = %again.workspace_id, error = %e,
                             "a liveness-only heartbeat acknowledged before its commit was not written"),
                     }),
@@ -914,13 +929,28 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
         markers: Vec::new(),
         reconciles: Vec::new(),
     };
-    let seen: HashMap<(&str, &str), &str> = input
+    // A marker write is the slot's that runs the policy it names (a chain
+    // runs each policy name once): every marker action of the service's
+    // chains was added by that slot, whose output check required its own
+    // name. Only an author's fixture can propose one of a policy outside
+    // the chain; it is then kept under a slot of the policy's name.
+    let slot_of = |owner: &str| -> String {
+        outcome
+            .steps
+            .iter()
+            .find(|s| s.id.policy == owner)
+            .map_or_else(|| owner.to_string(), |s| s.id.slot.clone())
+    };
+    let seen: HashMap<(&str, &str, &str), &str> = input
         .markers
         .iter()
-        .map(|m| ((m.owner.as_str(), m.key.as_str()), m.value.as_str()))
+        .map(|m| {
+            let slot = m.slot.as_deref().unwrap_or(m.owner.as_str());
+            ((slot, m.owner.as_str(), m.key.as_str()), m.value.as_str())
+        })
         .collect();
     // The last write to a marker wins; keep first-write order.
-    let mut marker_writes: Vec<((String, String), Option<String>)> = Vec::new();
+    let mut marker_writes: Vec<(MarkerKey, Option<String>)> = Vec::new();
     for Action {
         workspace_id,
         effect,
@@ -1011,23 +1041,28 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
                 }
                 upsert(
                     &mut marker_writes,
-                    (owner.clone(), key.clone()),
+                    (slot_of(owner), owner.clone(), key.clone()),
                     Some(value.clone()),
                 );
             }
             Effect::ClearMarker { owner, key } => {
-                upsert(&mut marker_writes, (owner.clone(), key.clone()), None);
+                upsert(
+                    &mut marker_writes,
+                    (slot_of(owner), owner.clone(), key.clone()),
+                    None,
+                );
             }
         }
     }
     effects.markers = marker_writes
         .into_iter()
-        .filter_map(|((owner, key), new)| {
+        .filter_map(|((slot, owner, key), new)| {
             let before = seen
-                .get(&(owner.as_str(), key.as_str()))
+                .get(&(slot.as_str(), owner.as_str(), key.as_str()))
                 .map(|v| v.to_string());
             // A write that changes nothing needs no compare-and-set.
             (before != new).then_some(MarkerWrite {
+                slot,
                 owner,
                 key,
                 seen: before,
@@ -1038,11 +1073,10 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
     Ok(effects)
 }
 
-fn upsert(
-    writes: &mut Vec<((String, String), Option<String>)>,
-    key: (String, String),
-    value: Option<String>,
-) {
+/// A marker's identity: (slot, owner, key).
+type MarkerKey = (String, String, String);
+
+fn upsert(writes: &mut Vec<(MarkerKey, Option<String>)>, key: MarkerKey, value: Option<String>) {
     match writes.iter_mut().find(|(k, _)| *k == key) {
         Some(slot) => slot.1 = value,
         None => writes.push((key, value)),

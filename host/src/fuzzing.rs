@@ -83,7 +83,7 @@ pub fn actions(data: &[u8]) {
 /// The heartbeat request decoder: refusals are 4xx; what is accepted is a
 /// request the executor can take as it is.
 pub fn heartbeat_body(data: &[u8]) {
-    match crate::http::decode_heartbeat(None, data) {
+    match crate::http::decode_heartbeat(None, data, &crate::http::InputLimits::default()) {
         Err(e) => assert!(
             e.status().is_client_error(),
             "a decoder refusal that is not 4xx"
@@ -98,6 +98,13 @@ pub fn heartbeat_body(data: &[u8]) {
             assert!(
                 e.active_tasks >= 0 && e.uptime_seconds >= 0,
                 "a negative count passed"
+            );
+            let max = crate::http::DEFAULT_MAX_TEXT_BYTES;
+            assert!(
+                e.sample_error.len() <= max
+                    && e.runtime_state.len() <= max
+                    && e.current_task.as_ref().is_none_or(|t| t.len() <= max),
+                "a text over the bound passed"
             );
         }
     }

@@ -45,6 +45,11 @@ use crate::policy_set::{PolicySetError, SlotFixtures};
 pub struct ServerConfig {
     /// The largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// What a runtime's request may store.
+    pub input: InputLimits,
+    /// The most connections open at once; at the cap, the idle connection
+    /// open longest is closed for each new one, so probes always get in.
+    pub max_connections: usize,
     /// How many registers and admin requests may run on blocking threads at
     /// once; the rest wait. (Heartbeats run on the async workers.)
     pub max_in_flight: usize,
@@ -61,6 +66,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_body_bytes: 256 * 1024,
+            input: InputLimits::default(),
+            max_connections: default_max_connections(),
             // Evaluation and the SQLite write are CPU-bound: a few blocking
             // threads per core; more only add context switches (measured with
             // heartgate-bench-load on 2 cores: 64 threads 7.9k/s, 8 threads
@@ -71,6 +78,45 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
         }
     }
+}
+
+/// Bounds on what a runtime's request may store: texts are cut (on a
+/// character boundary, ending with [`TRUNCATED`]); lists and the agent card,
+/// which cannot be cut without changing their meaning, are refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputLimits {
+    /// The longest `sample_error`, `current_task` and `runtime_state` kept.
+    pub max_text_bytes: usize,
+}
+
+impl Default for InputLimits {
+    fn default() -> Self {
+        InputLimits {
+            max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
+        }
+    }
+}
+
+/// The default bound of a runtime's texts (`max_text_bytes`).
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 4096;
+/// The most names in `loaded_mcp_tools`.
+pub const MAX_TOOLS: usize = 512;
+/// The longest name in `loaded_mcp_tools`.
+pub const MAX_TOOL_NAME_BYTES: usize = 256;
+/// The longest agent URL.
+pub const MAX_URL_BYTES: usize = 2048;
+/// The largest agent card, as JSON text.
+pub const MAX_AGENT_CARD_BYTES: usize = 64 << 10;
+
+/// The default connection cap: 1024, but never more than half the process's
+/// descriptor limit (the rest is for the database, the reconcile worker and
+/// its git clones).
+pub fn default_max_connections() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(1024);
+    (soft / 2).clamp(16, 1024)
 }
 
 /// What the request handlers share.
@@ -115,10 +161,12 @@ impl ApiError {
         self.status
     }
 
+    /// An error answering `message`, cut to [`MAX_ERROR_BYTES`]: a message
+    /// may quote what the client sent, and never echoes it whole.
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError {
             status,
-            message: message.into(),
+            message: bounded(message.into(), MAX_ERROR_BYTES),
         }
     }
 
@@ -149,6 +197,13 @@ impl From<RegistryError> for ApiError {
                     "workspace auth temporarily unavailable",
                 )
             }
+            E::StateUnavailable { what, error } => {
+                tracing::error!(error = %error, "reading a workspace failed; refusing the request");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("workspace state temporarily unavailable: reading {what} failed"),
+                )
+            }
             E::PlatformKindRefused => ApiError::new(StatusCode::FORBIDDEN, err.to_string()),
             E::Rejected {
                 http_status,
@@ -172,6 +227,27 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// The longest error message answered, in bytes.
+pub const MAX_ERROR_BYTES: usize = 512;
+
+/// What ends a text cut short by [`bounded`].
+pub const TRUNCATED: &str = "…[truncated]";
+
+/// `text` cut to at most `max` bytes on a character boundary, ending with
+/// [`TRUNCATED`] if it was cut.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub(TRUNCATED.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(TRUNCATED);
+    text
+}
+
 /// The response header saying how a heartbeat's verdict was acknowledged.
 pub const DURABILITY: &str = "heartgate-durability";
 
@@ -185,51 +261,265 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
 
 /// Serve HTTP on `listener` until `shutdown` completes, then stop accepting
 /// and wait (up to the grace period) for in-flight requests.
+///
+/// At most [`ServerConfig::max_connections`] connections are open (closing
+/// ones included): at the cap, the idle connection (no request being
+/// answered) open longest is closed before the next one is accepted, so
+/// connections held open without a request (or a flood of them) cannot shut
+/// out the probes or the runtimes, and the process never runs out of
+/// descriptors for them. Reaching the cap and failing to accept are each
+/// logged once per episode and counted.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let conns = Arc::new(Connections::new(
+        app.config.max_connections,
+        app.executor.metrics().connections.clone(),
+    ));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut accept_failing = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(conn) => conn,
+                let stream = match accepted {
+                    Ok((stream, _peer)) => stream,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        if !std::mem::replace(&mut accept_failing, true) {
+                            tracing::warn!(error = %e, open = conns.open(),
+                                "accept failed; retrying (further failures of this episode are not logged)");
+                        }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 };
-                let app = app.clone();
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(app.config.header_timeout)
-                    .serve_connection(
-                        TokioIo::new(stream),
-                        service_fn(move |req| handle(app.clone(), req)),
-                    );
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                if std::mem::take(&mut accept_failing) {
+                    tracing::info!("accepting connections again");
+                }
+                let conn = conns.admit();
+                tokio::spawn(serve_connection(app.clone(), conns.clone(), conn, stream, stopping.clone()));
+                // Room for the next one first: at the cap, the idle
+                // connection open longest is closed (a connection waits in
+                // the listen queue meanwhile, never for a descriptor).
+                tokio::select! {
+                    () = conns.room() => {}
+                    () = &mut shutdown => break,
+                }
             }
             () = &mut shutdown => break,
         }
     }
     drop(listener);
+    let _ = stop.send(true);
     let grace = app.config.shutdown_grace;
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = conns.all_closed() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!("in-flight requests still running after the shutdown grace period");
         }
     }
     Ok(())
+}
+
+/// One connection, until it ends, is evicted while idle, or the service
+/// shuts down (then its request in flight is answered first).
+async fn serve_connection(
+    app: Arc<App>,
+    conns: Arc<Connections>,
+    slot: Arc<ConnSlot>,
+    stream: tokio::net::TcpStream,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let busy = slot.clone();
+    let header_timeout = app.config.header_timeout;
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| {
+                let app = app.clone();
+                let guard = Busy::enter(&busy);
+                async move {
+                    let _guard = guard;
+                    handle(app, req).await
+                }
+            }),
+        );
+    tokio::pin!(conn);
+    let evicted = slot.evict.notified();
+    tokio::pin!(evicted);
+    let stop = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stop);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => Some(ended),
+        () = &mut evicted => {
+            if slot.busy.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                // A request began since it was chosen: answer it, then close.
+                conn.as_mut().graceful_shutdown();
+                Some(conn.as_mut().await)
+            } else {
+                None
+            }
+        }
+        () = &mut stop => {
+            conn.as_mut().graceful_shutdown();
+            Some(conn.as_mut().await)
+        }
+    };
+    if let Some(Err(e)) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+    conns.close(slot.id);
+}
+
+/// The open connections, oldest first, for the cap.
+struct Connections {
+    cap: usize,
+    open: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<ConnSlot>>>,
+    /// Evicted connections whose task has not closed them yet: they still
+    /// hold a descriptor, so they count against the cap.
+    closing: std::sync::atomic::AtomicUsize,
+    next: std::sync::atomic::AtomicU64,
+    /// The cap was reached and open connections have not fallen below
+    /// three quarters of it since: one log line per episode.
+    at_cap: std::sync::atomic::AtomicBool,
+    /// Signalled whenever a connection closes.
+    closed: tokio::sync::Notify,
+    metrics: crate::metrics::ConnectionMetrics,
+}
+
+/// One open connection.
+struct ConnSlot {
+    id: u64,
+    /// Requests being answered on it.
+    busy: std::sync::atomic::AtomicUsize,
+    /// Close it now (it was idle when chosen).
+    evict: tokio::sync::Notify,
+}
+
+/// A request being answered on a connection.
+struct Busy(Arc<ConnSlot>);
+
+impl Busy {
+    fn enter(slot: &Arc<ConnSlot>) -> Busy {
+        slot.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(slot.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Connections {
+    fn new(cap: usize, metrics: crate::metrics::ConnectionMetrics) -> Connections {
+        Connections {
+            cap: cap.max(1),
+            open: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            closing: std::sync::atomic::AtomicUsize::new(0),
+            next: std::sync::atomic::AtomicU64::new(0),
+            at_cap: std::sync::atomic::AtomicBool::new(false),
+            closed: tokio::sync::Notify::new(),
+            metrics,
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.open.lock().map_or(0, |o| o.len())
+    }
+
+    /// Take a slot for a connection just accepted.
+    fn admit(&self) -> Arc<ConnSlot> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = Arc::new(ConnSlot {
+            id,
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            evict: tokio::sync::Notify::new(),
+        });
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, slot.clone());
+            self.metrics
+                .open
+                .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
+        }
+        slot
+    }
+
+    /// Resolves once one more connection fits under the cap: at the cap it
+    /// closes the idle connection open longest (one at a time) and waits
+    /// for it, or for any connection, to go.
+    async fn room(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let closed = self.closed.notified();
+            {
+                let Ok(mut open) = self.open.lock() else {
+                    return;
+                };
+                let closing = self.closing.load(Ordering::Acquire);
+                if open.len() + closing < self.cap {
+                    return;
+                }
+                if !self.at_cap.swap(true, Ordering::AcqRel) {
+                    self.metrics.limit_reached.inc();
+                    tracing::warn!(
+                        max_connections = self.cap,
+                        "connection limit reached: each new connection closes the idle one open longest \
+                         (`[http] max_connections`; logged once until the load falls)"
+                    );
+                }
+                if closing == 0 {
+                    let idle = open
+                        .iter()
+                        .find(|(_, c)| c.busy.load(Ordering::Acquire) == 0)
+                        .map(|(id, _)| *id);
+                    if let Some(victim) = idle.and_then(|id| open.remove(&id)) {
+                        self.closing.fetch_add(1, Ordering::AcqRel);
+                        victim.evict.notify_one();
+                        self.metrics.evicted.inc();
+                    }
+                }
+            }
+            closed.await;
+        }
+    }
+
+    fn close(&self, id: u64) {
+        use std::sync::atomic::Ordering;
+        if let Ok(mut open) = self.open.lock() {
+            if open.remove(&id).is_none() {
+                // An evicted one.
+                self.closing.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.metrics
+                .open
+                .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
+            if open.len() < self.cap * 3 / 4 {
+                self.at_cap.store(false, Ordering::Release);
+            }
+        }
+        self.closed.notify_waiters();
+    }
+
+    /// Resolves once no connection is open.
+    async fn all_closed(&self) {
+        loop {
+            let closed = self.closed.notified();
+            if self.open() == 0 && self.closing.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
 }
 
 async fn handle(
@@ -276,6 +566,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/shadow"),
     ("DELETE", "/admin/shadow"),
     ("POST", "/admin/modules"),
+    ("POST", "/admin/modules/prune"),
+    ("DELETE", "/admin/modules/{id}"),
     ("POST", "/admin/chains"),
     ("POST", "/admin/chains/rollback"),
     ("POST", "/admin/chains/{id}/activate"),
@@ -486,7 +778,7 @@ fn check_admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     };
     let presented = auth::bearer(req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing admin token"))?;
-    if auth::check(Some(presented), &[expected]) != auth::AuthCheck::Token {
+    if auth::check(Some(presented), &[expected], false) != auth::AuthCheck::Token {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid admin token",
@@ -585,7 +877,8 @@ impl From<PolicySetError> for ApiError {
         let status = match &err {
             E::Module(_) | E::Chain(_) | E::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             E::NotFound(_) => StatusCode::NOT_FOUND,
-            E::NoPrevious => StatusCode::CONFLICT,
+            E::NoPrevious | E::InUse(_) => StatusCode::CONFLICT,
+            E::Quota(_) => StatusCode::INSUFFICIENT_STORAGE,
             E::Store(e) => {
                 tracing::error!(error = %e, "policy set storage failed");
                 return ApiError::new(
@@ -654,6 +947,21 @@ async fn admin_write(
             (
                 StatusCode::CREATED,
                 serde_json::to_value(view).unwrap_or_default(),
+            )
+        }
+        (Method::POST, ["modules", "prune"]) => {
+            let report = blocking(&app, move || admin.policies().prune()).await??;
+            (
+                StatusCode::OK,
+                serde_json::to_value(report).unwrap_or_default(),
+            )
+        }
+        (Method::DELETE, ["modules", module]) => {
+            let module = module.to_string();
+            let deleted = blocking(&app, move || admin.policies().delete_module(&module)).await??;
+            (
+                StatusCode::OK,
+                serde_json::to_value(deleted).unwrap_or_default(),
             )
         }
         (Method::POST, ["chains"]) => {
@@ -770,7 +1078,7 @@ async fn heartbeat(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let request = decode_heartbeat(bearer, &body)?;
+    let request = decode_heartbeat(bearer, &body, &app.config.input)?;
     tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
     // Evaluated on this worker (the chain yields at every epoch tick, so a
     // slow policy cannot hold it), and the commit is awaited here unless the
@@ -819,15 +1127,31 @@ pub fn decode_register(bearer: Option<String>, body: &[u8]) -> Result<RegisterRe
             )
         })?),
     };
+    if body.url.as_ref().is_some_and(|u| u.len() > MAX_URL_BYTES) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("url longer than {MAX_URL_BYTES} bytes"),
+        ));
+    }
+    let card_text = agent_card.to_string();
+    if card_text.len() > MAX_AGENT_CARD_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("agent_card larger than {MAX_AGENT_CARD_BYTES} bytes"),
+        ));
+    }
+    let card_url = agent_card
+        .get("url")
+        .and_then(|u| u.as_str())
+        .filter(|u| u.len() <= MAX_URL_BYTES)
+        .map(str::to_string);
+    check_tools(body.loaded_mcp_tools.as_deref())?;
     Ok(RegisterRequest {
         id,
         bearer,
         url: body.url,
-        agent_card_url: agent_card
-            .get("url")
-            .and_then(|u| u.as_str())
-            .map(str::to_string),
-        agent_card: agent_card.to_string(),
+        agent_card_url: card_url,
+        agent_card: card_text,
         delivery_mode,
         kind,
         mcp_server_present: body.mcp_server_present,
@@ -835,8 +1159,27 @@ pub fn decode_register(bearer: Option<String>, body: &[u8]) -> Result<RegisterRe
     })
 }
 
+/// `loaded_mcp_tools` within [`MAX_TOOLS`] names of [`MAX_TOOL_NAME_BYTES`].
+fn check_tools(tools: Option<&[String]>) -> Result<(), ApiError> {
+    let tools = tools.unwrap_or_default();
+    if tools.len() > MAX_TOOLS || tools.iter().any(|t| t.len() > MAX_TOOL_NAME_BYTES) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "loaded_mcp_tools: at most {MAX_TOOLS} names of at most {MAX_TOOL_NAME_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Decode and validate a heartbeat body (the request decoder; no I/O).
-pub fn decode_heartbeat(bearer: Option<String>, body: &[u8]) -> Result<HeartbeatRequest, ApiError> {
+/// Texts longer than `limits` allow are cut, never stored whole.
+pub fn decode_heartbeat(
+    bearer: Option<String>,
+    body: &[u8],
+    limits: &InputLimits,
+) -> Result<HeartbeatRequest, ApiError> {
     let body: HeartbeatBody = parse_json(body)?;
     let workspace_id = body
         .workspace_id
@@ -851,16 +1194,18 @@ pub fn decode_heartbeat(bearer: Option<String>, body: &[u8]) -> Result<Heartbeat
     }
     let active_tasks = non_negative("active_tasks", body.active_tasks)?;
     let uptime_seconds = non_negative("uptime_seconds", body.uptime_seconds)?;
+    check_tools(body.loaded_mcp_tools.as_deref())?;
+    let text = |t: String| bounded(t, limits.max_text_bytes);
     Ok(HeartbeatRequest {
         workspace_id,
         bearer,
         event: HeartbeatEvent {
             error_rate,
-            sample_error: body.sample_error.unwrap_or_default(),
+            sample_error: text(body.sample_error.unwrap_or_default()),
             active_tasks,
-            current_task: body.current_task,
+            current_task: body.current_task.map(text),
             uptime_seconds,
-            runtime_state: body.runtime_state.unwrap_or_default(),
+            runtime_state: text(body.runtime_state.unwrap_or_default()),
             mcp_server_present: body.mcp_server_present,
             loaded_mcp_tools: body.loaded_mcp_tools,
         },

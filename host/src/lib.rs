@@ -73,6 +73,11 @@ pub struct ServiceOptions {
     pub server: http::ServerConfig,
     /// How much of the decision log is kept.
     pub retention: store::Retention,
+    /// Below this much free space on the database's file system, the
+    /// service is unready and acknowledges no heartbeat before its commit.
+    pub min_free_bytes: u64,
+    /// How many policy modules (and bytes of them) the service stores.
+    pub module_quota: store::ModuleQuota,
 }
 
 impl ServiceOptions {
@@ -91,6 +96,8 @@ impl ServiceOptions {
             watch_dir: None,
             server: http::ServerConfig::default(),
             retention: store::Retention::default(),
+            min_free_bytes: store::health::DEFAULT_MIN_FREE_BYTES,
+            module_quota: store::ModuleQuota::default(),
         }
     }
 }
@@ -128,7 +135,8 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     let worker = Worker::new(store.clone(), opts.clock.clone(), deliverer, opts.worker);
     // One set of metrics for the executor, the worker and the store's writer.
     let metrics = Arc::new(metrics::Metrics::new());
-    store.observe_commits(metrics.commit_histogram());
+    store.instrument(metrics.store());
+    store.set_min_free(opts.min_free_bytes);
     store.set_retention(opts.retention);
     worker.count_in(metrics.clone());
     let executor = Arc::new(
@@ -141,12 +149,10 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
         .with_open_registration(opts.open_registration)
         .with_metrics(metrics),
     );
-    let policies = Arc::new(policy_set::PolicySet::new(
-        engine,
-        store.clone(),
-        executor.clone(),
-        opts.clock.clone(),
-    ));
+    let policies = Arc::new(
+        policy_set::PolicySet::new(engine, store.clone(), executor.clone(), opts.clock.clone())
+            .with_quota(opts.module_quota),
+    );
     Ok(Service {
         executor,
         worker,

@@ -81,6 +81,9 @@ enum Command {
     /// Inspect reconcile runs.
     #[command(subcommand)]
     Reconcile(ReconcileCommand),
+    /// The database itself.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Write, build, test and replay policies locally (new, build, test,
     /// eval MODULE, replay), and change the policy chain of a running service
     /// (list, push, stage, activate, rollback, eval, shadow: admin API, the
@@ -183,6 +186,9 @@ enum PolicyCommand {
     },
     /// Stage a chain from a JSON file: `{"slot": [...], "fixtures": [...]}`.
     Stage { file: PathBuf },
+    /// Delete every pushed module that no stored chain uses (the module
+    /// store has a quota: `[policy] max_stored_modules`).
+    Prune,
     /// Activate a staged chain.
     Activate { id: i64 },
     /// Go back to the chain active before the current one.
@@ -265,8 +271,24 @@ enum WorkspaceCommand {
 enum TokenCommand {
     /// Issue a token and print it (shown once).
     Issue { id: String },
-    /// Revoke every live token of a workspace.
-    Revoke { id: String },
+    /// Revoke every live token of a workspace. It then refuses every
+    /// request (401) until a token is issued; with `--allow-bootstrap`, the
+    /// next register without a token mints one instead, as for a workspace
+    /// that never had a token.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        allow_bootstrap: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Copy the database to FILE (which must not exist), consistent as of one
+    /// moment, with SQLite's online backup API: safe while the service runs
+    /// and writes. The copy is checked (`PRAGMA quick_check`) before it takes
+    /// its name.
+    Backup { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -342,11 +364,34 @@ fn run(cli: Cli) -> Result<()> {
                     store.issue_token(&id, &token.stored, now)?;
                     println!("{}", token.plaintext);
                 }
-                TokenCommand::Revoke { id } => {
-                    let n = store.revoke_tokens(&id, now)?;
-                    eprintln!("revoked {n} token(s) of `{id}`");
+                TokenCommand::Revoke {
+                    id,
+                    allow_bootstrap,
+                } => {
+                    let n = store.revoke_tokens(&id, now, allow_bootstrap)?;
+                    if allow_bootstrap {
+                        eprintln!(
+                            "revoked {n} token(s) of `{id}`; its next register without a token mints one"
+                        );
+                    } else {
+                        eprintln!(
+                            "revoked {n} token(s) of `{id}`; it refuses every request until `heartgate token issue {id}`"
+                        );
+                    }
                 }
             }
+            Ok(())
+        }
+        Command::Db(DbCommand::Backup { file }) => {
+            let db = db_or_default(cli.db);
+            if !db.is_file() {
+                bail!("no database at {}", db.display());
+            }
+            let store = open_store(&db)?;
+            let backup = store
+                .backup(&file)
+                .with_context(|| format!("backing up {} to {}", db.display(), file.display()))?;
+            print_json(&backup)?;
             Ok(())
         }
         Command::Reconcile(cmd) => {
@@ -650,6 +695,9 @@ fn policy(server: &str, command: PolicyCommand) -> Result<()> {
                 let body =
                     std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
                 call("POST", "/admin/chains".into(), body).await?
+            }
+            PolicyCommand::Prune => {
+                call("POST", "/admin/modules/prune".into(), Vec::new()).await?
             }
             PolicyCommand::Activate { id } => {
                 call("POST", format!("/admin/chains/{id}/activate"), Vec::new()).await?

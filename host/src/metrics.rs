@@ -12,6 +12,14 @@
 //! - `heartgate_active_chain{version}`: 1 for the chain in use
 //! - `heartgate_db_commit_seconds` (histogram): the writer's apply-and-commit
 //!   of one batch
+//! - `heartgate_db_write_failures_total`: writes that failed (a full disk, a
+//!   read-only file, an I/O error, a lock held elsewhere)
+//! - `heartgate_db_writable`: 1 while writes succeed and the database's file
+//!   system has room, 0 during an episode (unready, no early acknowledgement)
+//! - `heartgate_http_connections`: connections open now;
+//!   `heartgate_http_connection_limit_reached_total`: episodes at the cap;
+//!   `heartgate_http_connections_evicted_total`: idle connections closed to
+//!   make room for new ones
 //!
 //! Each evaluation outcome is its own label value (`applied`, `rejected`,
 //! `timeout`, `out_of_memory`, `trap`, `instantiation`, `policy_error`,
@@ -100,6 +108,21 @@ pub struct Metrics {
     suppressions: Family<SuppressionLabels, Counter>,
     chain: Family<ChainLabels, Gauge>,
     commit_seconds: Histogram,
+    db_write_failures: Counter,
+    db_writable: Gauge,
+    /// The HTTP layer's connection counts.
+    pub connections: ConnectionMetrics,
+}
+
+/// What the HTTP layer counts of its connections.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Open now.
+    pub open: Gauge,
+    /// Times the cap was reached (episodes).
+    pub limit_reached: Counter,
+    /// Idle connections closed to make room.
+    pub evicted: Counter,
 }
 
 impl Default for Metrics {
@@ -166,6 +189,35 @@ impl Metrics {
             "Time the writer took to apply and commit one batch of verdicts",
             commit_seconds.clone(),
         );
+        let db_write_failures = Counter::default();
+        registry.register(
+            "heartgate_db_write_failures",
+            "Database writes that failed (a batch of verdicts, or one operator write)",
+            db_write_failures.clone(),
+        );
+        let db_writable = Gauge::default();
+        db_writable.set(1);
+        registry.register(
+            "heartgate_db_writable",
+            "1 while database writes succeed and its file system has room; 0 while the service is unready for it",
+            db_writable.clone(),
+        );
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "heartgate_http_connections",
+            "HTTP connections open now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "heartgate_http_connection_limit_reached",
+            "Times the open connections reached `[http] max_connections`",
+            connections.limit_reached.clone(),
+        );
+        registry.register(
+            "heartgate_http_connections_evicted",
+            "Idle connections closed to make room for new ones at the cap",
+            connections.evicted.clone(),
+        );
         Metrics {
             registry,
             evaluations,
@@ -177,6 +229,9 @@ impl Metrics {
             suppressions,
             chain,
             commit_seconds,
+            db_write_failures,
+            db_writable,
+            connections,
         }
     }
 
@@ -233,9 +288,13 @@ impl Metrics {
             .set(1);
     }
 
-    /// The histogram the store's writer records its commits in.
-    pub fn commit_histogram(&self) -> Histogram {
-        self.commit_seconds.clone()
+    /// Where the store counts its commits, write failures and writability.
+    pub fn store(&self) -> crate::store::StoreMetrics {
+        crate::store::StoreMetrics {
+            commit_seconds: self.commit_seconds.clone(),
+            write_failures: self.db_write_failures.clone(),
+            writable: self.db_writable.clone(),
+        }
     }
 
     /// Count a recorded verdict with its decision-log outcome (`applied`,

@@ -75,6 +75,8 @@ pub fn valid_workspace_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
+        // An id becomes a restart hook's argument: never an option.
+        && !id.starts_with('-')
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -198,12 +200,29 @@ pub struct Workspace {
 }
 
 /// A policy's durable key/value for one workspace.
+///
+/// It belongs to the pair (slot, owner): the slot of the chain, which the
+/// host assigns, and the name the slot's module reports. A chain never has
+/// two slots whose modules report one name, so within a chain the owner
+/// names the slot. The guest sees only `owner`, `key` and `value`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Marker {
+    /// The slot it belongs to. Always set on markers the service stores;
+    /// an author's fixture may leave it out, and then the marker is the one
+    /// of whichever slot runs the policy named `owner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
     pub owner: String,
     pub key: String,
     pub value: String,
+}
+
+impl Marker {
+    /// Whether the policy `owner` running in slot `slot` sees this marker.
+    pub fn belongs_to(&self, slot: &str, owner: &str) -> bool {
+        self.owner == owner && self.slot.as_deref().is_none_or(|s| s == slot)
+    }
 }
 
 /// Everything a policy may look at.
@@ -310,6 +329,8 @@ mod tests {
             "a b",
             "a;rm -rf /",
             "$(x)",
+            "-x",
+            "--help",
             &"a".repeat(129),
         ] {
             assert!(!valid_workspace_id(bad), "{bad}");

@@ -24,7 +24,7 @@ use crate::executor::{Executor, Shadow, ShadowStats};
 use crate::model::{
     Action, Event, HeartbeatEvent, Input, RegisterEvent, Status, Workspace, WorkspaceKind,
 };
-use crate::store::{Store, StoreError, StoredChain};
+use crate::store::{ModuleQuota, Store, StoreError, StoredChain, StoredModule};
 
 /// Why a policy-set operation was refused. The active chain is untouched.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,12 @@ pub enum PolicySetError {
     NotFound(String),
     #[error("there is no previous chain to roll back to")]
     NoPrevious,
+    /// The module store is full.
+    #[error("{0}")]
+    Quota(String),
+    /// A stored chain still uses the module.
+    #[error("{0}")]
+    InUse(String),
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
 }
@@ -110,6 +116,16 @@ pub struct PolicySet {
     store: Arc<dyn Store>,
     executor: Arc<Executor>,
     clock: Arc<dyn Clock>,
+    /// How many pushed modules (and bytes of them) are kept.
+    quota: ModuleQuota,
+}
+
+/// What `policy prune` deleted.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneReport {
+    pub removed: Vec<StoredModule>,
+    /// Modules kept because a stored chain uses them.
+    pub kept: usize,
 }
 
 /// The chain to start with: the one last activated, or `fallback` when none
@@ -271,7 +287,39 @@ impl PolicySet {
             store,
             executor,
             clock,
+            quota: ModuleQuota::default(),
         }
+    }
+
+    /// Keep at most `quota` of pushed modules.
+    pub fn with_quota(mut self, quota: ModuleQuota) -> PolicySet {
+        self.quota = quota;
+        self
+    }
+
+    /// Delete a pushed module that no stored chain uses.
+    pub fn delete_module(&self, module: &str) -> Result<StoredModule, PolicySetError> {
+        let digest = module.strip_prefix("sha256:").unwrap_or(module);
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(PolicySetError::NotFound(
+                "a module is named `sha256:<64 hex digits>`".into(),
+            ));
+        }
+        match self.store.delete_module(&digest.to_ascii_lowercase()) {
+            Ok(Some(module)) => Ok(module),
+            Ok(None) => Err(PolicySetError::NotFound(format!(
+                "no stored module `sha256:{digest}`"
+            ))),
+            Err(StoreError::InUse(why)) => Err(PolicySetError::InUse(why)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Delete every pushed module no stored chain uses.
+    pub fn prune(&self) -> Result<PruneReport, PolicySetError> {
+        let removed = self.store.prune_modules()?;
+        let kept = self.store.modules()?.len();
+        Ok(PruneReport { removed, kept })
     }
 
     /// Build stored chain `id` (on the validation thread).
@@ -290,13 +338,19 @@ impl PolicySet {
         let engine = self.engine.clone();
         let module = on_validation_thread(move || Ok(engine.load(&bytes)?))?;
         let meta = module.metadata().clone();
-        self.store.put_module(
-            module.digest(),
-            module.bytes(),
-            &meta,
-            by,
-            self.clock.now_ms(),
-        )?;
+        self.store
+            .put_module(
+                module.digest(),
+                module.bytes(),
+                &meta,
+                by,
+                self.clock.now_ms(),
+                self.quota,
+            )
+            .map_err(|e| match e {
+                StoreError::QuotaExceeded(why) => PolicySetError::Quota(why),
+                e => PolicySetError::Store(e),
+            })?;
         Ok(ModuleView {
             digest: module.digest().to_string(),
             name: meta.name,
@@ -393,6 +447,12 @@ impl PolicySet {
                     slot.module.metadata(),
                     by,
                     self.clock.now_ms(),
+                    // The running chain's own modules are stored whatever
+                    // the quota: a rollback must be able to return to it.
+                    ModuleQuota {
+                        max_modules: u64::MAX,
+                        max_bytes: u64::MAX,
+                    },
                 )?;
             }
         }

@@ -17,9 +17,15 @@ use serde_json::Value;
 
 pub const HEARTGATE: &str = env!("CARGO_BIN_EXE_heartgate");
 
+/// The binary the tests run: `HEARTGATE_BIN` if set (to show that a test
+/// fails on another build, e.g. the last release), else this build's.
+pub fn heartgate() -> std::ffi::OsString {
+    std::env::var_os("HEARTGATE_BIN").unwrap_or_else(|| HEARTGATE.into())
+}
+
 /// The operator CLI on `db`, whatever its exit status.
 pub fn cli_output(db: &Path, args: &[&str]) -> Output {
-    Command::new(HEARTGATE)
+    Command::new(heartgate())
         .arg("--db")
         .arg(db)
         .args(args)
@@ -72,12 +78,45 @@ impl Serve {
     /// Start the service on `db` and `config` on a free loopback port; its
     /// log goes to `log`. Returns once it has bound its port.
     pub fn start(db: &Path, config: &Path, log: &Path) -> Serve {
-        let mut cmd = Command::new(HEARTGATE);
+        let mut cmd = Command::new(heartgate());
         cmd.arg("--db")
             .arg(db)
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(config);
         Serve::spawn(cmd, log)
+    }
+
+    /// [`Serve::start`], then wait until it answers `/healthz` (the port is
+    /// bound before the chain is compiled; requests wait until then).
+    pub async fn start_ready(db: &Path, config: &Path, log: &Path) -> Serve {
+        let serve = Serve::start(db, config, log);
+        serve.wait_healthy().await;
+        serve
+    }
+
+    /// Wait until the service answers `/healthz`; panics after 30 s.
+    pub async fn wait_healthy(&self) {
+        let client = http_client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = request(
+                &client,
+                "GET",
+                &format!("{}/healthz", self.url()),
+                None,
+                Vec::new(),
+            )
+            .await;
+            if answer.is_ok_and(|a| a.status == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not answer /healthz; its log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Start `cmd` (a `heartgate ... serve --listen 127.0.0.1:0 ...`, or a

@@ -94,7 +94,7 @@ fn trace_steps(
         let markers = input
             .markers
             .iter()
-            .filter(|m| m.owner == slot.module.metadata().name)
+            .filter(|m| m.belongs_to(&slot.name, &slot.module.metadata().name))
             .cloned()
             .collect();
         let next = step.output.clone();

@@ -27,7 +27,10 @@
 //!   pruning and checkpoints (`writer.rs`), the reads (`read.rs`), and the
 //!   schema's migrations (`migrations.rs`).
 
+pub mod health;
 pub mod sqlite;
+
+pub use health::StoreMetrics;
 
 pub use sqlite::SqliteStore;
 
@@ -59,7 +62,35 @@ pub enum StoreError {
     WriterStopped,
     #[error("database error: {0}")]
     Failed(String),
+    /// A read of one part of a workspace's snapshot failed (`what` says
+    /// which, in words a client may see).
+    #[error("reading {what} failed: {source}")]
+    Read {
+        what: &'static str,
+        source: rusqlite::Error,
+    },
+    /// The module store is full.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// Something still uses what was to be deleted.
+    #[error("{0}")]
+    InUse(String),
 }
+
+impl StoreError {
+    /// The part of a workspace a failed snapshot read was reading (`its
+    /// tokens`, `its declared plugins`, ...), if that is what failed.
+    pub fn reading(&self) -> Option<&'static str> {
+        match self {
+            StoreError::Read { what, .. } => Some(what),
+            _ => None,
+        }
+    }
+}
+
+/// What [`StoreError::reading`] says when a snapshot read failed at the
+/// workspace's tokens.
+pub use sqlite::READING_TOKENS;
 
 /// Everything the request path needs about one workspace, read at once.
 #[derive(Clone, Debug)]
@@ -69,6 +100,9 @@ pub struct Snapshot {
     pub markers: Vec<Marker>,
     /// SHA-256 hashes of its live tokens.
     pub live_token_hashes: Vec<Vec<u8>>,
+    /// Whether a request without a live token may bootstrap one: only until
+    /// the workspace first had a token (or the operator reopened it).
+    pub token_bootstrap: bool,
     pub delivery_mode: String,
     /// The workspace's version: the database bumps it (by trigger) on every
     /// change to anything above, whoever makes it.
@@ -115,6 +149,8 @@ pub struct StatusWrite {
 /// `seen`; `new == None` clears it.
 #[derive(Clone, Debug)]
 pub struct MarkerWrite {
+    /// The slot of the chain it belongs to, with the policy name `owner`.
+    pub slot: String,
     pub owner: String,
     pub key: String,
     pub seen: Option<String>,
@@ -225,6 +261,9 @@ pub struct WorkspaceRecord {
     pub model_configured: bool,
     pub declared_plugins: Vec<DeclaredPlugin>,
     pub live_tokens: i64,
+    /// Whether a register without a token would mint one (never had a
+    /// token, or reopened with `token revoke --allow-bootstrap`).
+    pub token_bootstrap: bool,
 }
 
 /// A declared plugin.
@@ -307,6 +346,34 @@ pub struct DecisionRow {
     pub first_at_ms: Option<i64>,
 }
 
+/// How many policy modules the store keeps, and how many bytes of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleQuota {
+    pub max_modules: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for ModuleQuota {
+    fn default() -> Self {
+        ModuleQuota {
+            max_modules: 100,
+            max_bytes: 512 << 20,
+        }
+    }
+}
+
+/// A stored policy module, without its bytes.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct StoredModule {
+    /// `sha256:<digest>`, as a chain spec names it.
+    pub module: String,
+    pub name: String,
+    pub version: String,
+    pub size: u64,
+    pub uploaded_ms: i64,
+    pub uploaded_by: String,
+}
+
 /// A chain as stored: its spec (JSON, modules as `builtin:` or `sha256:`).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct StoredChain {
@@ -325,10 +392,13 @@ pub struct StoredChain {
 /// or for `apply` one savepoint of a transaction shared with other verdicts).
 pub trait Store: Send + Sync + 'static {
     /// Read the workspace, its markers and its live token hashes. With
-    /// [`Read::Cached`] the answer may come from the store's cache and be
-    /// stale: a verdict computed from it carries its version, and
-    /// [`Store::submit`] reports a conflict if the workspace changed since,
-    /// so a stale snapshot costs a re-evaluation, never a wrong write.
+    /// [`Read::Cached`] the answer may come from the store's cache, but only
+    /// once the database has confirmed that the workspace's version is still
+    /// the cached one: a snapshot is never older than the last change
+    /// committed before the call (a revoked token is refused at once). A
+    /// verdict carries its snapshot's version, and [`Store::submit`] reports
+    /// a conflict if the workspace changed since, so a change racing the
+    /// evaluation costs a re-evaluation, never a wrong write.
     fn load(&self, workspace_id: &str, read: Read) -> Result<Option<Snapshot>, StoreError>;
     /// Queue one verdict to be applied atomically, or to report a conflict
     /// and write nothing. `done` is called once with the outcome, after the
@@ -352,11 +422,23 @@ pub trait Store: Send + Sync + 'static {
     /// a heartbeat for long; events of a pruned decision go with it and
     /// its reconcile runs stay, without it.
     fn set_retention(&self, _retention: Retention) {}
-    /// Record how long each commit of verdicts takes in `histogram` (once;
+    /// Count commits, write failures and writability into `metrics` (once;
     /// later calls are ignored).
-    fn observe_commits(&self, _histogram: prometheus_client::metrics::histogram::Histogram) {}
-    /// Whether verdicts can be written now: the writer is running and the
-    /// database accepts a write transaction. For `/readyz`.
+    fn instrument(&self, _metrics: StoreMetrics) {}
+    /// Below `bytes` free on the database's file system, the store counts
+    /// as unable to write (unready, no early acknowledgement).
+    fn set_min_free(&self, _bytes: u64) {}
+    /// Whether a verdict may be acknowledged before it is committed: not
+    /// while writes are failing or the disk is nearly full. Cheap: asked
+    /// on every heartbeat.
+    fn allows_early_ack(&self) -> bool {
+        true
+    }
+    /// Whether verdicts can be written now: the writer is running, no
+    /// write has failed since the last commit, the files are writable and
+    /// their file system has room (asked of the OS, never by opening the
+    /// files outside the database engine), and the database accepts a
+    /// write transaction. For `/readyz`.
     fn check_writable(&self) -> Result<(), StoreError>;
     /// Wait until every verdict submitted before this call has been
     /// answered (committed or failed): what a reader calls to see the
@@ -396,8 +478,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Store a new token's hash.
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
-    /// Revoke every live token of a workspace; returns how many.
-    fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError>;
+    /// Revoke every live token of a workspace; returns how many. The
+    /// workspace then refuses every request until a token is issued, or,
+    /// with `allow_bootstrap`, until a register without a token mints one
+    /// (as for a workspace that never had a token).
+    fn revoke_tokens(
+        &self,
+        id: &str,
+        now_ms: i64,
+        allow_bootstrap: bool,
+    ) -> Result<usize, StoreError>;
     /// Reconcile runs, oldest first, optionally of one workspace.
     fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError>;
     /// One reconcile run.
@@ -442,7 +532,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DecisionRow>, StoreError>;
 
-    /// Keep a policy module's bytes under its digest (idempotent).
+    /// Keep a policy module's bytes under its digest (idempotent), unless
+    /// a new one would take the store past `quota`
+    /// ([`StoreError::QuotaExceeded`]).
     fn put_module(
         &self,
         digest: &str,
@@ -450,9 +542,17 @@ pub trait Store: Send + Sync + 'static {
         meta: &crate::model::Metadata,
         by: &str,
         now_ms: i64,
+        quota: ModuleQuota,
     ) -> Result<(), StoreError>;
     /// A stored module's bytes.
     fn module_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every stored module (without its bytes), oldest first.
+    fn modules(&self) -> Result<Vec<StoredModule>, StoreError>;
+    /// Delete a stored module no stored chain uses ([`StoreError::InUse`]
+    /// names the chain that does); `None` if there is none by that digest.
+    fn delete_module(&self, digest: &str) -> Result<Option<StoredModule>, StoreError>;
+    /// Delete every stored module no stored chain uses; what was deleted.
+    fn prune_modules(&self) -> Result<Vec<StoredModule>, StoreError>;
     /// Record a validated chain as `staged`.
     fn stage_chain(
         &self,
@@ -471,6 +571,24 @@ pub trait Store: Send + Sync + 'static {
     fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError>;
     /// The newest stored chain with content version `version`.
     fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError>;
+
+    /// Copy the whole database, consistent as of one moment, to a new file
+    /// `dest` (refused if it exists), while the service keeps running.
+    fn backup(&self, dest: &std::path::Path) -> Result<Backup, StoreError> {
+        let _ = dest;
+        Err(StoreError::Refused(
+            "this store makes no file backups; use its database's own tools".into(),
+        ))
+    }
+}
+
+/// What [`Store::backup`] wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct Backup {
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
+    /// `PRAGMA quick_check` of the copy: `ok`.
+    pub check: String,
 }
 
 /// How much of the decision log is kept.

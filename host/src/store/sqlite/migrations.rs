@@ -204,6 +204,78 @@ ALTER TABLE decisions ADD COLUMN first_at_ms INTEGER;
 CREATE INDEX events_by_decision ON events (decision_id);
 CREATE INDEX reconcile_runs_by_decision ON reconcile_runs (decision_id);
 "#,
+    // A marker belongs to a slot of the chain and the policy name its
+    // module reports: the slot is the host's to assign, so a module pushed
+    // into another slot under a built-in's name never sees (or clears) the
+    // built-in's markers. Existing markers go to the slot of the active
+    // stored chain whose module has their owner's name, else to the
+    // built-in chain's slot of that policy, else to a slot named like it.
+    r#"
+CREATE TABLE policy_markers_by_slot (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    slot TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, slot, owner, key)
+) STRICT;
+INSERT INTO policy_markers_by_slot (workspace_id, slot, owner, key, value, updated_ms)
+SELECT m.workspace_id,
+    COALESCE(
+        (SELECT json_extract(s.value, '$.name')
+         FROM chains c, json_each(c.spec, '$.slot') s
+         WHERE c.state = 'active' AND m.owner = COALESCE(
+             (SELECT p.name FROM policy_modules p
+              WHERE 'sha256:' || p.digest = json_extract(s.value, '$.module')),
+             CASE json_extract(s.value, '$.module')
+                 WHEN 'builtin:gate' THEN 'rca2970-gate'
+                 WHEN 'builtin:status-rules' THEN 'status-rules'
+                 WHEN 'builtin:recovery-trigger' THEN 'mcp-recovery-trigger'
+                 WHEN 'builtin:cooldown' THEN 'recovery-cooldown'
+             END)
+         LIMIT 1),
+        CASE m.owner
+            WHEN 'rca2970-gate' THEN 'gate'
+            WHEN 'mcp-recovery-trigger' THEN 'recovery-trigger'
+            WHEN 'recovery-cooldown' THEN 'cooldown'
+            ELSE m.owner
+        END),
+    m.owner, m.key, m.value, m.updated_ms
+FROM policy_markers m;
+DROP TABLE policy_markers;
+ALTER TABLE policy_markers_by_slot RENAME TO policy_markers;
+CREATE TRIGGER policy_markers_version_insert AFTER INSERT ON policy_markers
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER policy_markers_version_update AFTER UPDATE ON policy_markers
+WHEN OLD.value IS NOT NEW.value OR OLD.key IS NOT NEW.key OR OLD.owner IS NOT NEW.owner
+    OR OLD.slot IS NOT NEW.slot OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER policy_markers_version_delete AFTER DELETE ON policy_markers
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+"#,
+    // Token bootstrap (a register without a bearer mints the first token)
+    // is open only until a workspace has had a token: revoking every token
+    // closes the workspace until the operator issues one or reopens
+    // bootstrap explicitly. Issuing any token closes it, by trigger, so
+    // every writer (the CLI, raw SQL) keeps to the rule.
+    r#"
+ALTER TABLE workspaces ADD COLUMN token_bootstrap INTEGER NOT NULL DEFAULT 1
+    CHECK (token_bootstrap IN (0, 1));
+UPDATE workspaces SET token_bootstrap = 0
+WHERE EXISTS (SELECT 1 FROM auth_tokens t WHERE t.workspace_id = workspaces.id);
+CREATE TRIGGER auth_tokens_close_bootstrap AFTER INSERT ON auth_tokens
+BEGIN UPDATE workspaces SET token_bootstrap = 0
+      WHERE id = NEW.workspace_id AND token_bootstrap != 0; END;
+DROP TRIGGER workspaces_version;
+CREATE TRIGGER workspaces_version AFTER UPDATE OF kind, status, last_register_failure_ms,
+    delivery_mode, token_bootstrap ON workspaces
+WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
+    OR OLD.last_register_failure_ms IS NOT NEW.last_register_failure_ms
+    OR OLD.delivery_mode IS NOT NEW.delivery_mode
+    OR OLD.token_bootstrap IS NOT NEW.token_bootstrap
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

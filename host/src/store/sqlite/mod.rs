@@ -16,9 +16,11 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use self::migrations::init;
+pub use self::read::READING_TOKENS;
 use self::read::*;
 use self::writer::{Job, Queue, WRITER_CACHE_KIB, Writer, insert_token};
 use crate::model::{Status, WorkspaceKind};
+use crate::store::health::Health;
 use crate::store::*;
 
 /// The embedded SQLite store: one writer connection (used by the writer
@@ -31,6 +33,8 @@ pub struct SqliteStore {
     /// Snapshots by workspace id, for [`Read::Cached`]. Never trusted for a
     /// write: each verdict's version is checked by the writer.
     cache: Arc<SnapshotCache>,
+    /// Whether writes succeed, shared with the writer.
+    health: Arc<Health>,
     path: std::path::PathBuf,
 }
 
@@ -134,6 +138,7 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -(WRITER_CACHE_KIB as i64))?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         let cache = Arc::new(SnapshotCache::default());
+        let health = Arc::new(Health::new(path));
         let writer = Arc::new(Writer {
             conn: Mutex::new(conn),
             queue: Mutex::new(Queue::default()),
@@ -141,7 +146,7 @@ impl SqliteStore {
             answered: Condvar::new(),
             cache: cache.clone(),
             wal_frames,
-            commit_seconds: std::sync::OnceLock::new(),
+            health: health.clone(),
             retention: Mutex::new(Retention::default()),
         });
         let thread = std::thread::Builder::new()
@@ -156,6 +161,7 @@ impl SqliteStore {
             thread: Some(thread),
             readers: Mutex::new(Vec::new()),
             cache,
+            health,
             path: path.to_path_buf(),
         })
     }
@@ -197,7 +203,34 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.writer.conn.lock().map_err(|_| StoreError::Poisoned)?;
-        f(&mut conn)
+        let result = f(&mut conn);
+        if let Err(e) = &result
+            && cannot_write(e)
+        {
+            self.health.failed(&e.to_string());
+        }
+        result
+    }
+}
+
+/// Whether `e` says the database cannot be written (rather than that the
+/// write was refused for its content).
+fn cannot_write(e: &StoreError) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+            f.code,
+            C::DiskFull
+                | C::ReadOnly
+                | C::SystemIoFailure
+                | C::CannotOpen
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::DatabaseCorrupt
+                | C::NotADatabase
+        ),
+        StoreError::Failed(_) | StoreError::WriterStopped | StoreError::Poisoned => true,
+        _ => false,
     }
 }
 
@@ -213,17 +246,36 @@ impl Drop for SqliteStore {
 
 impl Store for SqliteStore {
     fn load(&self, workspace_id: &str, read: Read) -> Result<Option<Snapshot>, StoreError> {
-        if read == Read::Cached
-            && let Some(snapshot) = self.cache.get(workspace_id)
-        {
-            return Ok(Some(snapshot));
-        }
-        let snapshot = self.with_reader(|c| load_snapshot(c, workspace_id))?;
-        match &snapshot {
-            // A removed workspace is never cached: nothing is written for
-            // it, so no version check would catch a stale entry.
-            Some(s) if s.workspace.status != Status::Removed => self.cache.put(s),
-            _ => self.cache.forget(workspace_id),
+        let cached = match read {
+            Read::Cached => self.cache.get(workspace_id),
+            Read::Fresh => None,
+        };
+        let (snapshot, hit) = self.with_reader(|c| {
+            // A cached snapshot is used only once the database confirms its
+            // version: one indexed read instead of four, and never state
+            // older than the last committed change (a token revoked by the
+            // CLI a moment ago is refused at once).
+            if let Some(snapshot) = cached {
+                let version: Option<i64> = c
+                    .prepare_cached("SELECT version FROM workspaces WHERE id = ?1")
+                    .and_then(|mut stmt| stmt.query_row([workspace_id], |r| r.get(0)).optional())
+                    .map_err(|source| StoreError::Read {
+                        what: READING_ROW,
+                        source,
+                    })?;
+                if version == Some(snapshot.version) {
+                    return Ok((Some(snapshot), true));
+                }
+            }
+            Ok((load_snapshot(c, workspace_id)?, false))
+        })?;
+        if !hit {
+            match &snapshot {
+                // A removed workspace is never cached: nothing is written
+                // for it.
+                Some(s) if s.workspace.status != Status::Removed => self.cache.put(s),
+                _ => self.cache.forget(workspace_id),
+            }
         }
         Ok(snapshot)
     }
@@ -241,8 +293,16 @@ impl Store for SqliteStore {
         self.writer.backlog()
     }
 
-    fn observe_commits(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
-        let _ = self.writer.commit_seconds.set(histogram);
+    fn instrument(&self, metrics: StoreMetrics) {
+        self.health.instrument(metrics);
+    }
+
+    fn set_min_free(&self, bytes: u64) {
+        self.health.set_min_free(bytes);
+    }
+
+    fn allows_early_ack(&self) -> bool {
+        self.health.allows_early_ack()
     }
 
     fn set_retention(&self, retention: Retention) {
@@ -255,28 +315,101 @@ impl Store for SqliteStore {
         if self.writer.queue.lock().map_or(true, |q| q.closed) {
             return Err(StoreError::WriterStopped);
         }
-        // Asked of the OS, not of an open connection: one keeps writing to a
-        // file made read-only since (its descriptor was opened for writing)
-        // until a checkpoint fails, and SQLite reuses such descriptors.
+        // Writes failing since the last commit, or a file system nearly full.
+        self.health.check().map_err(StoreError::Failed)?;
+        // Write permission, asked of the OS with access(2), which opens
+        // nothing: an open connection keeps writing to a file made read-only
+        // since (its descriptor was opened for writing) until a checkpoint
+        // fails. Never open the files with std::fs: closing any descriptor
+        // of the database drops every POSIX lock this process holds on it,
+        // and another process then deletes the WAL under the service.
+        let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty());
         for file in [self.path.clone(), wal_path(&self.path)] {
-            if let Err(e) = std::fs::OpenOptions::new().write(true).open(&file)
-                && (file == self.path || e.kind() != std::io::ErrorKind::NotFound)
-            {
-                return Err(StoreError::Failed(format!(
-                    "the database file `{}` is read-only: {e}",
-                    file.display()
-                )));
+            match rustix::fs::access(&file, rustix::fs::Access::WRITE_OK) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::NOENT) if file != self.path => {}
+                Err(e) => {
+                    return Err(StoreError::Failed(format!(
+                        "the database file `{}` is read-only: {e}",
+                        file.display()
+                    )));
+                }
             }
         }
+        if let Err(e) =
+            rustix::fs::access(dir.unwrap_or(Path::new(".")), rustix::fs::Access::WRITE_OK)
+        {
+            return Err(StoreError::Failed(format!(
+                "the database's directory is read-only (SQLite creates its WAL there): {e}"
+            )));
+        }
         // And the write lock can be taken (no other process holds it for
-        // longer than the busy timeout).
-        let conn = open_connection(&self.path)?;
-        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
-        Ok(())
+        // longer than the busy timeout), through a pooled connection.
+        self.with_reader(|c| {
+            c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+            Ok(())
+        })
     }
 
     fn flush(&self) {
         self.writer.flush();
+    }
+
+    fn backup(&self, dest: &Path) -> Result<Backup, StoreError> {
+        if dest.exists() {
+            return Err(StoreError::Refused(format!(
+                "`{}` already exists; a backup never overwrites a file",
+                dest.display()
+            )));
+        }
+        let mut partial = dest.as_os_str().to_owned();
+        partial.push(format!(".partial-{}", std::process::id()));
+        let partial = std::path::PathBuf::from(partial);
+        let copied = self.with_reader(|src| {
+            let mut dst = Connection::open(&partial)?;
+            // SQLite's online backup API, all pages in one step: one read
+            // transaction of the source, so the copy is consistent as of one
+            // moment, and in WAL mode the service's writes go on meanwhile
+            // (a backup in many steps starts over at each of them).
+            {
+                let backup = rusqlite::backup::Backup::new(src, &mut dst)?;
+                backup.step(-1)?;
+            }
+            let check: String = dst.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            Ok(check)
+        });
+        let check = match copied {
+            Ok(check) if check == "ok" => check,
+            Ok(check) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(StoreError::Failed(format!(
+                    "the copy failed its check: {check}"
+                )));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        // The copy is a file of its own (this process holds no lock on it),
+        // made durable before it takes its name.
+        let io = |what: &str, e: std::io::Error| StoreError::Failed(format!("{what}: {e}"));
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("syncing the copy", e))?;
+        // A link, not a rename: it never replaces a file created meanwhile.
+        let named = std::fs::hard_link(&partial, dest);
+        let _ = std::fs::remove_file(&partial);
+        named.map_err(|e| io(&format!("naming the copy `{}`", dest.display()), e))?;
+        if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        Ok(Backup {
+            path: dest.to_path_buf(),
+            bytes,
+            check,
+        })
     }
 
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError> {
@@ -291,9 +424,9 @@ impl Store for SqliteStore {
 
     fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError> {
         if !crate::model::valid_workspace_id(&new.id) {
+            let shown: String = new.id.chars().take(64).collect();
             return Err(StoreError::Refused(format!(
-                "workspace id `{}` must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.`",
-                new.id
+                "a workspace id must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.` or `-`; `{shown}` is not"
             )));
         }
         self.with_writer(|c| {
@@ -405,13 +538,22 @@ impl Store for SqliteStore {
         })
     }
 
-    fn revoke_tokens(&self, id: &str, now_ms: i64) -> Result<usize, StoreError> {
+    fn revoke_tokens(
+        &self,
+        id: &str,
+        now_ms: i64,
+        allow_bootstrap: bool,
+    ) -> Result<usize, StoreError> {
         self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             require_workspace(&tx, id)?;
             let n = tx.execute(
                 "UPDATE auth_tokens SET revoked_ms = ?2 WHERE workspace_id = ?1 AND revoked_ms IS NULL",
                 params![id, now_ms],
+            )?;
+            tx.execute(
+                "UPDATE workspaces SET token_bootstrap = ?2 WHERE id = ?1",
+                params![id, allow_bootstrap],
             )?;
             tx.commit()?;
             Ok(n)
@@ -623,14 +765,96 @@ impl Store for SqliteStore {
         meta: &crate::model::Metadata,
         by: &str,
         now_ms: i64,
+        quota: ModuleQuota,
     ) -> Result<(), StoreError> {
         self.with_writer(|c| {
-            c.execute(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (exists, count, total): (bool, i64, i64) = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM policy_modules WHERE digest = ?1),
+                        COUNT(*), COALESCE(SUM(LENGTH(bytes)), 0)
+                 FROM policy_modules",
+                [digest],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            if exists {
+                return Ok(());
+            }
+            let (count, total) = (count.unsigned_abs(), total.unsigned_abs());
+            let size = bytes.len() as u64;
+            if count + 1 > quota.max_modules || total + size > quota.max_bytes {
+                return Err(StoreError::QuotaExceeded(format!(
+                    "the module store is full: {count} modules of {} MiB stored, at most {} modules \
+                     and {} MiB (`[policy] max_stored_modules`, `max_stored_module_mib`); \
+                     `heartgate policy prune` deletes the modules no chain uses",
+                    total >> 20,
+                    quota.max_modules,
+                    quota.max_bytes >> 20
+                )));
+            }
+            tx.execute(
                 "INSERT INTO policy_modules (digest, bytes, name, version, uploaded_ms, uploaded_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![digest, bytes, meta.name, meta.version, now_ms, by],
             )?;
+            tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn modules(&self) -> Result<Vec<StoredModule>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare(&format!("{MODULE_COLUMNS} ORDER BY uploaded_ms, digest"))?;
+            let rows = stmt
+                .query_map([], module_from_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn delete_module(&self, digest: &str) -> Result<Option<StoredModule>, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let user: Option<i64> = tx
+                .query_row(
+                    &format!("SELECT c.id FROM {CHAINS_USING} ORDER BY c.id LIMIT 1"),
+                    [digest],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(chain) = user {
+                return Err(StoreError::InUse(format!(
+                    "module `sha256:{digest}` is used by chain {chain}"
+                )));
+            }
+            let module = tx
+                .query_row(
+                    &format!("{MODULE_COLUMNS} WHERE digest = ?1"),
+                    [digest],
+                    module_from_row,
+                )
+                .optional()?;
+            tx.execute("DELETE FROM policy_modules WHERE digest = ?1", [digest])?;
+            tx.commit()?;
+            Ok(module)
+        })
+    }
+
+    fn prune_modules(&self) -> Result<Vec<StoredModule>, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let unused = format!(
+                "WHERE NOT EXISTS (SELECT 1 FROM {})",
+                CHAINS_USING.replace("?1", "policy_modules.digest")
+            );
+            let pruned = tx
+                .prepare(&format!(
+                    "{MODULE_COLUMNS} {unused} ORDER BY uploaded_ms, digest"
+                ))?
+                .query_map([], module_from_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.execute(&format!("DELETE FROM policy_modules {unused}"), [])?;
+            tx.commit()?;
+            Ok(pruned)
         })
     }
 

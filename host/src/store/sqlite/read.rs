@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::model::{Marker, Status, Workspace, WorkspaceKind};
 use crate::store::{
     DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError, StoredChain,
-    WorkspaceRecord,
+    StoredModule, WorkspaceRecord,
 };
 
 pub(super) fn parse_status(s: String) -> rusqlite::Result<Status> {
@@ -128,58 +128,84 @@ pub(super) fn load_snapshot(
     Ok(snapshot)
 }
 
+/// The part of a snapshot a failed read was reading, for the error.
+pub const READING_ROW: &str = "the workspace";
+pub const READING_PLUGINS: &str = "its declared plugins";
+pub const READING_MARKERS: &str = "its policy markers";
+pub const READING_TOKENS: &str = "its tokens";
+
 pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
+    let failed = |what: &'static str| move |source| StoreError::Read { what, source };
     let row = tx
         .prepare_cached(
             "SELECT kind, status, last_register_failure_ms, delivery_mode,
                     EXISTS(SELECT 1 FROM workspace_secrets s
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
-                    version
+                    version, token_bootstrap
              FROM workspaces w WHERE id = ?1",
-        )?
-        .query_row([id], |r| {
-            Ok((
-                parse_kind(r.get(0)?)?,
-                parse_status(r.get(1)?)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, bool>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row([id], |r| {
+                Ok((
+                    parse_kind(r.get(0)?)?,
+                    parse_status(r.get(1)?)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, bool>(6)?,
+                ))
+            })
+            .optional()
         })
-        .optional()?;
-    let Some((kind, status, last_register_failure_ms, delivery_mode, model_configured, version)) =
-        row
+        .map_err(failed(READING_ROW))?;
+    let Some((
+        kind,
+        status,
+        last_register_failure_ms,
+        delivery_mode,
+        model_configured,
+        version,
+        token_bootstrap,
+    )) = row
     else {
         return Ok(None);
     };
-    let declared_plugins = {
-        let mut stmt = tx.prepare_cached(
+    let declared_plugins = tx
+        .prepare_cached(
             "SELECT plugin_name FROM declared_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
-        )?;
-        stmt.query_map([id], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?
-    };
-    let markers = {
-        let mut stmt = tx.prepare_cached(
-            "SELECT owner, key, value FROM policy_markers WHERE workspace_id = ?1 ORDER BY owner, key",
-        )?;
-        stmt.query_map([id], |r| {
-            Ok(Marker {
-                owner: r.get(0)?,
-                key: r.get(1)?,
-                value: r.get(2)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?
-    };
-    let live_token_hashes = {
-        let mut stmt = tx.prepare_cached(
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([id], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()
+        })
+        .map_err(failed(READING_PLUGINS))?;
+    let markers = tx
+        .prepare_cached(
+            "SELECT slot, owner, key, value FROM policy_markers WHERE workspace_id = ?1
+             ORDER BY slot, owner, key",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([id], |r| {
+                Ok(Marker {
+                    slot: Some(r.get(0)?),
+                    owner: r.get(1)?,
+                    key: r.get(2)?,
+                    value: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(failed(READING_MARKERS))?;
+    let live_token_hashes = tx
+        .prepare_cached(
             "SELECT token_hash FROM auth_tokens WHERE workspace_id = ?1 AND revoked_ms IS NULL",
-        )?;
-        stmt.query_map([id], |r| r.get(0))?
-            .collect::<Result<Vec<Vec<u8>>, _>>()?
-    };
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([id], |r| r.get(0))?
+                .collect::<Result<Vec<Vec<u8>>, _>>()
+        })
+        .map_err(failed(READING_TOKENS))?;
     Ok(Some(Snapshot {
         workspace: Workspace {
             id: id.to_string(),
@@ -191,6 +217,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         },
         markers,
         live_token_hashes,
+        token_bootstrap,
         delivery_mode,
         version,
     }))
@@ -215,7 +242,8 @@ pub(super) fn read_workspace(
                     EXISTS(SELECT 1 FROM workspace_secrets s
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
                     (SELECT COUNT(*) FROM auth_tokens t
-                     WHERE t.workspace_id = w.id AND t.revoked_ms IS NULL)
+                     WHERE t.workspace_id = w.id AND t.revoked_ms IS NULL),
+                    token_bootstrap
              FROM workspaces w WHERE id = ?1",
             [id],
             |r| {
@@ -233,6 +261,7 @@ pub(super) fn read_workspace(
                     model_configured: r.get(10)?,
                     declared_plugins: Vec::new(),
                     live_tokens: r.get(11)?,
+                    token_bootstrap: r.get(12)?,
                 })
             },
         )
@@ -252,4 +281,23 @@ pub(super) fn read_workspace(
         })?
         .collect::<Result<_, _>>()?;
     Ok(Some(rec))
+}
+
+pub(super) const MODULE_COLUMNS: &str = "SELECT digest, name, version, LENGTH(bytes),
+    uploaded_ms, uploaded_by FROM policy_modules";
+
+/// The stored chains whose spec names module `sha256:<?1>` in a slot (as
+/// `FROM` items; the chain is `c`).
+pub(super) const CHAINS_USING: &str = "chains c, json_each(c.spec, '$.slot') s
+    WHERE json_extract(s.value, '$.module') = 'sha256:' || ?1";
+
+pub(super) fn module_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredModule> {
+    Ok(StoredModule {
+        module: format!("sha256:{}", r.get::<_, String>(0)?),
+        name: r.get(1)?,
+        version: r.get(2)?,
+        size: r.get::<_, i64>(3)?.unsigned_abs(),
+        uploaded_ms: r.get(4)?,
+        uploaded_by: r.get(5)?,
+    })
 }

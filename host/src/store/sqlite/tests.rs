@@ -117,11 +117,11 @@ fn every_change_a_verdict_reads_bumps_the_version_whoever_makes_it() {
     let token = crate::auth::mint().unwrap();
     store.issue_token("ws", &token.stored, 5).unwrap();
     bumped("a token", &store);
-    store.revoke_tokens("ws", 6).unwrap();
+    store.revoke_tokens("ws", 6, false).unwrap();
     bumped("a revocation", &store);
     raw.execute(
-        "INSERT INTO policy_markers (workspace_id, owner, key, value, updated_ms)
-         VALUES ('ws', 'p', 'k', 'v', 7)",
+        "INSERT INTO policy_markers (workspace_id, slot, owner, key, value, updated_ms)
+         VALUES ('ws', 's', 'p', 'k', 'v', 7)",
         [],
     )
     .unwrap();
@@ -144,9 +144,8 @@ fn liveness_and_same_value_writes_keep_the_version() {
 #[test]
 fn a_verdict_from_a_stale_snapshot_is_a_conflict_and_writes_nothing() {
     let (dir, store) = store_with("ws");
-    let cached = store.load("ws", Read::Cached).unwrap().unwrap();
-    // Another process changes the workspace; this store's cache still
-    // holds the old snapshot.
+    let before = store.load("ws", Read::Cached).unwrap().unwrap();
+    // Another process changes the workspace after the snapshot was read.
     Connection::open(dir.path().join("v.db"))
         .unwrap()
         .execute(
@@ -154,10 +153,8 @@ fn a_verdict_from_a_stale_snapshot_is_a_conflict_and_writes_nothing() {
             [],
         )
         .unwrap();
-    let stale = store.load("ws", Read::Cached).unwrap().unwrap();
-    assert_eq!(stale.version, cached.version, "served from the cache");
     assert_eq!(
-        store.apply(liveness_only("ws", stale.version)).unwrap(),
+        store.apply(liveness_only("ws", before.version)).unwrap(),
         Applied::Conflict
     );
     assert!(store.decisions("ws", 10).unwrap().is_empty());
@@ -167,6 +164,163 @@ fn a_verdict_from_a_stale_snapshot_is_a_conflict_and_writes_nothing() {
         store.apply(liveness_only("ws", fresh.version)).unwrap(),
         Applied::Done { .. }
     ));
+}
+
+#[test]
+fn the_cache_never_answers_with_state_older_than_the_last_commit() {
+    let (dir, store) = store_with("ws");
+    let token = crate::auth::mint().unwrap();
+    store.issue_token("ws", &token.stored, 2).unwrap();
+    let cached = store.load("ws", Read::Cached).unwrap().unwrap();
+    assert_eq!(cached.live_token_hashes.len(), 1);
+    // Another process (the CLI) revokes the token: this store's cache is
+    // not told, but the next cached read confirms the version first.
+    let other = SqliteStore::open(&dir.path().join("v.db")).unwrap();
+    other.revoke_tokens("ws", 3, false).unwrap();
+    let again = store.load("ws", Read::Cached).unwrap().unwrap();
+    assert!(
+        again.live_token_hashes.is_empty(),
+        "a revoked token served from the cache"
+    );
+    assert!(!again.token_bootstrap);
+    assert_ne!(again.version, cached.version);
+    // Unchanged, it is served from the cache (same version, one read).
+    let hit = store.load("ws", Read::Cached).unwrap().unwrap();
+    assert_eq!(hit.version, again.version);
+}
+
+#[test]
+fn revoking_every_token_closes_bootstrap_until_reopened() {
+    let (dir, store) = store_with("ws");
+    let bootstrap = |store: &SqliteStore| {
+        store
+            .load("ws", Read::Fresh)
+            .unwrap()
+            .unwrap()
+            .token_bootstrap
+    };
+    assert!(
+        bootstrap(&store),
+        "a workspace that never had a token bootstraps"
+    );
+    let token = crate::auth::mint().unwrap();
+    store.issue_token("ws", &token.stored, 2).unwrap();
+    assert!(!bootstrap(&store));
+    store.revoke_tokens("ws", 3, false).unwrap();
+    assert!(!bootstrap(&store), "revoked, it stays closed");
+    store.revoke_tokens("ws", 4, true).unwrap();
+    assert!(bootstrap(&store), "reopened by the operator");
+    // Any token written, by whoever, closes it (a trigger).
+    Connection::open(dir.path().join("v.db"))
+        .unwrap()
+        .execute(
+            "INSERT INTO auth_tokens (workspace_id, token_hash, prefix, created_ms)
+             VALUES ('ws', x'00', 'x', 5)",
+            [],
+        )
+        .unwrap();
+    assert!(!bootstrap(&store));
+}
+
+#[test]
+fn modules_are_kept_within_the_quota_and_pruned_when_no_chain_uses_them() {
+    let (_dir, store) = store_with("ws");
+    let meta = |name: &str| crate::model::Metadata {
+        name: name.into(),
+        version: "1".into(),
+    };
+    let quota = ModuleQuota {
+        max_modules: 2,
+        max_bytes: 100,
+    };
+    let digest = |c: char| c.to_string().repeat(64);
+    store
+        .put_module(&digest('a'), &[0; 40], &meta("a"), "t", 1, quota)
+        .unwrap();
+    store
+        .put_module(&digest('b'), &[0; 40], &meta("b"), "t", 2, quota)
+        .unwrap();
+    // The same module again is no new module.
+    store
+        .put_module(&digest('a'), &[0; 40], &meta("a"), "t", 3, quota)
+        .unwrap();
+    let full = store.put_module(&digest('c'), &[0; 10], &meta("c"), "t", 4, quota);
+    assert!(
+        matches!(full, Err(StoreError::QuotaExceeded(_))),
+        "{full:?}"
+    );
+    let bytes = ModuleQuota {
+        max_modules: 10,
+        max_bytes: 100,
+    };
+    let over = store.put_module(&digest('c'), &[0; 21], &meta("c"), "t", 4, bytes);
+    assert!(
+        matches!(over, Err(StoreError::QuotaExceeded(_))),
+        "{over:?}"
+    );
+
+    let spec = format!(
+        r#"{{"slot":[{{"name":"x","module":"sha256:{}"}}]}}"#,
+        digest('b')
+    );
+    let chain = store.stage_chain("v1", &spec, "t", 5).unwrap();
+    let used = store.delete_module(&digest('b'));
+    assert!(
+        matches!(&used, Err(StoreError::InUse(why)) if why.contains(&format!("chain {}", chain.id))),
+        "{used:?}"
+    );
+    let pruned = store.prune_modules().unwrap();
+    assert_eq!(pruned.len(), 1);
+    assert_eq!(pruned[0].module, format!("sha256:{}", digest('a')));
+    assert_eq!(store.modules().unwrap().len(), 1);
+    assert!(store.delete_module(&digest('a')).unwrap().is_none());
+}
+
+#[test]
+fn markers_move_to_the_slot_that_runs_their_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    // A database of the schema before markers had slots, with the built-in
+    // chain's markers and one of a policy the active chain runs in a slot
+    // named otherwise.
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for sql in &migrations::MIGRATIONS[..6] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 6).unwrap();
+        tx.execute_batch(
+            "INSERT INTO workspaces (id, created_ms, updated_ms) VALUES ('ws', 1, 1);
+             INSERT INTO policy_markers VALUES ('ws', 'recovery-cooldown', 'last-fire-ms', '5', 1);
+             INSERT INTO policy_markers VALUES ('ws', 'status-rules', 'mcp-unloaded-since', '6', 1);
+             INSERT INTO policy_markers VALUES ('ws', 'busy', 'since', '7', 1);
+             INSERT INTO policy_modules VALUES ('d1', x'00', 'busy', '1', 1, 't');
+             INSERT INTO chains (version, spec, state, created_ms, created_by) VALUES ('v',
+                 '{\"slot\":[{\"name\":\"rules\",\"module\":\"builtin:status-rules\"},
+                             {\"name\":\"hold\",\"module\":\"sha256:d1\"}]}', 'active', 1, 't');",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let mut markers: Vec<(String, String)> = store
+        .load("ws", Read::Fresh)
+        .unwrap()
+        .unwrap()
+        .markers
+        .into_iter()
+        .map(|m| (m.slot.unwrap(), m.owner))
+        .collect();
+    markers.sort();
+    assert_eq!(
+        markers,
+        [
+            ("cooldown".to_string(), "recovery-cooldown".to_string()),
+            ("hold".into(), "busy".into()),
+            ("rules".into(), "status-rules".into()),
+        ]
+    );
 }
 
 #[test]

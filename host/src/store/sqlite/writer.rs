@@ -11,6 +11,7 @@ use std::time::Instant;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::SnapshotCache;
+use crate::store::health::Health;
 use crate::store::{
     Applied, Done, LIVENESS_HOLD, NewToken, QueuedRun, Retention, StoreError, VerdictWrite,
 };
@@ -26,9 +27,8 @@ pub(super) struct Writer {
     pub(super) cache: Arc<SnapshotCache>,
     /// Pages in the WAL after the last commit (from the WAL hook).
     pub(super) wal_frames: Arc<std::sync::atomic::AtomicI64>,
-    /// Where each batch's apply-and-commit time goes (the metrics).
-    pub(super) commit_seconds:
-        std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// Whether writes succeed; where commit times and failures are counted.
+    pub(super) health: Arc<Health>,
     pub(super) retention: Mutex<Retention>,
 }
 
@@ -221,8 +221,24 @@ impl Writer {
                     Ok(mut conn) => apply_batch(&mut conn, &writes),
                     Err(_) => writes.iter().map(|_| Err(StoreError::Poisoned)).collect(),
                 };
-                if let Some(h) = self.commit_seconds.get() {
+                if let Some(h) = self.health.commit_seconds() {
                     h.observe(started.elapsed().as_secs_f64());
+                }
+                // A failed verdict (a whole batch when its commit fails) is a
+                // failed write; a committed one ends the failing.
+                let failure = results.iter().find_map(|r| match r {
+                    Err(StoreError::UnknownWorkspace(_)) | Ok(_) => None,
+                    Err(e) => Some(e.to_string()),
+                });
+                match failure {
+                    Some(cause) => self.health.failed(&cause),
+                    None if results
+                        .iter()
+                        .any(|r| matches!(r, Ok(Applied::Done { .. }))) =>
+                    {
+                        self.health.succeeded();
+                    }
+                    None => {}
                 }
                 results
             };
@@ -522,27 +538,29 @@ pub(super) fn apply_in(
         let changed = match (&m.seen, &m.new) {
             (None, Some(new)) => tx
                 .prepare_cached(
-                    "INSERT INTO policy_markers (workspace_id, owner, key, value, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                    "INSERT INTO policy_markers (workspace_id, slot, owner, key, value, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
                 )?
-                .execute(params![id, m.owner, m.key, new, w.now_ms])?,
+                .execute(params![id, m.slot, m.owner, m.key, new, w.now_ms])?,
             (Some(seen), Some(new)) => tx
                 .prepare_cached(
-                    "UPDATE policy_markers SET value = ?4, updated_ms = ?5
-                     WHERE workspace_id = ?1 AND owner = ?2 AND key = ?3 AND value = ?6",
+                    "UPDATE policy_markers SET value = ?5, updated_ms = ?6
+                     WHERE workspace_id = ?1 AND slot = ?2 AND owner = ?3 AND key = ?4
+                         AND value = ?7",
                 )?
-                .execute(params![id, m.owner, m.key, new, w.now_ms, seen])?,
+                .execute(params![id, m.slot, m.owner, m.key, new, w.now_ms, seen])?,
             (Some(seen), None) => tx
                 .prepare_cached(
                     "DELETE FROM policy_markers
-                     WHERE workspace_id = ?1 AND owner = ?2 AND key = ?3 AND value = ?4",
+                     WHERE workspace_id = ?1 AND slot = ?2 AND owner = ?3 AND key = ?4
+                         AND value = ?5",
                 )?
-                .execute(params![id, m.owner, m.key, seen])?,
+                .execute(params![id, m.slot, m.owner, m.key, seen])?,
             (None, None) => {
                 let present: bool = tx.query_row(
                     "SELECT EXISTS(SELECT 1 FROM policy_markers
-                     WHERE workspace_id = ?1 AND owner = ?2 AND key = ?3)",
-                    params![id, m.owner, m.key],
+                     WHERE workspace_id = ?1 AND slot = ?2 AND owner = ?3 AND key = ?4)",
+                    params![id, m.slot, m.owner, m.key],
                     |r| r.get(0),
                 )?;
                 usize::from(!present)
@@ -615,13 +633,16 @@ pub(super) fn apply_in(
         )?
         .execute(params![id, r.url, r.agent_card, r.delivery_mode, w.now_ms])?;
         if let Some(token) = &r.new_token {
-            let live: bool = tx.query_row(
-                "SELECT EXISTS(SELECT 1 FROM auth_tokens
-                 WHERE workspace_id = ?1 AND revoked_ms IS NULL)",
+            // Bootstrap: only while the workspace has no live token and has
+            // never had one (or the operator reopened it).
+            let open: bool = tx.query_row(
+                "SELECT token_bootstrap = 1 AND NOT EXISTS(SELECT 1 FROM auth_tokens
+                 WHERE workspace_id = ?1 AND revoked_ms IS NULL)
+                 FROM workspaces WHERE id = ?1",
                 [id],
                 |r| r.get(0),
             )?;
-            if !live {
+            if open {
                 insert_token(tx, id, token, w.now_ms)?;
                 token_stored = true;
             }
