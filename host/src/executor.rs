@@ -941,12 +941,12 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
             .find(|s| s.id.policy == owner)
             .map_or_else(|| owner.to_string(), |s| s.id.slot.clone())
     };
-    let seen: HashMap<(&str, &str, &str), &str> = input
+    let seen: HashMap<MarkerKey, &str> = input
         .markers
         .iter()
         .map(|m| {
-            let slot = m.slot.as_deref().unwrap_or(m.owner.as_str());
-            ((slot, m.owner.as_str(), m.key.as_str()), m.value.as_str())
+            let slot = m.slot.clone().unwrap_or_else(|| slot_of(&m.owner));
+            ((slot, m.owner.clone(), m.key.clone()), m.value.as_str())
         })
         .collect();
     // The last write to a marker wins; keep first-write order.
@@ -1056,10 +1056,9 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
     }
     effects.markers = marker_writes
         .into_iter()
-        .filter_map(|((slot, owner, key), new)| {
-            let before = seen
-                .get(&(slot.as_str(), owner.as_str(), key.as_str()))
-                .map(|v| v.to_string());
+        .filter_map(|(at, new)| {
+            let before = seen.get(&at).map(|v| v.to_string());
+            let (slot, owner, key) = at;
             // A write that changes nothing needs no compare-and-set.
             (before != new).then_some(MarkerWrite {
                 slot,

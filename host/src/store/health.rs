@@ -145,16 +145,20 @@ impl Health {
         self.cause().map_or(Ok(()), Err)
     }
 
-    /// Whether a verdict may be acknowledged before its commit: cheap
-    /// (atomics, and at most one `statvfs` a second).
+    /// Whether a verdict may be acknowledged before its commit: two atomic
+    /// loads, for the heartbeat path (which never asks the file system: a
+    /// `statvfs` could block an async worker on a sick file system).
     pub fn allows_early_ack(&self) -> bool {
-        if self.failed.load(Ordering::Acquire) {
-            return false;
-        }
+        !self.failed.load(Ordering::Acquire) && !self.disk.low()
+    }
+
+    /// Ask the file system for its free space again if the last look is a
+    /// second old: what the writer thread does after each batch (and
+    /// `/readyz`, on a blocking thread).
+    pub fn tick(&self) {
         if self.disk.refresh() {
             self.update();
         }
-        !self.disk.low()
     }
 
     /// Why writes are not healthy, if they are not.

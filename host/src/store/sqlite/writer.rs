@@ -240,6 +240,7 @@ impl Writer {
                     }
                     None => {}
                 }
+                self.health.tick();
                 results
             };
             if let Some(ms) = writes.iter().map(|j| j.write.now_ms).max() {

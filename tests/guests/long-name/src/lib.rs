@@ -1,4 +1,4 @@
-//! A module whose `metadata()` name is 5 MiB long: refused at load, with an
+//! A module whose `metadata()` name is 1 MiB long: refused at load, with an
 //! error that does not echo it whole (tests of bounded error messages).
 
 use heartgate_policy::{Action, Input};
@@ -7,4 +7,4 @@ fn decide(_input: &Input, proposed: Vec<Action>) -> Vec<Action> {
     proposed
 }
 
-heartgate_policy::policy!("a".repeat(5 << 20), decide);
+heartgate_policy::policy!("a".repeat(1 << 20), decide);
