@@ -542,6 +542,59 @@ impl PolicySet {
     }
 }
 
+/// The `<slot>.wasm` files of a watched directory, each read whole if it is
+/// a regular file of at most [`crate::http::MAX_ADMIN_BODY_BYTES`] (what a
+/// push accepts): a symlink, a FIFO or a device is refused, never opened in
+/// a way that could block. Blocking: run off the async workers.
+fn read_watch_dir(dir: &Path) -> Vec<(String, Result<Vec<u8>, String>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "wasm") {
+            continue;
+        }
+        let Some(slot) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        files.push((slot, read_module_file(&path)));
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+fn read_module_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let max = crate::http::MAX_ADMIN_BODY_BYTES as u64;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            i32::try_from((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits())
+                .unwrap_or_default(),
+        )
+        .open(path)
+        .map_err(|e| format!("cannot open it (a symlink is not followed): {e}"))?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// Watch `dir` for `<slot>.wasm` files: a new or changed file goes through
 /// the same validation and activation as a push, for the slot its name
 /// names. Runs until `shutdown` resolves.
@@ -553,21 +606,33 @@ pub async fn watch(
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut refused: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
-        let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .filter_map(|e| {
-                        let path = e.path();
-                        (path.extension()? == "wasm").then_some(())?;
-                        let slot = path.file_stem()?.to_str()?.to_string();
-                        Some((slot, std::fs::read(&path).ok()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (slot, bytes) in files {
+        let scan = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || read_watch_dir(&dir)).await
+        };
+        let files = match scan {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::error!(error = %e, "watch: scanning the directory failed");
+                Vec::new()
+            }
+        };
+        for (slot, read) in files {
+            let bytes = match read {
+                Ok(bytes) => {
+                    refused.remove(&slot);
+                    bytes
+                }
+                Err(why) => {
+                    // Said once per file, not at every scan.
+                    if refused.insert(slot.clone()) {
+                        tracing::error!(slot, reason = %why, "watch: refused a file; the active chain is unchanged");
+                    }
+                    continue;
+                }
+            };
             let digest = crate::engine::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
             if seen.get(&slot) == Some(&digest) {
                 continue;

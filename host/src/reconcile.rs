@@ -130,10 +130,31 @@ impl Worker {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let _running = Running(&self.running);
         let mut shutdown = std::pin::pin!(shutdown);
-        match self.blocking(|s| s.requeue_interrupted()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(runs = n, "re-queued runs interrupted by a previous process"),
+        let now = self.clock.now_ms();
+        match self.blocking(move |s| s.requeue_interrupted(now)).await {
+            Ok(r) => {
+                if r.requeued > 0 {
+                    tracing::warn!(
+                        runs = r.requeued,
+                        "re-queued runs interrupted by a previous process"
+                    );
+                }
+                if r.failed > 0 {
+                    tracing::error!(
+                        runs = r.failed,
+                        "runs interrupted twice are failed, not re-queued (a workspace whose run stops the service cannot crash-loop it)"
+                    );
+                }
+            }
             Err(e) => tracing::error!(error = %e, "could not re-queue interrupted runs"),
+        }
+        // Staging directories of processes that died mid-run.
+        match tokio::task::spawn_blocking(crate::deliverer::clean_scratch).await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => tracing::info!(
+                dirs = n,
+                "removed staging directories left by processes no longer running"
+            ),
         }
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();

@@ -122,9 +122,13 @@ impl Serve {
     /// Start `cmd` (a `heartgate ... serve --listen 127.0.0.1:0 ...`, or a
     /// shell that execs one) with its stderr in `log`.
     pub fn spawn(mut cmd: Command, log: &Path) -> Serve {
+        // The test's own environment never leaks in; what `cmd` sets stays.
+        for name in ["HEARTGATE_FAILPOINT", "RUST_LOG"] {
+            if !cmd.get_envs().any(|(k, _)| k == name) {
+                cmd.env_remove(name);
+            }
+        }
         let mut child = cmd
-            .env_remove("HEARTGATE_FAILPOINT")
-            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())

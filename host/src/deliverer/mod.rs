@@ -161,21 +161,90 @@ pub struct RunReport {
     pub restart: Option<RestartOutcome>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restored_after_crash: Vec<String>,
+    /// Something in the volume was not what it must be (a symlink, a FIFO,
+    /// a device): the run touched nothing and failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl RunReport {
+    fn refused(cause: String) -> RunReport {
+        RunReport {
+            plugins: Vec::new(),
+            restart: None,
+            restored_after_crash: Vec::new(),
+            refused: Some(cause),
+        }
+    }
+
     /// The causes of failure in plain words, if the run failed.
     pub fn cause(&self) -> Option<String> {
-        let mut causes: Vec<String> = self
-            .plugins
-            .iter()
-            .filter_map(|p| p.cause.as_ref().map(|c| format!("{}: {c}", p.name)))
-            .collect();
+        let mut causes: Vec<String> = self.refused.iter().cloned().collect();
+        causes.extend(
+            self.plugins
+                .iter()
+                .filter_map(|p| p.cause.as_ref().map(|c| format!("{}: {c}", p.name))),
+        );
         if let Some(r) = self.restart.as_ref().filter(|r| !r.ok) {
             causes.push(format!("restart hook failed: {}", r.detail));
         }
         (!causes.is_empty()).then(|| causes.join("; "))
     }
+}
+
+/// The name of this process's staging directories in the temporary
+/// directory: `heartgate-stage-<pid>-<random>`, so that the ones a killed
+/// process left can be told from those of a live one.
+fn scratch_prefix(pid: u32) -> String {
+    format!("{SCRATCH_PREFIX}{pid}-")
+}
+
+const SCRATCH_PREFIX: &str = "heartgate-stage-";
+
+/// Remove the staging directories that processes no longer running left in
+/// the temporary directory (a SIGKILL mid-run leaves one; each holds up to a
+/// plugin's size and a clone), and those of earlier versions of heartgate
+/// (named without a pid) untouched for an hour. Returns how many.
+pub fn clean_scratch() -> usize {
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(SCRATCH_PREFIX) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let pid = rest
+            .split_once('-')
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let stale = match pid {
+            Some(pid)
+                if pid.as_raw_nonzero().get() == i32::try_from(std::process::id()).unwrap_or(0) =>
+            {
+                false
+            }
+            Some(pid) => matches!(
+                rustix::process::test_kill_process(pid),
+                Err(rustix::io::Errno::SRCH)
+            ),
+            None => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600)),
+        };
+        if stale && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Stages, delivers and restarts.
@@ -202,25 +271,39 @@ impl PluginDeliverer {
         let ws = run.workspace_id.clone();
         let root = self.config.configs_root.clone();
         let store = self.store.clone();
-        let (plan, restored) = {
+        // Everything that touches the volume runs on the blocking pool (it
+        // is the runtime's to write: it may hold anything), and a refusal
+        // fails the run before anything is touched.
+        let (plan, looked) = {
             let ws = ws.clone();
             tokio::task::spawn_blocking(move || {
                 let plan = store.reconcile_plan(&ws).map_err(|e| e.to_string())?;
-                let restored = volume::recover(&root, &ws).map_err(|e| e.to_string())?;
-                Ok::<_, String>((plan, restored))
+                let looked = volume::recover(&root, &ws).and_then(|restored| {
+                    let present = plan
+                        .declared
+                        .iter()
+                        .map(|d| volume::presence(&root, &ws, &d.name))
+                        .collect::<Result<Vec<bool>, _>>()?;
+                    Ok((restored, present))
+                });
+                Ok::<_, String>((plan, looked))
             })
             .await
             .map_err(|e| format!("reconcile task failed: {e}"))??
+        };
+        let (restored, present) = match looked {
+            Ok(looked) => looked,
+            Err(refusal) => return Ok(RunReport::refused(refusal.to_string())),
         };
         let mut report = RunReport {
             plugins: Vec::new(),
             restart: None,
             restored_after_crash: restored,
+            refused: None,
         };
         let mut delivered = 0;
-        for declared in &plan.declared {
+        for (declared, present) in plan.declared.iter().zip(present) {
             let recorded = plan.installed.iter().any(|i| i.name == declared.name);
-            let present = volume::is_present(&self.config.configs_root, &ws, &declared.name);
             if recorded && present {
                 report.plugins.push(PluginResult {
                     name: declared.name.clone(),
@@ -260,14 +343,31 @@ impl PluginDeliverer {
         // A recovery whose plugins are all in place but whose runtime has not
         // rendered the management MCP needs a restart too, or it would stay
         // stuck (e.g. after a restart hook that failed last time).
-        let stale_runtime = run.trigger == ReconcileTrigger::McpRecovery.as_str()
+        let may_be_stale = run.trigger == ReconcileTrigger::McpRecovery.as_str()
             && delivered == 0
             && report.plugins.iter().all(|p| p.result == "present")
             && plan
                 .declared
                 .iter()
-                .any(|p| p.name == crate::store::MANAGEMENT_PLUGIN)
-            && !volume::settings_have_mcp(&self.config.configs_root, &ws, MANAGEMENT_MCP_SERVER);
+                .any(|p| p.name == crate::store::MANAGEMENT_PLUGIN);
+        let stale_runtime = if may_be_stale {
+            let root = self.config.configs_root.clone();
+            let ws = ws.clone();
+            let rendered = tokio::task::spawn_blocking(move || {
+                volume::settings_have_mcp(&root, &ws, MANAGEMENT_MCP_SERVER)
+            })
+            .await
+            .map_err(|e| format!("reconcile task failed: {e}"))?;
+            match rendered {
+                Ok(rendered) => !rendered,
+                Err(refusal) => {
+                    report.refused = Some(refusal.to_string());
+                    return Ok(report);
+                }
+            }
+        } else {
+            false
+        };
         if delivered > 0 || stale_runtime {
             report.restart =
                 Some(restart::restart(&self.config.restart, &self.client, &ws, run.id).await);
@@ -287,7 +387,7 @@ impl PluginDeliverer {
         let source =
             source::parse(raw_source, self.config.allow_unpinned).map_err(|e| e.to_string())?;
         let scratch = tempfile::Builder::new()
-            .prefix("heartgate-stage-")
+            .prefix(&scratch_prefix(std::process::id()))
             .tempdir()
             .map_err(|e| format!("creating a staging directory: {e}"))?;
         let staged = scratch.path().join("plugin");

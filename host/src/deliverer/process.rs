@@ -1,4 +1,6 @@
-//! Running a child process with a time limit and bounded captured output.
+//! Running a child process with a time limit (and optionally a watch that
+//! may kill it earlier) and bounded captured output, or streaming its
+//! stdout into a consumer.
 
 use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
@@ -11,10 +13,21 @@ pub const MAX_CAPTURE: usize = 4096;
 /// What a finished (or killed) child did.
 #[derive(Debug)]
 pub struct Finished {
-    /// `None` when it was killed at the deadline.
+    /// `None` when it was killed.
     pub status: Option<ExitStatus>,
+    /// Why it was killed, if it was.
+    pub killed: Option<Killed>,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// Why a child was killed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Killed {
+    /// It ran past its deadline.
+    Timeout,
+    /// The watch said so, for this reason.
+    Watch(String),
 }
 
 impl Finished {
@@ -44,7 +57,17 @@ fn capture(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 }
 
 /// Run `cmd` to completion or kill it after `timeout`.
-pub fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Finished> {
+pub fn run(cmd: Command, timeout: Duration) -> std::io::Result<Finished> {
+    run_watched(cmd, timeout, || None)
+}
+
+/// [`run`], also killing the child as soon as `watch` (asked every 50 ms)
+/// gives a reason.
+pub fn run_watched(
+    mut cmd: Command,
+    timeout: Duration,
+    mut watch: impl FnMut() -> Option<String>,
+) -> std::io::Result<Finished> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -52,27 +75,108 @@ pub fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Finished> {
     let out = child.stdout.take().map(capture);
     let err = child.stderr.take().map(capture);
     let started = Instant::now();
-    let status = loop {
+    let mut watched = Instant::now();
+    let (status, killed) = loop {
         if let Some(status) = child.try_wait()? {
-            break Some(status);
+            break (Some(status), None);
         }
-        if started.elapsed() >= timeout {
+        let killed = if started.elapsed() >= timeout {
+            Some(Killed::Timeout)
+        } else if watched.elapsed() >= Duration::from_millis(50) {
+            watched = Instant::now();
+            watch().map(Killed::Watch)
+        } else {
+            None
+        };
+        if let Some(killed) = killed {
             // Already exited or not ours to kill any more: either way it is done.
             let _ = child.kill();
             let _ = child.wait();
-            break None;
+            break (None, Some(killed));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    // A grandchild may keep the pipes open after the child exits: wait a
-    // moment for the output, not for the grandchild.
-    let join = |rx: Option<mpsc::Receiver<String>>| {
-        rx.and_then(|rx| rx.recv_timeout(Duration::from_secs(1)).ok())
-            .unwrap_or_default()
-    };
     Ok(Finished {
         status,
+        killed,
         stdout: join(out),
         stderr: join(err),
+    })
+}
+
+/// A grandchild may keep the pipes open after the child exits: wait a
+/// moment for the output, not for the grandchild.
+fn join(rx: Option<mpsc::Receiver<String>>) -> String {
+    rx.and_then(|rx| rx.recv_timeout(Duration::from_secs(1)).ok())
+        .unwrap_or_default()
+}
+
+/// How [`stream`] ended.
+#[derive(Debug)]
+pub enum Streamed<T> {
+    /// The consumer returned (the child was killed if it had not exited).
+    Done(T),
+    /// The child ran past its deadline and was killed.
+    TimedOut,
+    /// The consumer got everything but the child failed: its stderr.
+    Failed(String),
+}
+
+/// Run `cmd` with its stdout handed to `consume` on this thread; the child
+/// is killed when `consume` returns early (it stopped reading, e.g. at a
+/// limit) or after `timeout` (a watchdog thread kills it, so a stalled
+/// stream ends). A consumer's error wins over the child's complaint about
+/// the pipe it closed; a child that failed after a consumer that did not is
+/// [`Streamed::Failed`].
+pub fn stream<T, E>(
+    mut cmd: Command,
+    timeout: Duration,
+    consume: impl FnOnce(std::process::ChildStdout) -> Result<T, E>,
+) -> std::io::Result<Streamed<Result<T, E>>> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::other("no stdout"));
+    };
+    let err = child.stderr.take().map(capture);
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let child = child.clone();
+        let timed_out = timed_out.clone();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Ok(mut c) = child.lock() {
+                    let _ = c.kill();
+                }
+            }
+        })
+    };
+    let result = consume(stdout);
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    let status = match child.lock() {
+        Ok(mut c) => {
+            // Finished reading or not, the child is done now.
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                let _ = c.kill();
+            }
+            c.wait().ok()
+        }
+        Err(_) => None,
+    };
+    if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Streamed::TimedOut);
+    }
+    let stderr = join(err);
+    Ok(match (&result, status) {
+        (Ok(_), Some(s)) if !s.success() => Streamed::Failed(stderr.trim().to_string()),
+        _ => Streamed::Done(result),
     })
 }

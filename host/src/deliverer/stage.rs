@@ -49,7 +49,7 @@ pub enum StageError {
     Git(String),
     #[error("the plugin is larger than {0} bytes")]
     TooLarge(u64),
-    #[error("the plugin has more than {0} files")]
+    #[error("the plugin has more than {0} files and directories")]
     TooManyFiles(usize),
     #[error("refused `{path}`: {reason}")]
     BadEntry { path: String, reason: String },
@@ -71,14 +71,26 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StageError {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     pub files: usize,
+    pub dirs: usize,
     pub bytes: u64,
 }
 
 impl Tally {
-    fn add_file(&mut self, bytes: u64, limits: StageLimits) -> Result<(), StageError> {
+    /// Count a directory: every entry counts toward `max_files` (an archive
+    /// of nothing but directories still fills a volume's inodes and blocks).
+    pub fn add_dir(&mut self, limits: StageLimits) -> Result<(), StageError> {
+        self.dirs += 1;
+        if self.files + self.dirs > limits.max_files {
+            return Err(StageError::TooManyFiles(limits.max_files));
+        }
+        Ok(())
+    }
+
+    /// Count a regular file of `bytes`.
+    pub fn add_file(&mut self, bytes: u64, limits: StageLimits) -> Result<(), StageError> {
         self.files += 1;
         self.bytes = self.bytes.saturating_add(bytes);
-        if self.files > limits.max_files {
+        if self.files + self.dirs > limits.max_files {
             return Err(StageError::TooManyFiles(limits.max_files));
         }
         if self.bytes > limits.max_bytes {
@@ -119,6 +131,7 @@ fn copy_dir(
             .file_type()
             .map_err(io(format!("reading `{}`", entry.path().display())))?;
         if ty.is_dir() {
+            tally.add_dir(limits)?;
             let target = dst.join(&name);
             std::fs::create_dir(&target).map_err(io(format!("creating `{}`", target.display())))?;
             copy_dir(&entry.path(), &target, &rel_path, limits, tally)?;
@@ -143,9 +156,23 @@ fn copy_dir(
 /// Extract a `.tar.gz` into `dst`, dropping the archive's top directory
 /// (Gitea wraps everything in `<repo>/`).
 pub fn extract_tar_gz(bytes: &[u8], dst: &Path, limits: StageLimits) -> Result<Tally, StageError> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    extract_tar(flate2::read::GzDecoder::new(bytes), dst, limits)
+}
+
+/// Extract a tar stream into `dst`, dropping its top directory, as it is
+/// read: the limits hold while extracting (a header's size is checked
+/// before anything of the entry is written, and no entry may bring more
+/// bytes than its header said), and every entry counts toward the file
+/// limit, directories included, those made for a file's path too.
+pub fn extract_tar(
+    reader: impl Read,
+    dst: &Path,
+    limits: StageLimits,
+) -> Result<Tally, StageError> {
+    let mut archive = tar::Archive::new(reader);
     let mut tally = Tally::default();
     std::fs::create_dir_all(dst).map_err(io(format!("creating `{}`", dst.display())))?;
+    let mut made: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let bad = |path: &Path, reason: &str| StageError::BadEntry {
         path: path.display().to_string(),
         reason: reason.to_string(),
@@ -187,19 +214,17 @@ pub fn extract_tar_gz(bytes: &[u8], dst: &Path, limits: StageLimits) -> Result<T
         }
         let target = dst.join(&rel);
         if kind.is_dir() {
-            std::fs::create_dir_all(&target)
-                .map_err(io(format!("creating `{}`", rel.display())))?;
+            make_dirs(dst, &rel, &mut made, &mut tally, limits)?;
         } else if kind.is_file() {
             let size = entry
                 .header()
                 .size()
                 .map_err(io("reading an archive header"))?;
             tally.add_file(size, limits)?;
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(io(format!("creating `{}`", parent.display())))?;
+            if let Some(parent) = rel.parent() {
+                make_dirs(dst, parent, &mut made, &mut tally, limits)?;
             }
-            let mut out = std::fs::File::create(&target)
+            let mut out = std::fs::File::create_new(&target)
                 .map_err(io(format!("writing `{}`", rel.display())))?;
             // Never trust the header's size: copy at most what is left.
             let room = limits.max_bytes.saturating_sub(tally.bytes - size) + 1;
@@ -218,8 +243,65 @@ pub fn extract_tar_gz(bytes: &[u8], dst: &Path, limits: StageLimits) -> Result<T
     Ok(tally)
 }
 
-/// Clone `url` at `reference` with the system `git` and copy its work tree
-/// (without `.git`) into `dst`. Returns the commit checked out.
+/// Create `rel` and its missing ancestors under `dst`, counting each.
+fn make_dirs(
+    dst: &Path,
+    rel: &Path,
+    made: &mut std::collections::HashSet<PathBuf>,
+    tally: &mut Tally,
+    limits: StageLimits,
+) -> Result<(), StageError> {
+    let mut at = PathBuf::new();
+    for part in rel.components() {
+        at.push(part);
+        if made.insert(at.clone()) {
+            tally.add_dir(limits)?;
+            let dir = dst.join(&at);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(e) => return Err(io(format!("creating `{}`", at.display()))(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The most a clone of a git source may take on disk: the packed history
+/// of a plugin may be larger than the plugin, but not without bound.
+pub fn clone_limit(limits: StageLimits) -> u64 {
+    limits.max_bytes.saturating_mul(4).max(64 << 20)
+}
+
+/// The bytes under `dir` (regular files, not following links).
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => {
+                    total = total.saturating_add(entry.metadata().map_or(0, |m| m.len()));
+                }
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Clone `url` at `reference` with the system `git` and export its tree at
+/// that commit (without `.git`) into `dst`. Returns the commit.
+///
+/// The limits hold while staging: the clone has no work tree and is killed
+/// once it takes more than [`clone_limit`] on disk; the tree comes out of
+/// `git archive` as a stream, extracted under the plugin's limits as it is
+/// read (so a small repository holding a huge compressible file is refused
+/// before it is written), and `git` is killed when the extraction stops.
 pub fn git_clone(
     url: &str,
     reference: &GitRef,
@@ -229,20 +311,30 @@ pub fn git_clone(
     timeout: Duration,
 ) -> Result<(String, Tally), StageError> {
     let repo = scratch.join("repo");
-    let git = |args: &[&str]| -> Result<String, StageError> {
+    let git_command = |args: &[&str]| {
         let mut cmd = Command::new("git");
         cmd.args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "true")
             .env("GIT_CONFIG_NOSYSTEM", "1");
-        let done = process::run(cmd, timeout)
-            .map_err(|e| StageError::Git(format!("cannot run git: {e}")))?;
-        if done.status.is_none() {
-            return Err(StageError::Git(format!(
-                "`git {}` took longer than {}s",
-                args.first().copied().unwrap_or_default(),
-                timeout.as_secs()
-            )));
+        cmd
+    };
+    let clone_max = clone_limit(limits);
+    let git = |args: &[&str], watch: bool| -> Result<String, StageError> {
+        let done = process::run_watched(git_command(args), timeout, || {
+            (watch && disk_usage(&repo) > clone_max)
+                .then(|| format!("the clone took more than {clone_max} bytes"))
+        })
+        .map_err(|e| StageError::Git(format!("cannot run git: {e}")))?;
+        if let Some(why) = done.killed {
+            return Err(match why {
+                process::Killed::Timeout => StageError::Git(format!(
+                    "`git {}` took longer than {}s",
+                    args.first().copied().unwrap_or_default(),
+                    timeout.as_secs()
+                )),
+                process::Killed::Watch(why) => StageError::Git(why),
+            });
         }
         if !done.success() {
             return Err(StageError::Git(done.stderr.trim().to_string()));
@@ -250,34 +342,49 @@ pub fn git_clone(
         Ok(done.stdout.trim().to_string())
     };
     let repo_s = repo.to_string_lossy().to_string();
-    git(&["clone", "--quiet", "--no-checkout", "--", url, &repo_s])?;
+    git(
+        &["clone", "--quiet", "--no-checkout", "--", url, &repo_s],
+        true,
+    )?;
     let rev = match reference {
         GitRef::Tag(t) => format!("refs/tags/{t}^{{commit}}"),
         GitRef::Sha(s) => format!("{s}^{{commit}}"),
         GitRef::Branch(b) => format!("refs/remotes/origin/{b}^{{commit}}"),
         GitRef::Default => "HEAD^{commit}".to_string(),
     };
-    let sha = git(&["-C", &repo_s, "rev-parse", "--verify", "--quiet", &rev])
-        .map_err(|_| StageError::Git(format!("ref `{rev}` not found in `{url}`")))?;
+    let sha = git(
+        &["-C", &repo_s, "rev-parse", "--verify", "--quiet", &rev],
+        false,
+    )
+    .map_err(|_| StageError::Git(format!("ref `{rev}` not found in `{url}`")))?;
     if let GitRef::Sha(pinned) = reference
         && !sha.starts_with(pinned.as_str())
     {
         return Err(StageError::Git(format!("`{pinned}` resolved to `{sha}`")));
     }
-    git(&[
-        "-C",
-        &repo_s,
-        "-c",
-        "advice.detachedHead=false",
-        "checkout",
-        "--quiet",
-        "--detach",
-        &sha,
-    ])?;
-    let tally = copy_tree(&repo, dst, limits)?;
-    if tally.files == 0 {
-        return Err(StageError::Empty);
-    }
+    let tally = process::stream(
+        git_command(&[
+            "-C",
+            &repo_s,
+            "archive",
+            "--format=tar",
+            "--prefix=plugin/",
+            &sha,
+        ]),
+        timeout,
+        |stdout| extract_tar(stdout, dst, limits),
+    )
+    .map_err(|e| StageError::Git(format!("cannot run git: {e}")))?;
+    let tally = match tally {
+        process::Streamed::Done(result) => result?,
+        process::Streamed::TimedOut => {
+            return Err(StageError::Git(format!(
+                "`git archive` took longer than {}s",
+                timeout.as_secs()
+            )));
+        }
+        process::Streamed::Failed(stderr) => return Err(StageError::Git(stderr)),
+    };
     Ok((sha, tally))
 }
 

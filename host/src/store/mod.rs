@@ -273,6 +273,18 @@ pub struct DeclaredPlugin {
     pub source: String,
 }
 
+/// How many times a run may be started before an interruption fails it.
+pub const MAX_RUN_ATTEMPTS: i64 = 2;
+
+/// What [`Store::requeue_interrupted`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requeued {
+    /// Runs put back in the queue.
+    pub requeued: usize,
+    /// Runs interrupted [`MAX_RUN_ATTEMPTS`] times, now `failed`.
+    pub failed: usize,
+}
+
 /// A reconcile run as stored.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReconcileRun {
@@ -492,9 +504,13 @@ pub trait Store: Send + Sync + 'static {
     fn reconcile_runs(&self, workspace_id: Option<&str>) -> Result<Vec<ReconcileRun>, StoreError>;
     /// One reconcile run.
     fn reconcile_run(&self, id: i64) -> Result<Option<ReconcileRun>, StoreError>;
-    /// Put runs left `running` by a process that died back in the queue;
-    /// returns how many. Called once by the worker at start.
-    fn requeue_interrupted(&self) -> Result<usize, StoreError>;
+    /// Put runs left `running` by a process that died back in the queue,
+    /// except those started [`MAX_RUN_ATTEMPTS`] times already: a run that
+    /// was interrupted (the process crashed, or was stopped) that often is
+    /// marked `failed` with the cause instead, so that a workspace whose
+    /// run kills the process cannot crash-loop the service. Called once by
+    /// the worker at start.
+    fn requeue_interrupted(&self, now_ms: i64) -> Result<Requeued, StoreError>;
     /// Atomically start the oldest queued run whose workspace has no run in
     /// progress, so a workspace never has two runs at once.
     fn claim_run(&self, now_ms: i64) -> Result<Option<ReconcileRun>, StoreError>;

@@ -581,12 +581,21 @@ impl Store for SqliteStore {
         })
     }
 
-    fn requeue_interrupted(&self) -> Result<usize, StoreError> {
+    fn requeue_interrupted(&self, now_ms: i64) -> Result<Requeued, StoreError> {
         self.with_writer(|c| {
-            Ok(c.execute(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let failed = tx.execute(
+                "UPDATE reconcile_runs SET state = 'failed', finished_ms = ?2,
+                     cause = 'interrupted ' || attempts || ' times (the service crashed or was stopped during this run); not retried automatically, the next trigger runs it again'
+                 WHERE state = 'running' AND attempts >= ?1",
+                params![MAX_RUN_ATTEMPTS, now_ms],
+            )?;
+            let requeued = tx.execute(
                 "UPDATE reconcile_runs SET state = 'queued', started_ms = NULL WHERE state = 'running'",
                 [],
-            )?)
+            )?;
+            tx.commit()?;
+            Ok(Requeued { requeued, failed })
         })
     }
 
