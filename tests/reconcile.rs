@@ -831,7 +831,9 @@ async fn git_sources_are_cloned_at_their_pinned_ref() {
     let run = trigger_online_reconcile(&svc, "ws", &token).await;
     assert_eq!(
         results(&svc, run),
-        [("tools".to_string(), "delivered".to_string())]
+        [("tools".to_string(), "delivered".to_string())],
+        "{:?}",
+        svc.store.reconcile_run(run).unwrap()
     );
     let installed = &svc.store.installed_plugins("ws").unwrap()[0];
     assert_eq!(installed.tracked_ref, "tag:v1.0");

@@ -853,22 +853,43 @@ async fn liveness_only_heartbeats_are_acknowledged_once_queued_and_conflicts_eva
     // with no further heartbeat. (If the test thread was too slow and the
     // verdict got written first, the round is tried again.)
     let mut retried = false;
-    for _ in 0..10 {
-        let (status, durability) = svc.heartbeat_durability(&token, healthy("early")).await;
+    for round in 0..10 {
+        // Each round's heartbeat carries its own nonce, so its decisions are
+        // told from any other round's late ones.
+        let nonce = format!("round-{round}");
+        let mut beat = healthy("early");
+        beat["current_task"] = json!(nonce);
+        let (status, durability) = svc.heartbeat_durability(&token, beat).await;
         assert_eq!((status, durability.as_str()), (StatusCode::OK, "queued"));
         svc.force_status("early", "offline");
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-        while svc.status("early") != "online" && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let decisions = svc.store.decisions("early", 10).unwrap();
-        let last = decisions.iter().max_by_key(|d| d.id).unwrap();
-        if svc.status("early") == "online" && last.attempts == 2 {
-            assert_eq!(
-                last.input["workspace"]["status"],
-                json!("offline"),
-                "the last decision is the re-evaluation on fresh state: {last:?}"
+        let mine = |svc: &Service| {
+            svc.store
+                .decisions("early", 100)
+                .unwrap()
+                .into_iter()
+                .find(|d| d.input["event"]["heartbeat"]["current_task"] == json!(nonce))
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let decision = loop {
+            if let Some(d) = mine(&svc) {
+                break d;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "heartbeat {nonce} was never written"
             );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        if decision.attempts == 2 {
+            assert_eq!(
+                decision.input["workspace"]["status"],
+                json!("offline"),
+                "the re-evaluation on fresh state: {decision:?}"
+            );
+            svc.wait_for("the workspace back online", 10, |s| {
+                s.status("early") == "online"
+            })
+            .await;
             retried = true;
             break;
         }

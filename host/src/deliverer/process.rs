@@ -111,6 +111,9 @@ fn join(rx: Option<mpsc::Receiver<String>>) -> String {
         .unwrap_or_default()
 }
 
+/// The most a streamed child may write after its consumer is done.
+const MAX_TRAILER: u64 = 1 << 20;
+
 /// How [`stream`] ended.
 #[derive(Debug)]
 pub enum Streamed<T> {
@@ -131,13 +134,13 @@ pub enum Streamed<T> {
 pub fn stream<T, E>(
     mut cmd: Command,
     timeout: Duration,
-    consume: impl FnOnce(std::process::ChildStdout) -> Result<T, E>,
+    consume: impl FnOnce(&mut std::process::ChildStdout) -> Result<T, E>,
 ) -> std::io::Result<Streamed<Result<T, E>>> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn()?;
-    let Some(stdout) = child.stdout.take() else {
+    let Some(mut stdout) = child.stdout.take() else {
         let _ = child.kill();
         let _ = child.wait();
         return Err(std::io::Error::other("no stdout"));
@@ -158,19 +161,32 @@ pub fn stream<T, E>(
             }
         })
     };
-    let result = consume(stdout);
+    let result = consume(&mut stdout);
+    // A consumer that is done may leave a little (a tar stream's padding):
+    // read it, so the child can finish writing and exit by itself. One that
+    // stopped early (an error) gets the child killed.
+    let finished = result.is_ok()
+        && std::io::copy(&mut (&mut stdout).take(MAX_TRAILER), &mut std::io::sink())
+            .is_ok_and(|n| n < MAX_TRAILER);
+    drop(stdout);
+    let status = loop {
+        let Ok(mut c) = child.lock() else {
+            break None;
+        };
+        if !finished {
+            let _ = c.kill();
+        }
+        match c.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) => {}
+            Err(_) => break None,
+        }
+        drop(c);
+        // The watchdog kills it at the deadline.
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let _ = done_tx.send(());
     let _ = watchdog.join();
-    let status = match child.lock() {
-        Ok(mut c) => {
-            // Finished reading or not, the child is done now.
-            if !matches!(c.try_wait(), Ok(Some(_))) {
-                let _ = c.kill();
-            }
-            c.wait().ok()
-        }
-        Err(_) => None,
-    };
     if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
         return Ok(Streamed::TimedOut);
     }
