@@ -9,33 +9,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use common::{MINUTE_MS, Service, T0_MS};
+use common::{ADMIN, MINUTE_MS, Service, T0_MS};
 use heartgate::clock::ManualClock;
 use heartgate::deliverer::Secret;
 use heartgate::model::WorkspaceKind::{Platform, Workspace};
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
-const ADMIN: &str = "admin-s3cret";
-
 fn guest(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/{name}.wasm", env!("HEARTGATE_TEST_GUESTS_DIR"))).unwrap()
 }
 
 async fn start(db: &std::path::Path, clock: ManualClock) -> Service {
-    Service::start_with(db, clock, "127.0.0.1:0", |o| {
-        o.admin_token = Some(Secret::Value(ADMIN.into()));
-    })
-    .await
-}
-
-async fn admin(
-    svc: &Service,
-    method: &str,
-    path: &str,
-    body: impl Into<bytes::Bytes>,
-) -> (StatusCode, Value) {
-    svc.post_raw(method, path, Some(ADMIN), body).await
+    Service::start_admin(db, clock).await
 }
 
 async fn active(svc: &Service) -> Value {
@@ -46,7 +32,7 @@ async fn active(svc: &Service) -> Value {
 
 /// Push `module` and stage the active chain with `slot` running it.
 async fn stage_with(svc: &Service, slot: &str, module: Vec<u8>) -> Value {
-    let (status, pushed) = admin(svc, "POST", "/admin/modules", module).await;
+    let (status, pushed) = svc.admin("POST", "/admin/modules", module).await;
     assert_eq!(status, StatusCode::CREATED, "{pushed}");
     let mut spec = active(svc).await["spec"].clone();
     let target = spec["slot"]
@@ -56,7 +42,7 @@ async fn stage_with(svc: &Service, slot: &str, module: Vec<u8>) -> Value {
         .find(|s| s["name"] == slot)
         .unwrap();
     target["module"] = pushed["module"].clone();
-    let (status, staged) = admin(svc, "POST", "/admin/chains", spec.to_string()).await;
+    let (status, staged) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
     assert_eq!(status, StatusCode::CREATED, "{staged}");
     staged
 }
@@ -74,8 +60,9 @@ async fn restart_keeps_last_activated_chain() {
     let builtin = active(&svc).await["version"].clone();
     let staged = stage_with(&svc, "cooldown", guest("cooldown_1m")).await;
     let id = staged["id"].as_i64().unwrap();
-    let (status, activated) =
-        admin(&svc, "POST", &format!("/admin/chains/{id}/activate"), "").await;
+    let (status, activated) = svc
+        .admin("POST", &format!("/admin/chains/{id}/activate"), "")
+        .await;
     assert_eq!(status, StatusCode::OK, "{activated}");
     assert_eq!(activated["state"], "active");
     let chain = active(&svc).await;
@@ -109,7 +96,9 @@ async fn bad_candidate_is_rejected_while_old_chain_serves() {
     let token = svc.provision("ws", Workspace, false);
 
     // Refused at push: not a component, and no metadata.
-    let (status, body) = admin(&svc, "POST", "/admin/modules", b"not wasm".to_vec()).await;
+    let (status, body) = svc
+        .admin("POST", "/admin/modules", b"not wasm".to_vec())
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         body["error"]
@@ -118,14 +107,18 @@ async fn bad_candidate_is_rejected_while_old_chain_serves() {
             .contains("not a valid policy component"),
         "{body}"
     );
-    let (status, body) = admin(&svc, "POST", "/admin/modules", guest("wasi_user")).await;
+    let (status, body) = svc
+        .admin("POST", "/admin/modules", guest("wasi_user"))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let error = body["error"].as_str().unwrap();
     assert!(
         error.contains("imports `wasi:") && error.contains("policies may import nothing"),
         "{error}"
     );
-    let (status, body) = admin(&svc, "POST", "/admin/modules", guest("no_metadata")).await;
+    let (status, body) = svc
+        .admin("POST", "/admin/modules", guest("no_metadata"))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         body["error"]
@@ -141,14 +134,14 @@ async fn bad_candidate_is_rejected_while_old_chain_serves() {
         ("always_loop", "timeout"),
         ("noisy", "not granted `record_event`"),
     ] {
-        let (status, pushed) = admin(&svc, "POST", "/admin/modules", guest(module)).await;
+        let (status, pushed) = svc.admin("POST", "/admin/modules", guest(module)).await;
         assert_eq!(status, StatusCode::CREATED);
         let mut spec = before["spec"].clone();
         spec["slot"]
             .as_array_mut()
             .unwrap()
             .push(json!({"name": "candidate", "module": pushed["module"]}));
-        let (status, body) = admin(&svc, "POST", "/admin/chains", spec.to_string()).await;
+        let (status, body) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{module}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(
@@ -165,7 +158,7 @@ async fn bad_candidate_is_rejected_while_old_chain_serves() {
                   "status": "online", "model_configured": true}, "now_ms": 0},
         "expected": [{"workspace_id": "w", "kind": "reject", "http_status": 400, "message": "x"}]
     }]}]);
-    let (status, body) = admin(&svc, "POST", "/admin/chains", stage.to_string()).await;
+    let (status, body) = svc.admin("POST", "/admin/chains", stage.to_string()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         body["error"]
@@ -177,13 +170,11 @@ async fn bad_candidate_is_rejected_while_old_chain_serves() {
 
     // Nothing to roll back to, and no such chain.
     assert_eq!(
-        admin(&svc, "POST", "/admin/chains/rollback", "").await.0,
+        svc.admin("POST", "/admin/chains/rollback", "").await.0,
         StatusCode::CONFLICT
     );
     assert_eq!(
-        admin(&svc, "POST", "/admin/chains/999/activate", "")
-            .await
-            .0,
+        svc.admin("POST", "/admin/chains/999/activate", "").await.0,
         StatusCode::NOT_FOUND
     );
 
@@ -204,13 +195,13 @@ async fn shadow_shows_cooldown_difference() {
     let clock = ManualClock::at(T0_MS);
     let svc = start(&dir.path().join("heartgate.db"), clock.clone()).await;
     let staged = stage_with(&svc, "cooldown", guest("cooldown_1m")).await;
-    let (status, _) = admin(
-        &svc,
-        "POST",
-        "/admin/shadow",
-        json!({"chain": staged["id"]}).to_string(),
-    )
-    .await;
+    let (status, _) = svc
+        .admin(
+            "POST",
+            "/admin/shadow",
+            json!({"chain": staged["id"]}).to_string(),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
 
     let token = svc.provision("concierge", Platform, true);
@@ -253,7 +244,7 @@ async fn shadow_shows_cooldown_difference() {
         };
         assert!(!fires(&diff["active"]) && fires(&diff["shadow"]), "{diff}");
     }
-    let (status, stopped) = admin(&svc, "DELETE", "/admin/shadow", "").await;
+    let (status, stopped) = svc.admin("DELETE", "/admin/shadow", "").await;
     assert_eq!(
         (status, stopped["differed"].as_i64()),
         (StatusCode::OK, Some(3))
@@ -299,10 +290,9 @@ async fn hot_swap_under_load_loses_nothing() {
     for swap in 0..20 {
         let before = sent.load(Ordering::Relaxed);
         let (status, body) = if swap == 10 {
-            admin(&svc, "POST", "/admin/chains/rollback", "").await
+            svc.admin("POST", "/admin/chains/rollback", "").await
         } else {
-            admin(
-                &svc,
+            svc.admin(
                 "POST",
                 &format!("/admin/chains/{}/activate", ids[swap % 2]),
                 "",

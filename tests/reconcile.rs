@@ -11,10 +11,12 @@ mod common;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::binary::git;
+use common::gitea::Gitea;
 use common::{MINUTE_MS, Service, T0_MS};
 use heartgate::clock::ManualClock;
 use heartgate::deliverer::Secret;
@@ -286,13 +288,6 @@ async fn explain_tells_the_deadlock_story_in_order() {
     );
 }
 
-/// A Gitea-like server on loopback serving one private archive.
-struct Gitea {
-    addr: std::net::SocketAddr,
-    requests: Arc<AtomicUsize>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
 fn archive(top: &str, files: &[(&str, &str)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
         Vec::new(),
@@ -308,54 +303,6 @@ fn archive(top: &str, files: &[(&str, &str)]) -> Vec<u8> {
             .unwrap();
     }
     builder.into_inner().unwrap().finish().unwrap()
-}
-
-impl Gitea {
-    async fn start(path: &'static str, token: &'static str, body: Vec<u8>) -> Gitea {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
-        let body = Bytes::from(body);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let body = body.clone();
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            let authorized = req.headers().get("authorization").is_some_and(|v| {
-                                v.as_bytes() == format!("token {token}").as_bytes()
-                            });
-                            let resp = if req.uri().path() == path && authorized {
-                                hyper::Response::new(Full::new(body.clone()))
-                            } else {
-                                // Gitea hides private repositories: 404 without a valid token.
-                                let mut r = hyper::Response::new(Full::new(Bytes::from_static(
-                                    b"{\"message\":\"Not Found\"}",
-                                )));
-                                *r.status_mut() = StatusCode::NOT_FOUND;
-                                r
-                            };
-                            async move { Ok::<_, std::convert::Infallible>(resp) }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Gitea {
-            addr,
-            requests,
-            _task: task,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -779,28 +726,6 @@ async fn reconcile_delivers_exactly_what_is_missing() {
         "the delivered plugin restarts the workspace"
     );
     svc.stop().await;
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,17 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::binary::{
-    self, Answer, HttpClient, Serve, cli, cli_output, http_client, integrity_check, open_db,
+    self, Answer, HttpClient, Serve, Tmpfs, cli, cli_output, http_client, integrity_check, open_db,
     post_heartbeat, provision, request, write_config,
 };
-use common::{MINUTE_MS, Service, T0_MS};
+use common::{ADMIN, MINUTE_MS, Service, T0_MS};
 use heartgate::clock::ManualClock;
 use heartgate::deliverer::Secret;
 use heartgate::model::WorkspaceKind::{Platform, Workspace};
 use hyper::StatusCode;
 use serde_json::{Value, json};
-
-const ADMIN: &str = "admin-s3cret";
 
 /// How long the load of `sqlite_readers_and_probes_never_lose_data` runs
 /// (`HEARTGATE_SAFETY_SECS` runs it longer).
@@ -530,6 +528,18 @@ async fn revoked_token_is_refused_immediately() {
     serve.stop().await;
 }
 
+/// A heartbeat of `id` with `bearer`.
+async fn heartbeat_as(client: &HttpClient, base: &str, bearer: Option<&str>, id: &str) -> Answer {
+    let body = json!({"workspace_id": id});
+    post(client, format!("{base}/registry/heartbeat"), bearer, &body).await
+}
+
+/// A register of `id` with `bearer`.
+async fn register_as(client: &HttpClient, base: &str, bearer: Option<&str>, id: &str) -> Answer {
+    let body = json!({"id": id, "url": "http://agent:8000", "agent_card": {"name": id}});
+    post(client, format!("{base}/registry/register"), bearer, &body).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_workspace_cannot_be_bootstrapped_by_anyone() {
     let dir = tempfile::tempdir().unwrap();
@@ -538,40 +548,18 @@ async fn revoked_workspace_cannot_be_bootstrapped_by_anyone() {
     let old = provision(&db, "ws", false);
     cli(&db, &["workspace", "add", "fresh"]);
     let mut serve = Serve::start_ready(&db, &config, &dir.path().join("serve.log")).await;
-    let base = serve.url();
-    let client = http_client();
-    let register =
-        |id: &str| json!({"id": id, "url": "http://agent:8000", "agent_card": {"name": id}});
-    let heartbeat = json!({"workspace_id": "ws"});
+    let (client, base) = (http_client(), serve.url());
 
-    let a = post(
-        &client,
-        format!("{base}/registry/register"),
-        Some(&old),
-        &register("ws"),
-    )
-    .await;
+    let a = register_as(&client, &base, Some(&old), "ws").await;
     assert_eq!(a.status, 200);
     assert!(a.json().get("auth_token").is_none());
     cli(&db, &["token", "revoke", "ws"]);
 
     // Nobody gets in: the old token, a made-up one, no token at all.
     for bearer in [Some(old.as_str()), Some("made-up-token"), None] {
-        let hb = post(
-            &client,
-            format!("{base}/registry/heartbeat"),
-            bearer,
-            &heartbeat,
-        )
-        .await;
+        let hb = heartbeat_as(&client, &base, bearer, "ws").await;
         assert_eq!(hb.status, 401, "heartbeat with {bearer:?}: {:?}", hb.json());
-        let reg = post(
-            &client,
-            format!("{base}/registry/register"),
-            bearer,
-            &register("ws"),
-        )
-        .await;
+        let reg = register_as(&client, &base, bearer, "ws").await;
         assert_eq!(
             reg.status,
             401,
@@ -586,60 +574,30 @@ async fn revoked_workspace_cannot_be_bootstrapped_by_anyone() {
 
     // The operator issues a token: it works, and only it.
     let issued = cli(&db, &["token", "issue", "ws"]).trim().to_string();
-    let hb = post(
-        &client,
-        format!("{base}/registry/heartbeat"),
-        Some(&issued),
-        &heartbeat,
-    )
-    .await;
-    assert_eq!(hb.status, 200);
-    let hb = post(
-        &client,
-        format!("{base}/registry/heartbeat"),
-        None,
-        &heartbeat,
-    )
-    .await;
-    assert_eq!(hb.status, 401);
+    assert_eq!(
+        heartbeat_as(&client, &base, Some(&issued), "ws")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(heartbeat_as(&client, &base, None, "ws").await.status, 401);
 
     // Or reopens bootstrap explicitly: the next register mints a token.
     cli(&db, &["token", "revoke", "ws", "--allow-bootstrap"]);
-    let reg = post(
-        &client,
-        format!("{base}/registry/register"),
-        None,
-        &register("ws"),
-    )
-    .await;
+    let reg = register_as(&client, &base, None, "ws").await;
     assert_eq!(reg.status, 200, "{:?}", reg.json());
     let minted = reg.json()["auth_token"].as_str().unwrap().to_string();
-    let hb = post(
-        &client,
-        format!("{base}/registry/heartbeat"),
-        Some(&minted),
-        &heartbeat,
-    )
-    .await;
-    assert_eq!(hb.status, 200);
+    assert_eq!(
+        heartbeat_as(&client, &base, Some(&minted), "ws")
+            .await
+            .status,
+        200
+    );
     // Once bootstrapped, it is closed again.
-    let reg = post(
-        &client,
-        format!("{base}/registry/register"),
-        None,
-        &register("ws"),
-    )
-    .await;
-    assert_eq!(reg.status, 401);
+    assert_eq!(register_as(&client, &base, None, "ws").await.status, 401);
 
     // A workspace that never had a token bootstraps as before.
-    let reg = post(
-        &client,
-        format!("{base}/registry/register"),
-        None,
-        &register("fresh"),
-    )
-    .await;
+    let reg = register_as(&client, &base, None, "fresh").await;
     assert_eq!(reg.status, 200, "{:?}", reg.json());
     assert!(reg.json()["auth_token"].is_string());
     serve.stop().await;
@@ -650,22 +608,6 @@ async fn revoked_workspace_cannot_be_bootstrapped_by_anyone() {
 
 fn guest(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/{name}.wasm", env!("HEARTGATE_TEST_GUESTS_DIR"))).unwrap()
-}
-
-async fn start_admin(db: &Path, clock: ManualClock) -> Service {
-    Service::start_with(db, clock, "127.0.0.1:0", |o| {
-        o.admin_token = Some(Secret::Value(ADMIN.into()));
-    })
-    .await
-}
-
-async fn admin(
-    svc: &Service,
-    method: &str,
-    path: &str,
-    body: impl Into<bytes::Bytes>,
-) -> (StatusCode, Value) {
-    svc.post_raw(method, path, Some(ADMIN), body).await
 }
 
 fn last_fire(db: &Path) -> Vec<(String, String)> {
@@ -684,7 +626,7 @@ async fn pushed_module_cannot_impersonate_a_builtin() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("heartgate.db");
     let clock = ManualClock::at(T0_MS);
-    let svc = start_admin(&db, clock.clone()).await;
+    let svc = Service::start_admin(&db, clock.clone()).await;
     let token = svc.provision("ws", Platform, true);
     svc.force_status("ws", "online");
     let missing = json!({"workspace_id": "ws", "mcp_server_present": false});
@@ -694,7 +636,7 @@ async fn pushed_module_cannot_impersonate_a_builtin() {
     assert_eq!(fired.len(), 1, "{fired:?}");
     assert_eq!(fired[0].0, "cooldown", "the marker is the cooldown slot's");
 
-    let (status, pushed) = admin(&svc, "POST", "/admin/modules", guest("impostor")).await;
+    let (status, pushed) = svc.admin("POST", "/admin/modules", guest("impostor")).await;
     assert_eq!(status, StatusCode::CREATED, "{pushed}");
     assert_eq!(pushed["name"], "recovery-cooldown");
     let (_, chain) = svc.get_as("/admin/chain", Some(ADMIN)).await.unwrap();
@@ -705,7 +647,7 @@ async fn pushed_module_cannot_impersonate_a_builtin() {
     spec["slot"].as_array_mut().unwrap().push(json!({
         "name": "impostor", "module": pushed["module"], "grants": ["markers"]
     }));
-    let (status, refused) = admin(&svc, "POST", "/admin/chains", spec.to_string()).await;
+    let (status, refused) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
     let why = refused["error"].as_str().unwrap();
     for want in ["recovery-cooldown", "`cooldown`", "`impostor`"] {
@@ -718,10 +660,12 @@ async fn pushed_module_cannot_impersonate_a_builtin() {
     let slots = spec["slot"].as_array_mut().unwrap();
     slots.retain(|s| s["name"] != "cooldown");
     slots.push(json!({"name": "impostor", "module": pushed["module"], "grants": ["markers"]}));
-    let (status, staged) = admin(&svc, "POST", "/admin/chains", spec.to_string()).await;
+    let (status, staged) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
     assert_eq!(status, StatusCode::CREATED, "{staged}");
     let id = staged["id"].as_i64().unwrap();
-    let (status, _) = admin(&svc, "POST", &format!("/admin/chains/{id}/activate"), "").await;
+    let (status, _) = svc
+        .admin("POST", &format!("/admin/chains/{id}/activate"), "")
+        .await;
     assert_eq!(status, StatusCode::OK);
     clock.advance(1_000);
     svc.heartbeat(&token, missing.clone()).await;
@@ -733,7 +677,7 @@ async fn pushed_module_cannot_impersonate_a_builtin() {
     let runs_with_impostor = svc.runs("ws", "mcp-recovery");
 
     // Back on the built-in chain, the cooldown still holds its window.
-    let (status, _) = admin(&svc, "POST", "/admin/chains/rollback", "").await;
+    let (status, _) = svc.admin("POST", "/admin/chains/rollback", "").await;
     assert_eq!(status, StatusCode::OK);
     for _ in 0..4 {
         clock.advance(MINUTE_MS / 2);
@@ -762,33 +706,6 @@ async fn pushed_module_cannot_impersonate_a_builtin() {
 
 // ---------------------------------------------------------------------------
 // 5. A full disk.
-
-/// A tmpfs of `mib` MiB mounted at `path` (root only: CI runs as root);
-/// unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, mib: u64) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs and needs root (as in CI): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Fill the file system of `dir` with one file, until it is full.
 fn fill(dir: &Path) -> PathBuf {
@@ -1111,14 +1028,16 @@ async fn module_store_has_a_quota_and_prunes_what_no_chain_uses() {
     .await;
     let mut digests = HashMap::new();
     for name in ["always_trap", "always_loop", "noisy"] {
-        let (status, pushed) = admin(&svc, "POST", "/admin/modules", guest(name)).await;
+        let (status, pushed) = svc.admin("POST", "/admin/modules", guest(name)).await;
         assert_eq!(status, StatusCode::CREATED, "{pushed}");
         digests.insert(name, pushed["module"].as_str().unwrap().to_string());
     }
     // The same module again is no new module.
-    let (status, _) = admin(&svc, "POST", "/admin/modules", guest("noisy")).await;
+    let (status, _) = svc.admin("POST", "/admin/modules", guest("noisy")).await;
     assert_eq!(status, StatusCode::CREATED);
-    let (status, full) = admin(&svc, "POST", "/admin/modules", guest("cooldown_1m")).await;
+    let (status, full) = svc
+        .admin("POST", "/admin/modules", guest("cooldown_1m"))
+        .await;
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{full}");
     let why = full["error"].as_str().unwrap();
     assert!(
@@ -1132,16 +1051,16 @@ async fn module_store_has_a_quota_and_prunes_what_no_chain_uses() {
     spec["slot"].as_array_mut().unwrap().push(json!({
         "name": "noise", "module": digests["noisy"], "grants": ["record_event"]
     }));
-    let (status, staged) = admin(&svc, "POST", "/admin/chains", spec.to_string()).await;
+    let (status, staged) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
     assert_eq!(status, StatusCode::CREATED, "{staged}");
 
-    let (status, refused) = admin(
-        &svc,
-        "DELETE",
-        &format!("/admin/modules/{}", digests["noisy"]),
-        "",
-    )
-    .await;
+    let (status, refused) = svc
+        .admin(
+            "DELETE",
+            &format!("/admin/modules/{}", digests["noisy"]),
+            "",
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{refused}");
     assert!(
         refused["error"].as_str().unwrap().contains("chain"),
@@ -1169,15 +1088,17 @@ async fn module_store_has_a_quota_and_prunes_what_no_chain_uses() {
     assert!(removed.contains(&digests["always_trap"].as_str()));
     assert!(removed.contains(&digests["always_loop"].as_str()));
 
-    let (status, pushed) = admin(&svc, "POST", "/admin/modules", guest("cooldown_1m")).await;
+    let (status, pushed) = svc
+        .admin("POST", "/admin/modules", guest("cooldown_1m"))
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{pushed}");
-    let (status, deleted) = admin(
-        &svc,
-        "DELETE",
-        &format!("/admin/modules/{}", pushed["module"].as_str().unwrap()),
-        "",
-    )
-    .await;
+    let (status, deleted) = svc
+        .admin(
+            "DELETE",
+            &format!("/admin/modules/{}", pushed["module"].as_str().unwrap()),
+            "",
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{deleted}");
     svc.stop().await;
 }
@@ -1214,7 +1135,9 @@ async fn error_messages_never_echo_input_whole() {
         o.open_registration = true;
     })
     .await;
-    let (status, body) = admin(&svc, "POST", "/admin/modules", guest("long_name")).await;
+    let (status, body) = svc
+        .admin("POST", "/admin/modules", guest("long_name"))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let text = body.to_string();
     assert!(text.len() < 1024, "a {}-byte error", text.len());

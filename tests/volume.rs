@@ -19,14 +19,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
 use serde_json::{Value, json};
 use sha2::Digest;
 
 use common::binary::{
-    self, HttpClient, Serve, cli, http_client, open_db, post_heartbeat, provision, request,
+    self, HttpClient, Serve, Tmpfs, cli, git, http_client, open_db, post_heartbeat, provision,
+    request,
 };
+use common::gitea::Gitea;
 
 const ADMIN: &str = "admin-s3cret";
 
@@ -336,6 +336,30 @@ fn assert_refused(run: &(i64, String, String, Option<String>), says: &[&str]) {
     }
 }
 
+/// Serve `world`, register `id` (its first run), and check that the run is
+/// refused saying `says`, that `plugin` was not delivered, and the three
+/// things every test checks.
+async fn first_run_refused(
+    world: &World,
+    id: &str,
+    token: &str,
+    bystander: (String, String),
+    plugin: &str,
+    says: &[&str],
+) {
+    let before = world.hash_but(id, plugin);
+    let mut serve = world.serve("serve.log").await;
+    let base = serve.url();
+    let prober = Prober::start(base.clone(), bystander);
+    register(&http_client(), &base, id, token).await;
+    let run = settled(&world.db(), id, 1, Duration::from_secs(60)).await;
+    assert_refused(&run, says);
+    assert!(!world.volume(id).join("plugins").join(plugin).exists());
+    prober.check().await;
+    sigterm(&mut serve).await;
+    assert_same_tree(&before, &world.hash_but(id, plugin));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_symlinked_previous_touches_nothing_outside() {
     let world = World::new("");
@@ -387,17 +411,15 @@ async fn volume_symlinked_plugins_dir_is_refused() {
     let token = world.workspace("ws");
     std::fs::create_dir_all(world.volume("ws")).unwrap();
     std::os::unix::fs::symlink(&victim, world.volume("ws").join("plugins")).unwrap();
-    let before = world.hash("ws");
-
-    let mut serve = world.serve("serve.log").await;
-    let base = serve.url();
-    let prober = Prober::start(base.clone(), bystander);
-    register(&http_client(), &base, "ws", &token).await;
-    let run = settled(&world.db(), "ws", 1, Duration::from_secs(30)).await;
-    assert_refused(&run, &["`plugins`", "symlink"]);
-    prober.check().await;
-    sigterm(&mut serve).await;
-    assert_same_tree(&before, &world.hash("ws"));
+    first_run_refused(
+        &world,
+        "ws",
+        &token,
+        bystander,
+        "tools",
+        &["`plugins`", "symlink"],
+    )
+    .await;
 }
 
 const MANAGEMENT: &str = "molecule-ai-plugin-molecule-platform-mcp";
@@ -618,50 +640,7 @@ fn git_repo(dir: &Path, files: &[(&str, &[u8])]) {
         &["commit", "--quiet", "-m", "v1"],
         &["tag", "v1"],
     ] {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@example.com",
-                "-c",
-                "init.defaultBranch=main",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-/// A tmpfs of `mib` MiB at `path`, unmounted when dropped (root only).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, mib: u64) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs and needs root (as in CI): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        git(dir, args);
     }
 }
 
@@ -694,48 +673,17 @@ async fn git_source_size_limit_holds_during_clone() {
     let tmp = world.root().join("tmp");
     let _tmpfs = Tmpfs::mount(&tmp, 64);
     world.env.push(("TMPDIR".into(), tmp.display().to_string()));
-    let before = world.hash("ws");
-
-    let mut serve = world.serve("serve.log").await;
-    let base = serve.url();
-    let prober = Prober::start(base.clone(), bystander);
-    register(&http_client(), &base, "ws", &token).await;
-    let run = settled(&world.db(), "ws", 1, Duration::from_secs(60)).await;
-    assert_refused(&run, &["big", "larger than 5242880 bytes"]);
-    assert!(!world.volume("ws").join("plugins/big").exists());
-    prober.check().await;
-    sigterm(&mut serve).await;
-    assert_same_tree(&before, &world.hash("ws"));
+    first_run_refused(
+        &world,
+        "ws",
+        &token,
+        bystander,
+        "big",
+        &["big", "larger than 5242880 bytes"],
+    )
+    .await;
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "staging left {left:?}");
-}
-
-/// A Gitea-like server on loopback answering every archive request with
-/// `body`.
-async fn gitea(body: Vec<u8>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let body = Bytes::from(body);
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let body = body.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body)))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,10 +711,12 @@ async fn archive_directory_flood_is_refused() {
         .append_data(&mut header, "repo/plugin.yaml", &b"name: flood"[..])
         .unwrap();
     let archive = builder.into_inner().unwrap().finish().unwrap();
-    let (addr, _server) = gitea(archive).await;
-    let world = World::new(&format!(
-        "max_plugin_files = 100\n[gitea]\nbase_url = \"http://{addr}\"\n"
+    let gitea = Gitea::start("/api/v1/repos/o/flood/archive/v1.tar.gz", "t0ken", archive).await;
+    let mut world = World::new(&format!(
+        "max_plugin_files = 100\n[gitea]\nbase_url = \"http://{}\"\ntoken_env = \"FLOOD_TOKEN\"\n",
+        gitea.addr
     ));
+    world.env.push(("FLOOD_TOKEN".into(), "t0ken".into()));
     let bystander = (
         "bystander".to_string(),
         provision(&world.db(), "bystander", false),
@@ -782,17 +732,15 @@ async fn archive_directory_flood_is_refused() {
             "gitea://o/flood#tag:v1",
         ],
     );
-    let before = world.hash("ws");
-    let mut serve = world.serve("serve.log").await;
-    let base = serve.url();
-    let prober = Prober::start(base.clone(), bystander);
-    register(&http_client(), &base, "ws", &token).await;
-    let run = settled(&world.db(), "ws", 1, Duration::from_secs(30)).await;
-    assert_refused(&run, &["flood", "more than 100 files and directories"]);
-    assert!(!world.volume("ws").join("plugins/flood").exists());
-    prober.check().await;
-    sigterm(&mut serve).await;
-    assert_same_tree(&before, &world.hash("ws"));
+    first_run_refused(
+        &world,
+        "ws",
+        &token,
+        bystander,
+        "flood",
+        &["flood", "more than 100 files and directories"],
+    )
+    .await;
 }
 
 fn scratch_dirs(tmp: &Path) -> Vec<String> {

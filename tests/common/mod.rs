@@ -7,6 +7,7 @@
 )]
 
 pub mod binary;
+pub mod gitea;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ use heartgate::{ServiceOptions, auth, open_store};
 /// 2026-06-24T12:00:00Z, the day the PR merged.
 pub const T0_MS: i64 = 1_782_302_400_000;
 pub const MINUTE_MS: i64 = 60_000;
+/// The admin token of [`Service::start_admin`].
+pub const ADMIN: &str = "admin-s3cret";
 
 pub struct Service {
     pub addr: SocketAddr,
@@ -57,6 +60,24 @@ impl Service {
             opts.chain = chain.map(|spec| (spec, PathBuf::from("/")));
         })
         .await
+    }
+
+    /// Start the service with the admin API behind [`ADMIN`].
+    pub async fn start_admin(db: &Path, clock: ManualClock) -> Service {
+        Service::start_with(db, clock, "127.0.0.1:0", |o| {
+            o.admin_token = Some(heartgate::deliverer::Secret::Value(ADMIN.into()));
+        })
+        .await
+    }
+
+    /// A call of the admin API with [`ADMIN`].
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, Value) {
+        self.post_raw(method, path, Some(ADMIN), body).await
     }
 
     /// Start the service on `addr` with options adjusted by `customize`.
