@@ -11,6 +11,7 @@ use std::sync::Arc;
 use common::{MINUTE_MS, Service, T0_MS, assert_unchanged};
 use heartgate::clock::ManualClock;
 use heartgate::model::WorkspaceKind::{Platform, Workspace};
+use heartgate::store::DecisionRow;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
@@ -836,8 +837,14 @@ async fn liveness_only_heartbeats_are_acknowledged_once_queued_and_conflicts_eva
     assert_eq!((status, durability.as_str()), (StatusCode::OK, "committed"));
     assert_eq!(svc.status("early"), "online");
     // Liveness only: acknowledged once queued for the writer.
-    let (status, durability) = svc.heartbeat_durability(&token, healthy("early")).await;
+    let mut beat = healthy("early");
+    beat["current_task"] = json!("queued");
+    let (status, durability) = svc.heartbeat_durability(&token, beat).await;
     assert_eq!((status, durability.as_str()), (StatusCode::OK, "queued"));
+    // Let the writer write it before anything changes: a change made
+    // meanwhile would send it to be evaluated again, and that evaluation,
+    // running beside the ones below, could take their turn.
+    written(&svc, "queued").await;
 
     // A change made elsewhere before a heartbeat is read is seen by it: the
     // heartbeat is decided on the fresh state and committed.
@@ -862,24 +869,7 @@ async fn liveness_only_heartbeats_are_acknowledged_once_queued_and_conflicts_eva
         let (status, durability) = svc.heartbeat_durability(&token, beat).await;
         assert_eq!((status, durability.as_str()), (StatusCode::OK, "queued"));
         svc.force_status("early", "offline");
-        let mine = |svc: &Service| {
-            svc.store
-                .decisions("early", 100)
-                .unwrap()
-                .into_iter()
-                .find(|d| d.input["event"]["heartbeat"]["current_task"] == json!(nonce))
-        };
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        let decision = loop {
-            if let Some(d) = mine(&svc) {
-                break d;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "heartbeat {nonce} was never written"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        };
+        let decision = written(&svc, &nonce).await;
         if decision.attempts == 2 {
             assert_eq!(
                 decision.input["workspace"]["status"],
@@ -900,4 +890,26 @@ async fn liveness_only_heartbeats_are_acknowledged_once_queued_and_conflicts_eva
     }
     assert!(retried, "no held verdict ever met a change made elsewhere");
     svc.stop().await;
+}
+
+/// The decision row of the heartbeat of `early` whose current task is
+/// `nonce`, once the writer has written it.
+async fn written(svc: &Service, nonce: &str) -> DecisionRow {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = svc
+            .store
+            .decisions("early", 100)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.input["event"]["heartbeat"]["current_task"] == json!(nonce));
+        if let Some(d) = found {
+            return d;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeat {nonce} was never written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
