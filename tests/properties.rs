@@ -142,6 +142,7 @@ fn run_sequence(start: &Start, steps: &[Step]) -> Result<(), TestCaseError> {
                     WorkspaceKind::Workspace
                 },
                 model_configured: start.model,
+                runtime: String::new(),
             },
             T0_MS,
         )

@@ -480,6 +480,7 @@ async fn crash_mid_delivery_keeps_plugin_whole() {
                 name: "ws".into(),
                 kind: Platform,
                 model_configured: true,
+                runtime: String::new(),
             },
             T0_MS,
         )

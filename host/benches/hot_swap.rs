@@ -125,6 +125,7 @@ async fn main() {
                     name: id.clone(),
                     kind: WorkspaceKind::Workspace,
                     model_configured: true,
+                    runtime: String::new(),
                 },
                 0,
             )

@@ -128,18 +128,21 @@ pub enum Grant {
     RequestReconcile,
     /// Set or clear its own markers.
     Markers,
+    /// Set or clear its own conditions (contract 0.2.0).
+    Conditions,
     /// Drop actions proposed before it.
     Drop,
 }
 
 impl Grant {
     /// Every grant: what a module tested on its own may do.
-    pub const ALL: [Grant; 6] = [
+    pub const ALL: [Grant; 7] = [
         Grant::SetStatus,
         Grant::Reject,
         Grant::RecordEvent,
         Grant::RequestReconcile,
         Grant::Markers,
+        Grant::Conditions,
         Grant::Drop,
     ];
 
@@ -151,6 +154,7 @@ impl Grant {
             Grant::RecordEvent => "record_event",
             Grant::RequestReconcile => "request_reconcile",
             Grant::Markers => "markers",
+            Grant::Conditions => "conditions",
             Grant::Drop => "drop",
         }
     }
@@ -164,6 +168,7 @@ impl Grant {
             E::RecordEvent { .. } => Grant::RecordEvent,
             E::RequestReconcile { .. } => Grant::RequestReconcile,
             E::SetMarker { .. } | E::ClearMarker { .. } => Grant::Markers,
+            E::SetCondition { .. } | E::ClearCondition { .. } => Grant::Conditions,
         }
     }
 }
@@ -172,10 +177,10 @@ impl Grant {
 fn builtin_grants(name: &str) -> Vec<Grant> {
     use Grant::*;
     match name {
-        // Fails closed: sets status, records why, refuses a register, and
-        // drops any status change proposed before it.
-        "gate" => vec![SetStatus, RecordEvent, Reject, Drop],
-        "status-rules" => vec![SetStatus, RecordEvent, RequestReconcile, Markers],
+        // Fails closed: its condition, why, refuses a register, and drops
+        // any explicit status change proposed before it.
+        "gate" => vec![Conditions, RecordEvent, Reject, Drop],
+        "status-rules" => vec![Conditions, RecordEvent, Markers],
         "recovery-trigger" => vec![RequestReconcile],
         // Drops recovery requests inside the window; writes its fire time.
         "cooldown" => vec![Markers, Drop],
@@ -239,6 +244,11 @@ pub struct Chain {
     /// The spec with every module named by content: `builtin:<name>` or
     /// `sha256:<digest>`, so it can be stored and rebuilt anywhere.
     pub spec: ChainSpec,
+    /// The host derives the verdict's status from the conditions
+    /// ([`crate::conditions::derive`]): a chain of the service with a 0.2.0
+    /// slot. A chain of only 0.1.0 slots, and one module tested on its own,
+    /// decide as their policies say.
+    pub derives_status: bool,
 }
 
 /// The slot and policy a step is of.
@@ -407,10 +417,14 @@ impl Chain {
         let spec = ChainSpec { slot: normalized };
         let canonical = serde_json::to_vec(&spec).unwrap_or_default();
         let version = crate::engine::hex(&Sha256::digest(&canonical)[..8]);
+        let derives_status = slots
+            .iter()
+            .any(|s| s.module.contract() >= crate::engine::Contract::V0_2);
         Ok(Chain {
             version,
             slots,
             spec,
+            derives_status,
         })
     }
 
@@ -443,6 +457,7 @@ impl Chain {
             version: slot.module.digest()[..16].to_string(),
             slots: vec![slot],
             spec,
+            derives_status: false,
         }
     }
 
@@ -522,6 +537,10 @@ impl Chain {
                 }
             }
         }
+        if self.derives_status {
+            let derived = crate::conditions::derive(input, &proposed);
+            proposed.extend(derived);
+        }
         ChainOutcome {
             steps,
             result: Ok(proposed),
@@ -567,10 +586,18 @@ pub(crate) fn check_output(
         if let Some(owner) = action.marker_owner()
             && owner != policy
         {
+            let what = if action.in_contract_0_1() {
+                "marker"
+            } else {
+                "condition"
+            };
             return invalid(format!(
-                "a marker write for policy `{}`; `{policy}` may only write its own markers",
+                "a {what} write for policy `{}`; `{policy}` may only write its own {what}s",
                 truncate(owner)
             ));
+        }
+        if let Some(problem) = condition_problem(&action.effect) {
+            return invalid(problem);
         }
         let needed = Grant::to_add(&action.effect);
         if !grants.contains(&needed) {
@@ -582,6 +609,36 @@ pub(crate) fn check_output(
         return Err(ungranted(Grant::Drop));
     }
     Ok(out)
+}
+
+/// What is wrong with a condition action, if anything.
+fn condition_problem(effect: &crate::model::Effect) -> Option<String> {
+    use crate::conditions::{MAX_MESSAGE, MAX_NAME, valid_name};
+    use crate::model::Effect as E;
+    let (name, reason, message) = match effect {
+        E::SetCondition {
+            name,
+            reason,
+            message,
+            ..
+        } => (name, reason.as_str(), message.as_str()),
+        E::ClearCondition { name, .. } => (name, "x", ""),
+        _ => return None,
+    };
+    if !valid_name(name) {
+        return Some(format!(
+            "condition `{}`: names are 1-{MAX_NAME} lowercase letters, digits or dashes",
+            truncate(name)
+        ));
+    }
+    if reason.is_empty() || reason.len() > MAX_NAME {
+        return Some(format!(
+            "condition `{name}`: a reason code is 1-{MAX_NAME} bytes"
+        ));
+    }
+    (message.len() > MAX_MESSAGE).then(|| {
+        format!("condition `{name}`: a message is at most {MAX_MESSAGE} bytes")
+    })
 }
 
 fn ungranted(grant: Grant) -> EvalFailure {
@@ -605,6 +662,14 @@ fn longest_string(action: &Action) -> Option<usize> {
         E::RequestReconcile { .. } => vec![],
         E::SetMarker { owner, key, value } => vec![owner.len(), key.len(), value.len()],
         E::ClearMarker { owner, key } => vec![owner.len(), key.len()],
+        E::SetCondition {
+            owner,
+            name,
+            reason,
+            message,
+            ..
+        } => vec![owner.len(), name.len(), reason.len(), message.len()],
+        E::ClearCondition { owner, name } => vec![owner.len(), name.len()],
     };
     lens.into_iter().max()
 }

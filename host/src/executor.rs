@@ -39,7 +39,8 @@ use crate::model::{
     WorkspaceKind,
 };
 use crate::store::{
-    Applied, DecisionDetail, DecisionRecord, Liveness, MarkerWrite, NewWorkspace, Read,
+    Applied, ConditionState, ConditionWrite, DecisionDetail, DecisionRecord, Liveness,
+    MarkerWrite, NewWorkspace, Read,
     Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
 };
 
@@ -211,6 +212,7 @@ struct Effects {
     reject: Option<(u16, String)>,
     events: Vec<(String, String)>,
     markers: Vec<MarkerWrite>,
+    conditions: Vec<ConditionWrite>,
     reconciles: Vec<ReconcileTrigger>,
 }
 
@@ -740,6 +742,7 @@ impl Executor {
             name: String::new(),
             kind: WorkspaceKind::Workspace,
             model_configured: false,
+            runtime: String::new(),
         };
         match self.store.add_workspace(&new, self.clock.now_ms()) {
             Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
@@ -775,6 +778,7 @@ impl Executor {
             status: None,
             events: Vec::new(),
             markers: Vec::new(),
+            conditions: Vec::new(),
             reconciles: Vec::new(),
             decision: DecisionRecord {
                 event_kind: input.event.kind().to_string(),
@@ -822,6 +826,7 @@ impl Executor {
                 w.status = effects.status.clone();
                 w.events = effects.events.clone();
                 w.markers = effects.markers.clone();
+                w.conditions = effects.conditions.clone();
                 w.reconciles = effects.reconciles.clone();
                 w
             }
@@ -927,6 +932,7 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
         reject: None,
         events: Vec::new(),
         markers: Vec::new(),
+        conditions: Vec::new(),
         reconciles: Vec::new(),
     };
     // A marker write is the slot's that runs the policy it names (a chain
@@ -951,6 +957,8 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
         .collect();
     // The last write to a marker wins; keep first-write order.
     let mut marker_writes: Vec<(MarkerKey, Option<String>)> = Vec::new();
+    // Likewise for conditions: (slot, owner, name) -> what it says after.
+    let mut condition_writes: Vec<(MarkerKey, Option<ConditionState>)> = Vec::new();
     for Action {
         workspace_id,
         effect,
@@ -1052,8 +1060,70 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
                     None,
                 );
             }
+            Effect::SetCondition {
+                owner,
+                name,
+                severity,
+                reason,
+                message,
+            } => {
+                if !crate::conditions::valid_name(name)
+                    || reason.is_empty()
+                    || reason.len() > crate::conditions::MAX_NAME
+                    || message.len() > crate::conditions::MAX_MESSAGE
+                {
+                    return Err(invalid(format!(
+                        "condition `{name}`: a name of lowercase letters, digits and dashes and a reason of 1-64 bytes, a message of at most 1024"
+                    )));
+                }
+                upsert(
+                    &mut condition_writes,
+                    (slot_of(owner), owner.clone(), name.clone()),
+                    Some(ConditionState {
+                        severity: *severity,
+                        reason: reason.clone(),
+                        message: message.clone(),
+                    }),
+                );
+            }
+            Effect::ClearCondition { owner, name } => {
+                upsert(
+                    &mut condition_writes,
+                    (slot_of(owner), owner.clone(), name.clone()),
+                    None,
+                );
+            }
         }
     }
+    let in_force: HashMap<MarkerKey, ConditionState> = input
+        .workspace
+        .conditions
+        .iter()
+        .map(|c| {
+            let slot = c.slot.clone().unwrap_or_else(|| slot_of(&c.owner));
+            (
+                (slot, c.owner.clone(), c.name.clone()),
+                ConditionState {
+                    severity: c.severity,
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                },
+            )
+        })
+        .collect();
+    // Restating a condition already in force, or clearing one that is not,
+    // writes nothing: a policy states its condition on every evaluation it
+    // holds, and a steady workspace's heartbeats stay liveness-only.
+    effects.conditions = condition_writes
+        .into_iter()
+        .filter(|(at, new)| in_force.get(at) != new.as_ref())
+        .map(|((slot, owner, name), new)| ConditionWrite {
+            slot,
+            owner,
+            name,
+            new,
+        })
+        .collect();
     effects.markers = marker_writes
         .into_iter()
         .filter_map(|(at, new)| {
@@ -1075,7 +1145,7 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
 /// A marker's identity: (slot, owner, key).
 type MarkerKey = (String, String, String);
 
-fn upsert(writes: &mut Vec<(MarkerKey, Option<String>)>, key: MarkerKey, value: Option<String>) {
+fn upsert<T>(writes: &mut Vec<(MarkerKey, Option<T>)>, key: MarkerKey, value: Option<T>) {
     match writes.iter_mut().find(|(k, _)| *k == key) {
         Some(slot) => slot.1 = value,
         None => writes.push((key, value)),

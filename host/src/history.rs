@@ -19,6 +19,8 @@ pub struct History {
     pub workspace_id: String,
     pub kind: String,
     pub status: String,
+    /// The conditions in force now: why the workspace is not online.
+    pub conditions: Vec<crate::model::Condition>,
     pub entries: Vec<Entry>,
 }
 
@@ -45,6 +47,23 @@ pub enum Entry {
         from: String,
         to: String,
         reason: String,
+    },
+    /// A condition the decision put in force or changed.
+    ConditionSet {
+        at_ms: i64,
+        decision_id: i64,
+        owner: String,
+        name: String,
+        severity: String,
+        reason: String,
+        message: String,
+    },
+    /// A condition the decision cleared.
+    ConditionCleared {
+        at_ms: i64,
+        decision_id: i64,
+        owner: String,
+        name: String,
     },
     /// A reconcile run the decision queued.
     ReconcileQueued {
@@ -83,6 +102,8 @@ impl Entry {
         match self {
             Entry::Decision { at_ms, .. }
             | Entry::Transition { at_ms, .. }
+            | Entry::ConditionSet { at_ms, .. }
+            | Entry::ConditionCleared { at_ms, .. }
             | Entry::ReconcileQueued { at_ms, .. }
             | Entry::ReconcileRun { at_ms, .. } => *at_ms,
         }
@@ -93,6 +114,7 @@ impl Entry {
     fn rank(&self) -> u8 {
         match self {
             Entry::Decision { .. } => 0,
+            Entry::ConditionSet { .. } | Entry::ConditionCleared { .. } => 1,
             Entry::Transition { .. } => 1,
             Entry::ReconcileQueued { .. } => 2,
             Entry::ReconcileRun { .. } => 3,
@@ -135,6 +157,7 @@ pub fn history(
         workspace_id: record.id,
         kind: record.kind.as_str().to_string(),
         status: record.status.as_str().to_string(),
+        conditions: record.conditions,
         entries,
     }))
 }
@@ -170,7 +193,43 @@ fn decision_entries(d: &DecisionRow, out: &mut Vec<Entry>) {
     if d.outcome.starts_with("failed:") {
         return;
     }
+    let in_force = d.input["workspace"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let held = |owner: &Value, name: &Value| {
+        in_force
+            .iter()
+            .find(|c| &c["owner"] == owner && &c["name"] == name)
+    };
     for a in d.final_actions.as_array().into_iter().flatten() {
+        if a["kind"] == "set_condition" {
+            // Restating a condition in force unchanged writes nothing.
+            let unchanged = held(&a["owner"], &a["name"]).is_some_and(|c| {
+                c["severity"] == a["severity"]
+                    && c["reason"] == a["reason"]
+                    && c["message"] == a["message"]
+            });
+            if !unchanged {
+                out.push(Entry::ConditionSet {
+                    at_ms: d.at_ms,
+                    decision_id: d.id,
+                    owner: text(&a["owner"]),
+                    name: text(&a["name"]),
+                    severity: text(&a["severity"]),
+                    reason: text(&a["reason"]),
+                    message: text(&a["message"]),
+                });
+            }
+        }
+        if a["kind"] == "clear_condition" && held(&a["owner"], &a["name"]).is_some() {
+            out.push(Entry::ConditionCleared {
+                at_ms: d.at_ms,
+                decision_id: d.id,
+                owner: text(&a["owner"]),
+                name: text(&a["name"]),
+            });
+        }
         if a["kind"] == "set_status" && a["expected"] != a["to"] {
             out.push(Entry::Transition {
                 at_ms: d.at_ms,
@@ -213,16 +272,33 @@ fn text(v: &Value) -> String {
 /// The history as a story, one line per entry (a decision's slots indented
 /// under it), oldest first.
 pub fn explain(h: &History) -> String {
-    let mut out = format!(
-        "workspace {} ({}) is {}; its last {} decisions and what followed:\n",
-        h.workspace_id,
-        h.kind,
-        h.status,
+    let mut out = format!("workspace {} ({}) is {}", h.workspace_id, h.kind, h.status);
+    if h.conditions.is_empty() {
+        out.push_str(", held back by no condition");
+    } else {
+        let held: Vec<String> = h
+            .conditions
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} of {} ({}, {}, since {})",
+                    c.name,
+                    c.owner,
+                    c.severity.as_str(),
+                    c.reason,
+                    crate::clock::rfc3339(c.since_ms)
+                )
+            })
+            .collect();
+        out.push_str(&format!(", held back by {}", held.join("; ")));
+    }
+    out.push_str(&format!(
+        "; its last {} decisions and what followed:\n",
         h.entries
             .iter()
             .filter(|e| matches!(e, Entry::Decision { .. }))
             .count()
-    );
+    ));
     for e in &h.entries {
         let at = crate::clock::rfc3339(e.at_ms());
         match e {
@@ -233,6 +309,7 @@ pub fn explain(h: &History) -> String {
                 heartbeats,
                 steps,
                 chain_version,
+                final_actions,
                 ..
             } => {
                 let times = if *heartbeats > 1 {
@@ -276,6 +353,42 @@ pub fn explain(h: &History) -> String {
                     };
                     out.push_str(&format!("    {} ({}): {line}\n", s.slot, s.policy));
                 }
+                // What the host added from the conditions (the status).
+                if !outcome.starts_with("failed:") && !steps.is_empty() {
+                    let derived: Vec<String> = final_actions
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| !before.contains(a))
+                        .map(action)
+                        .collect();
+                    if !derived.is_empty() {
+                        out.push_str(&format!(
+                            "    host (from the conditions): {}\n",
+                            derived.join(", ")
+                        ));
+                    }
+                }
+            }
+            Entry::ConditionSet {
+                owner,
+                name,
+                severity,
+                reason,
+                message,
+                ..
+            } => {
+                let why = if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                };
+                out.push_str(&format!(
+                    "{at}  condition {name} of {owner} set: {severity} ({reason}){why}\n"
+                ));
+            }
+            Entry::ConditionCleared { owner, name, .. } => {
+                out.push_str(&format!("{at}  condition {name} of {owner} cleared\n"));
             }
             Entry::Transition {
                 from, to, reason, ..
@@ -344,6 +457,13 @@ fn action(a: &Value) -> String {
         "request_reconcile" => format!("request_reconcile {}", text(&a["trigger"])),
         "set_marker" => format!("set_marker {}={}", text(&a["key"]), text(&a["value"])),
         "clear_marker" => format!("clear_marker {}", text(&a["key"])),
+        "set_condition" => format!(
+            "set_condition {} {} ({})",
+            text(&a["name"]),
+            text(&a["severity"]),
+            text(&a["reason"])
+        ),
+        "clear_condition" => format!("clear_condition {}", text(&a["name"])),
         "reject" => format!("reject {}", a["http_status"]),
         other => other.to_string(),
     }

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod authoring;
 pub mod chain;
 pub mod clock;
+pub mod conditions;
 pub mod config;
 pub mod deliverer;
 pub mod engine;

@@ -240,8 +240,12 @@ enum WorkspaceCommand {
         /// A `MODEL` secret is configured for it.
         #[arg(long)]
         model_configured: bool,
+        /// The runtime it runs (`external` is an agent outside the platform;
+        /// policies see the name).
+        #[arg(long, default_value = "")]
+        runtime: String,
     },
-    /// Print one workspace as JSON.
+    /// Print one workspace as JSON, with the conditions in force.
     Show { id: String },
     /// Why the workspace is in its state: its last decisions with each
     /// policy's output, the status transitions, the reconcile runs and their
@@ -419,6 +423,7 @@ fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
             kind,
             name,
             model_configured,
+            runtime,
         } => {
             let kind = WorkspaceKind::parse(&kind).context("kind must be workspace or platform")?;
             store.add_workspace(
@@ -427,6 +432,7 @@ fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
                     name,
                     kind,
                     model_configured,
+                    runtime,
                 },
                 now,
             )?;

@@ -8,9 +8,10 @@
 use serde::{Deserialize, Serialize};
 
 /// The status of a workspace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    #[default]
     Provisioning,
     Online,
     Offline,
@@ -83,9 +84,10 @@ pub fn valid_workspace_id(id: &str) -> bool {
 }
 
 /// The kind of a workspace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkspaceKind {
+    #[default]
     Workspace,
     Platform,
 }
@@ -167,26 +169,124 @@ pub struct HeartbeatEvent {
     pub loaded_mcp_tools: Option<Vec<String>>,
 }
 
-/// The request being evaluated.
+/// Why the host noticed silence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SilenceKind {
+    HeartbeatExpired,
+    ProvisionTimeout,
+}
+
+/// A workspace silent past a deadline, as seen by policies (contract 0.2.0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SilenceEvent {
+    pub kind: SilenceKind,
+    #[serde(default)]
+    pub last_heartbeat_ms: Option<i64>,
+    pub silent_for_ms: i64,
+}
+
+/// The request (or observation) being evaluated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     Register(RegisterEvent),
     Heartbeat(HeartbeatEvent),
+    Silence(SilenceEvent),
 }
 
 impl Event {
-    /// `register` or `heartbeat`.
+    /// `register`, `heartbeat` or `silence`.
     pub fn kind(&self) -> &'static str {
         match self {
             Event::Register(_) => "register",
             Event::Heartbeat(_) => "heartbeat",
+            Event::Silence(_) => "silence",
+        }
+    }
+
+    /// Whether the runtime itself spoke (a register or heartbeat): the
+    /// evidence that brings a workspace with no condition in force online.
+    pub fn is_from_runtime(&self) -> bool {
+        !matches!(self, Event::Silence(_))
+    }
+}
+
+/// How far a condition holds a workspace back from `online`; the derived
+/// status is that of the most severe condition in force (declaration order,
+/// least severe first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Degraded,
+    Failed,
+    AwaitingAgent,
+    Offline,
+}
+
+impl Severity {
+    /// Every severity, least severe first.
+    pub const ALL: [Severity; 4] = [
+        Severity::Degraded,
+        Severity::Failed,
+        Severity::AwaitingAgent,
+        Severity::Offline,
+    ];
+
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        self.status().as_str()
+    }
+
+    /// Parse the database spelling.
+    pub fn parse(s: &str) -> Option<Severity> {
+        Severity::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// The status a workspace held back by this severity has.
+    pub fn status(self) -> Status {
+        match self {
+            Severity::Degraded => Status::Degraded,
+            Severity::Failed => Status::Failed,
+            Severity::AwaitingAgent => Status::AwaitingAgent,
+            Severity::Offline => Status::Offline,
         }
     }
 }
 
-/// The stored workspace, as seen by policies.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A reason, stated by one policy, why a workspace should not be online.
+///
+/// Like a marker it belongs to (slot, owner); policies see every condition
+/// in force (read-only) but set and clear only their own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// The slot it belongs to; always set on conditions the service stores,
+    /// optional in an author's fixture (see [`Marker::slot`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    pub owner: String,
+    pub name: String,
+    pub severity: Severity,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub since_ms: i64,
+}
+
+impl Condition {
+    /// Whether the policy `owner` running in slot `slot` owns this condition.
+    pub fn belongs_to(&self, slot: &str, owner: &str) -> bool {
+        self.owner == owner && self.slot.as_deref().is_none_or(|s| s == slot)
+    }
+}
+
+/// The stored workspace, as seen by policies. The default is a
+/// provisioning ordinary workspace with an empty id and nothing else known.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workspace {
     pub id: String,
@@ -197,6 +297,21 @@ pub struct Workspace {
     pub declared_plugins: Vec<String>,
     #[serde(default)]
     pub last_register_failure_ms: Option<i64>,
+    /// The runtime's name (`workspace add --runtime`), empty if unnamed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runtime: String,
+    /// The capabilities the runtime declared at register, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// The last register or heartbeat before this evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_ms: Option<i64>,
+    /// When the workspace entered its status, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_since_ms: Option<i64>,
+    /// Every condition in force, sorted by owner and name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// A policy's durable key/value for one workspace.
@@ -267,6 +382,18 @@ pub enum Effect {
         owner: String,
         key: String,
     },
+    SetCondition {
+        owner: String,
+        name: String,
+        severity: Severity,
+        reason: String,
+        #[serde(default)]
+        message: String,
+    },
+    ClearCondition {
+        owner: String,
+        name: String,
+    },
 }
 
 /// An effect on one workspace.
@@ -278,12 +405,24 @@ pub struct Action {
 }
 
 impl Action {
-    /// The owner of the marker this action writes, if it writes one.
+    /// The owner of the marker or condition this action writes, if it
+    /// writes one.
     pub fn marker_owner(&self) -> Option<&str> {
         match &self.effect {
-            Effect::SetMarker { owner, .. } | Effect::ClearMarker { owner, .. } => Some(owner),
+            Effect::SetMarker { owner, .. }
+            | Effect::ClearMarker { owner, .. }
+            | Effect::SetCondition { owner, .. }
+            | Effect::ClearCondition { owner, .. } => Some(owner),
             _ => None,
         }
+    }
+
+    /// Whether contract 0.1.0 can express this action.
+    pub fn in_contract_0_1(&self) -> bool {
+        !matches!(
+            self.effect,
+            Effect::SetCondition { .. } | Effect::ClearCondition { .. }
+        )
     }
 }
 

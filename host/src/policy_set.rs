@@ -173,6 +173,7 @@ fn smoke_inputs() -> Vec<(&'static str, Input)> {
         model_configured: true,
         declared_plugins: Vec::new(),
         last_register_failure_ms: None,
+        ..Workspace::default()
     };
     let input = |event, ws| Input {
         event,
@@ -263,8 +264,7 @@ fn validate(chain: &Chain, fixtures: &[SlotFixtures]) -> Result<(), PolicySetErr
         let alone = Chain::of_slot(slot.clone());
         for (i, fx) in set.fixtures.iter().enumerate() {
             let name = fx.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
-            let got = fixtures::verdict(&alone, &fx.input, fx.proposed.clone(), false);
-            if let Some(why) = fixtures::check(fx, got) {
+            if let Some(why) = fixtures::check_case(&alone, fx, false) {
                 return Err(PolicySetError::Validation(format!(
                     "slot `{}` fails fixture `{name}`: {why}",
                     set.slot

@@ -276,6 +276,7 @@ impl Service {
                     name: id.into(),
                     kind,
                     model_configured: model,
+                    runtime: String::new(),
                 },
                 self.clock_now(),
             )

@@ -18,6 +18,7 @@ pub fn input(mcp_present: Option<bool>) -> Input {
             model_configured: true,
             declared_plugins: vec![],
             last_register_failure_ms: None,
+            ..Workspace::default()
         },
         markers: vec![],
         now_ms: 1_782_302_400_000,

@@ -16,6 +16,30 @@
 //! fixture runs in the service's sandbox and limits; a chain's verdict also
 //! gets the executor's final check, as it would before being applied. The
 //! service checks fixtures sent with a staged chain by the same rules.
+//!
+//! A *sequence* fixture evaluates several events in a row, carrying the
+//! state from one to the next as the service would (status, conditions,
+//! markers, last heartbeat; the host's status derivation is applied after
+//! every step, even for one module), so that a flap shows:
+//!
+//! ```json
+//! {
+//!   "workspace": { "id": "ws-1", "status": "online", "model_configured": true },
+//!   "markers": [],
+//!   "steps": [
+//!     { "event": {"heartbeat": {"active_tasks": 80}}, "now_ms": 1782302400000,
+//!       "repeat": 20, "every_ms": 30000, "expect_status": "degraded" },
+//!     { "event": {"heartbeat": {}}, "expect_status": "online", "expected": [...] }
+//!   ],
+//!   "expect_transitions": 2
+//! }
+//! ```
+//!
+//! A step's `now_ms` defaults to the previous one's plus `every_ms` (30 s);
+//! `repeat` evaluates it that many times; `expect_status` is checked after
+//! each repetition, `expected` (every action of the verdict, the host's
+//! included) after the last; `expect_transitions` counts the status changes
+//! of the whole sequence.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -26,7 +50,7 @@ use serde::Deserialize;
 
 use crate::chain::{Chain, ChainOutcome};
 use crate::engine::FailureKind;
-use crate::model::{Action, Input};
+use crate::model::{Action, Condition, Effect, Event, Input, Marker, Status, Workspace};
 
 /// One fixture file.
 #[derive(Clone, Debug, Deserialize)]
@@ -37,14 +61,48 @@ pub struct Fixture {
     pub name: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
-    pub input: Input,
+    /// A single-shot fixture's input.
+    #[serde(default)]
+    pub input: Option<Input>,
     #[serde(default)]
     pub proposed: Vec<Action>,
     #[serde(default)]
     pub expected: Option<Vec<Action>>,
     #[serde(default)]
     pub expected_error: Option<ExpectedError>,
+    /// A sequence's starting workspace.
+    #[serde(default)]
+    pub workspace: Option<Workspace>,
+    /// A sequence's starting markers.
+    #[serde(default)]
+    pub markers: Vec<Marker>,
+    /// A sequence's steps.
+    #[serde(default)]
+    pub steps: Vec<SequenceStep>,
+    /// How many status changes the whole sequence makes.
+    #[serde(default)]
+    pub expect_transitions: Option<usize>,
 }
+
+/// One step of a sequence fixture.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceStep {
+    pub event: Event,
+    #[serde(default)]
+    pub now_ms: Option<i64>,
+    #[serde(default)]
+    pub repeat: Option<u32>,
+    #[serde(default)]
+    pub every_ms: Option<i64>,
+    #[serde(default)]
+    pub expect_status: Option<Status>,
+    #[serde(default)]
+    pub expected: Option<Vec<Action>>,
+}
+
+/// The most evaluations one sequence fixture may ask for.
+pub const MAX_SEQUENCE_EVALUATIONS: u64 = 10_000;
 
 /// The failure a fixture expects.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -79,6 +137,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Fixture, String> {
     } else {
         serde_json::from_str(text).map_err(|e| e.to_string())?
     };
+    if fixture.workspace.is_some() || !fixture.steps.is_empty() {
+        return check_sequence_shape(fixture);
+    }
+    if fixture.input.is_none() {
+        return Err("give an `input` (or a sequence: `workspace` and `steps`)".into());
+    }
+    if !fixture.markers.is_empty() || fixture.expect_transitions.is_some() {
+        return Err("`markers` and `expect_transitions` belong to a sequence (`workspace` and `steps`); a single input carries its markers".into());
+    }
     match (&fixture.expected, &fixture.expected_error) {
         (Some(_), Some(_)) => Err("give `expected` or `expected_error`, not both".into()),
         (None, None) => Err("give the `expected` actions or an `expected_error`".into()),
@@ -93,6 +160,45 @@ pub fn parse(path: &Path, text: &str) -> Result<Fixture, String> {
         )),
         _ => Ok(fixture),
     }
+}
+
+fn check_sequence_shape(fixture: Fixture) -> Result<Fixture, String> {
+    if fixture.input.is_some()
+        || !fixture.proposed.is_empty()
+        || fixture.expected.is_some()
+        || fixture.expected_error.is_some()
+    {
+        return Err("a sequence (`workspace` and `steps`) has no `input`, `proposed`, `expected` or `expected_error`; each step has its own `expected`".into());
+    }
+    if fixture.workspace.is_none() || fixture.steps.is_empty() {
+        return Err("a sequence needs a `workspace` and at least one step".into());
+    }
+    let mut total: u64 = 0;
+    for (i, step) in fixture.steps.iter().enumerate() {
+        let repeat = step.repeat.unwrap_or(1);
+        if repeat == 0 || step.every_ms.is_some_and(|ms| ms < 0) {
+            return Err(format!(
+                "step {}: `repeat` is at least 1 and `every_ms` not negative",
+                i + 1
+            ));
+        }
+        if i == 0 && step.now_ms.is_none() {
+            return Err("the first step needs its `now_ms`".into());
+        }
+        if step.expect_status.is_none() && step.expected.is_none() && fixture.expect_transitions.is_none() {
+            return Err(format!(
+                "step {} expects nothing: give `expect_status`, `expected` or the sequence's `expect_transitions`",
+                i + 1
+            ));
+        }
+        total += u64::from(repeat);
+    }
+    if total > MAX_SEQUENCE_EVALUATIONS {
+        return Err(format!(
+            "the sequence asks for {total} evaluations; at most {MAX_SEQUENCE_EVALUATIONS}"
+        ));
+    }
+    Ok(fixture)
 }
 
 /// Every fixture file in `dir` (`.json`, `.yaml`, `.yml`), by file name.
@@ -247,20 +353,182 @@ pub fn run(chain: &Chain, cases: &[Case], whole_chain: bool) -> Report {
             path: case.path.clone(),
             failure: match &case.fixture {
                 Err(e) => Some(format!("cannot read the fixture: {e}")),
-                Ok(fx) if whole_chain && !fx.proposed.is_empty() => Some(
-                    "a chain starts with no proposed actions; remove `proposed` from this fixture"
-                        .into(),
-                ),
-                Ok(fx) => check(
-                    fx,
-                    verdict(chain, &fx.input, fx.proposed.clone(), whole_chain),
-                ),
+                Ok(fx) => check_case(chain, fx, whole_chain),
             },
         })
         .collect();
     Report {
         results,
         elapsed: started.elapsed(),
+    }
+}
+
+/// Run one fixture through `chain` (see [`run`]); `None` when it passes.
+pub fn check_case(chain: &Chain, fx: &Fixture, whole_chain: bool) -> Option<String> {
+    if whole_chain && !fx.proposed.is_empty() {
+        return Some(
+            "a chain starts with no proposed actions; remove `proposed` from this fixture".into(),
+        );
+    }
+    match &fx.input {
+        Some(input) => check(fx, verdict(chain, input, fx.proposed.clone(), whole_chain)),
+        None => run_sequence(chain, fx, whole_chain),
+    }
+}
+
+/// The state a sequence carries from step to step.
+struct State {
+    workspace: Workspace,
+    markers: Vec<Marker>,
+}
+
+impl State {
+    /// Apply a verdict's actions as the service's store would.
+    fn apply(&mut self, input: &Input, actions: &[Action]) {
+        let ws = &mut self.workspace;
+        for a in actions {
+            match &a.effect {
+                Effect::SetStatus { to, message, .. } => {
+                    if *to != ws.status {
+                        ws.status = *to;
+                        ws.status_since_ms = Some(input.now_ms);
+                    }
+                    let _ = message;
+                }
+                Effect::SetMarker { owner, key, value } => {
+                    self.markers.retain(|m| !(m.owner == *owner && m.key == *key));
+                    self.markers.push(Marker {
+                        slot: None,
+                        owner: owner.clone(),
+                        key: key.clone(),
+                        value: value.clone(),
+                    });
+                }
+                Effect::ClearMarker { owner, key } => {
+                    self.markers.retain(|m| !(m.owner == *owner && m.key == *key));
+                }
+                Effect::SetCondition {
+                    owner,
+                    name,
+                    severity,
+                    reason,
+                    message,
+                } => {
+                    let since_ms = ws
+                        .conditions
+                        .iter()
+                        .find(|c| c.owner == *owner && c.name == *name)
+                        .map_or(input.now_ms, |c| c.since_ms);
+                    ws.conditions.retain(|c| !(c.owner == *owner && c.name == *name));
+                    ws.conditions.push(Condition {
+                        slot: None,
+                        owner: owner.clone(),
+                        name: name.clone(),
+                        severity: *severity,
+                        reason: reason.clone(),
+                        message: message.clone(),
+                        since_ms,
+                    });
+                }
+                Effect::ClearCondition { owner, name } => {
+                    ws.conditions.retain(|c| !(c.owner == *owner && c.name == *name));
+                }
+                Effect::Reject { .. } | Effect::RecordEvent { .. } | Effect::RequestReconcile { .. } => {}
+            }
+        }
+        ws.conditions
+            .sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
+        if input.event.is_from_runtime() {
+            ws.last_heartbeat_ms = Some(input.now_ms);
+        }
+    }
+}
+
+/// Run a sequence fixture: each step's event on the state the previous
+/// steps left, with the host's status derivation after every step.
+fn run_sequence(chain: &Chain, fx: &Fixture, whole_chain: bool) -> Option<String> {
+    let mut state = State {
+        workspace: fx.workspace.clone()?,
+        markers: fx.markers.clone(),
+    };
+    let mut statuses = vec![state.workspace.status.as_str().to_string()];
+    let mut transitions = 0;
+    let mut now_ms = 0;
+    let mut n = 0;
+    for (i, step) in fx.steps.iter().enumerate() {
+        let every_ms = step.every_ms.unwrap_or(30_000);
+        let repeat = step.repeat.unwrap_or(1);
+        for r in 0..repeat {
+            n += 1;
+            now_ms = match (r, step.now_ms) {
+                (0, Some(ms)) => ms,
+                _ => now_ms + every_ms,
+            };
+            let input = Input {
+                event: step.event.clone(),
+                workspace: state.workspace.clone(),
+                markers: state.markers.clone(),
+                now_ms,
+            };
+            let at = format!("step {} (evaluation {n}, at {now_ms})", i + 1);
+            let mut actions = match verdict(chain, &input, Vec::new(), whole_chain) {
+                Verdict::Actions(actions) => actions,
+                Verdict::Failed {
+                    slot,
+                    kind,
+                    message,
+                } => {
+                    return Some(format!(
+                        "{at}: slot `{slot}` failed: {}: {message}
+statuses so far: {}",
+                        kind.as_str(),
+                        statuses.join(" -> ")
+                    ));
+                }
+            };
+            if !chain.derives_status {
+                actions.extend(crate::conditions::derive(&input, &actions));
+            }
+            let before = state.workspace.status;
+            state.apply(&input, &actions);
+            let after = state.workspace.status;
+            if after != before {
+                transitions += 1;
+                statuses.push(after.as_str().to_string());
+            }
+            if let Some(want) = step.expect_status
+                && want != after
+            {
+                return Some(format!(
+                    "{at}: the status is `{}`, expected `{}`
+statuses so far: {}
+the step's actions:
+{}",
+                    after.as_str(),
+                    want.as_str(),
+                    statuses.join(" -> "),
+                    pretty(&actions)
+                ));
+            }
+            if r + 1 == repeat
+                && let Some(expected) = &step.expected
+                && expected != &actions
+            {
+                return Some(format!(
+                    "{at}: the actions differ (- expected, + actual):
+{}",
+                    diff_actions(expected, &actions)
+                ));
+            }
+        }
+    }
+    match fx.expect_transitions {
+        Some(want) if want != transitions => Some(format!(
+            "the sequence made {transitions} status change(s), expected {want}
+statuses: {}",
+            statuses.join(" -> ")
+        )),
+        _ => None,
     }
 }
 

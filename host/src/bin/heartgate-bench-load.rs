@@ -232,6 +232,7 @@ async fn run(args: Args) -> Result<()> {
                 name: String::new(),
                 kind: WorkspaceKind::Workspace,
                 model_configured: true,
+                runtime: String::new(),
             },
             now,
         )?;

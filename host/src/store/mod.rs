@@ -157,6 +157,26 @@ pub struct MarkerWrite {
     pub new: Option<String>,
 }
 
+/// One condition's write: put in force (or changed) with `new`, or cleared
+/// with `new == None`. Only writes that change something are made; the
+/// workspace's version check covers their concurrency.
+#[derive(Clone, Debug)]
+pub struct ConditionWrite {
+    /// The slot of the chain it belongs to, with the policy name `owner`.
+    pub slot: String,
+    pub owner: String,
+    pub name: String,
+    pub new: Option<ConditionState>,
+}
+
+/// What a condition in force says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConditionState {
+    pub severity: crate::model::Severity,
+    pub reason: String,
+    pub message: String,
+}
+
 /// The decision-log row of one evaluation.
 #[derive(Clone, Debug)]
 pub struct DecisionRecord {
@@ -192,6 +212,7 @@ pub struct VerdictWrite {
     pub status: Option<StatusWrite>,
     pub events: Vec<(String, String)>,
     pub markers: Vec<MarkerWrite>,
+    pub conditions: Vec<ConditionWrite>,
     pub reconciles: Vec<ReconcileTrigger>,
     pub decision: DecisionRecord,
 }
@@ -204,6 +225,7 @@ impl VerdictWrite {
     pub fn records_only_liveness(&self) -> bool {
         self.status.is_none()
             && self.markers.is_empty()
+            && self.conditions.is_empty()
             && self.events.is_empty()
             && self.reconciles.is_empty()
             && self.registration.is_none()
@@ -243,6 +265,8 @@ pub struct NewWorkspace {
     pub name: String,
     pub kind: WorkspaceKind,
     pub model_configured: bool,
+    /// The runtime's name (`external`, `hermes`, ...), empty if unnamed.
+    pub runtime: String,
 }
 
 /// A workspace as an operator sees it.
@@ -264,6 +288,10 @@ pub struct WorkspaceRecord {
     /// Whether a register without a token would mint one (never had a
     /// token, or reopened with `token revoke --allow-bootstrap`).
     pub token_bootstrap: bool,
+    pub runtime: String,
+    pub status_since_ms: Option<i64>,
+    /// The conditions in force (with their slots), by owner and name.
+    pub conditions: Vec<crate::model::Condition>,
 }
 
 /// A declared plugin.

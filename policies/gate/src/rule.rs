@@ -3,11 +3,13 @@
 //! A platform workspace must have a `MODEL` secret configured and its
 //! management MCP server present. The model is checked first: when both are
 //! missing the model branch wins, so no recovery is requested. On failure the
-//! gate fails closed: the workspace becomes `failed` with the exact message of
-//! the original registry, an event is recorded, a register is refused with
-//! 400, and any status change proposed before the gate is dropped.
+//! gate fails closed: it puts its condition `identity` in force (severity
+//! `failed`, with the exact message of the original registry, which the
+//! host stores as the workspace's last error), records an event, refuses a
+//! register with 400, and drops any explicit status change proposed before
+//! it. Once the identity is complete again it clears the condition.
 
-use heartgate_policy::{Action, Input, Status, WorkspaceKind, json_string};
+use heartgate_policy::{Action, Input, Severity, WorkspaceKind, json_string};
 
 /// The policy's name; its markers and decision-log entries use it.
 pub const NAME: &str = "rca2970-gate";
@@ -23,13 +25,16 @@ const REGISTER_MCP_MESSAGE: &str = "platform agent registered without its manage
 const HEARTBEAT_MODEL_MESSAGE: &str = "platform agent heartbeat denied: no seeded MODEL workspace_secret; refusing to mark online (RCA #2970 FAIL-CLOSED)";
 const HEARTBEAT_MCP_MESSAGE: &str = "platform agent heartbeat denied: management MCP server absent (mcp_server_present=false); refusing to mark online (RCA #2970 FAIL-CLOSED)";
 
+/// The gate's one condition.
+pub const CONDITION: &str = "identity";
+
 /// The body of the 400 a failing register gets.
 pub const REJECT_MESSAGE: &str = "platform agent identity incomplete";
 
 /// Evaluate the gate.
 pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
     let ws = &input.workspace;
-    if ws.kind != WorkspaceKind::Platform || ws.status.is_frozen() {
+    if ws.kind != WorkspaceKind::Platform || ws.status.is_frozen() || input.silence().is_some() {
         return proposed;
     }
     let register = input.register().is_some();
@@ -49,16 +54,20 @@ pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
         (MCP_SERVER_MISSING, message)
     } else {
         // Absent `mcp_server_present` is a legacy runtime: not blocked.
+        if input.condition(NAME, CONDITION).is_some() {
+            proposed.push(Action::clear_condition(&ws.id, NAME, CONDITION));
+        }
         return proposed;
     };
 
     proposed.retain(|a| a.as_status_change().is_none());
-    proposed.push(Action::set_status(
+    proposed.push(Action::set_condition(
         &ws.id,
-        ws.status,
-        Status::Failed,
+        NAME,
+        CONDITION,
+        Severity::Failed,
         reason,
-        Some(message),
+        message,
     ));
     proposed.push(Action::record_event(
         &ws.id,
@@ -78,15 +87,15 @@ pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heartgate_policy::testing::{heartbeat, register};
-    use heartgate_policy::{Effect, ReconcileTrigger};
+    use heartgate_policy::testing::{assert_clears_condition, heartbeat, register};
+    use heartgate_policy::{Effect, ReconcileTrigger, Status};
 
     fn failed_with(actions: &[Action]) -> Option<(String, Option<String>)> {
         actions
             .iter()
-            .find_map(|a| a.as_status_change())
-            .filter(|c| c.to == Status::Failed)
-            .map(|c| (c.reason.clone(), c.message.clone()))
+            .find_map(|a| a.as_condition_set())
+            .filter(|c| c.severity == Severity::Failed && c.name == CONDITION)
+            .map(|c| (c.reason.clone(), Some(c.message.clone())))
     }
 
     #[test]
@@ -131,6 +140,18 @@ mod tests {
     }
 
     #[test]
+    fn a_complete_identity_clears_the_condition() {
+        let input = heartbeat("ws")
+            .platform()
+            .with_status(Status::Failed)
+            .with_condition(NAME, CONDITION, Severity::Failed, MCP_SERVER_MISSING)
+            .mcp_present(Some(true));
+        let out = decide(&input, vec![]);
+        assert_clears_condition(&out, CONDITION);
+        assert_eq!(out.len(), 1, "{out:?}");
+    }
+
+    #[test]
     fn legacy_runtime_and_present_mcp_pass() {
         for present in [None, Some(true)] {
             let input = heartbeat("ws").platform().mcp_present(present);
@@ -164,9 +185,8 @@ mod tests {
             Action::request_reconcile("ws", ReconcileTrigger::Online),
         ];
         let out = decide(&input, earlier);
-        let changes: Vec<_> = out.iter().filter_map(|a| a.as_status_change()).collect();
-        assert_eq!(changes.len(), 1);
-        assert_eq!(changes[0].to, Status::Failed);
+        assert!(out.iter().all(|a| a.as_status_change().is_none()), "{out:?}");
+        assert!(failed_with(&out).is_some());
         assert!(out.iter().any(|a| a.is_reconcile(ReconcileTrigger::Online)));
     }
 }

@@ -1,8 +1,10 @@
 //! The MCP recovery trigger (spec section 5, fix 2).
 //!
-//! When a status change proposed earlier in the chain says the management MCP
-//! is missing (the gate's `mcp_server_missing`, or the status rules'
-//! `management_mcp_unloaded` past its grace), ask for a declared-plugin
+//! When a condition stated earlier in the chain says the management MCP is
+//! missing (the gate's `mcp_server_missing`, or the status rules'
+//! `management_mcp_unloaded` past its grace; both are stated again on every
+//! request while it holds), or a 0.1.0 policy's status change says so, ask
+//! for a declared-plugin
 //! reconcile of the workspace with the `mcp-recovery` trigger. The model
 //! branch never triggers: no plugin can fix a missing secret. How often the
 //! reconcile may really fire is the cooldown's business, later in the chain.
@@ -17,10 +19,14 @@ pub const RECOVERABLE_REASONS: [&str; 2] = ["mcp_server_missing", "management_mc
 
 /// Evaluate the trigger.
 pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
-    let missing = proposed
-        .iter()
-        .filter_map(|a| a.as_status_change())
-        .any(|c| RECOVERABLE_REASONS.contains(&c.reason.as_str()));
+    let missing = proposed.iter().any(|a| {
+        let reason = match (a.as_condition_set(), a.as_status_change()) {
+            (Some(c), _) => &c.reason,
+            (None, Some(c)) => &c.reason,
+            (None, None) => return false,
+        };
+        RECOVERABLE_REASONS.contains(&reason.as_str())
+    });
     let already = proposed
         .iter()
         .any(|a| a.is_reconcile(ReconcileTrigger::McpRecovery));
@@ -36,17 +42,30 @@ pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heartgate_policy::Status;
     use heartgate_policy::testing::heartbeat;
+    use heartgate_policy::{Severity, Status};
 
     fn failed(reason: &str) -> Vec<Action> {
-        vec![Action::set_status(
+        vec![Action::set_condition(
+            "ws",
+            "rca2970-gate",
+            "identity",
+            Severity::Failed,
+            reason,
+            "",
+        )]
+    }
+
+    #[test]
+    fn a_0_1_status_change_still_fires() {
+        let proposed = vec![Action::set_status(
             "ws",
             Status::Online,
             Status::Failed,
-            reason,
+            "mcp_server_missing",
             None,
-        )]
+        )];
+        assert_eq!(recoveries(&decide(&heartbeat("ws"), proposed)), 1);
     }
 
     fn recoveries(actions: &[Action]) -> usize {

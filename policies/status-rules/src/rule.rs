@@ -1,47 +1,73 @@
-//! The ordinary status rules of register and heartbeat (spec section 6).
+//! The ordinary status rules of register and heartbeat (spec section 6), as
+//! conditions (contract 0.2.0).
 //!
-//! They run after the gate: when the gate (or anything before) already failed
-//! the workspace or refused the request, they add nothing, so nothing can mark
-//! the workspace online on that request. Statuses `removed`, `paused`,
-//! `hibernated` and `hibernating` are never changed. Every status write names
-//! the status it expects.
+//! The host derives the status from the conditions in force: none, and a
+//! register or heartbeat brings the workspace `online` (the host records
+//! `WORKSPACE_ONLINE` with `recovered_from` and queues the online reconcile);
+//! the most severe one otherwise. So these rules only say *why* a workspace
+//! is degraded, with four conditions of their own, and when that reason is
+//! gone. They run after the gate: when the gate (or anything before) already
+//! failed the workspace or refused the request, they add nothing. Statuses
+//! `removed`, `paused`, `hibernated` and `hibernating` are never touched.
 //!
 //! Heartbeat, in order:
 //! - the #3082 loaded-tools check (platform, `mcp_server_present == true`, the
 //!   management plugin declared): the tool `PROVISION_TOOL` must be loaded; the
 //!   first miss is remembered in the marker `mcp-unloaded-since`, and after
-//!   `UNLOADED_GRACE_MS` the workspace is degraded with reason
-//!   `management_mcp_unloaded` (the recovery trigger reacts to it); a load
+//!   `UNLOADED_GRACE_MS` the condition `mcp-tools-unloaded` (reason
+//!   `management_mcp_unloaded`, which the recovery trigger reacts to) is
+//!   stated on every heartbeat, with a `WORKSPACE_DEGRADED` event; a load
 //!   clears the marker;
-//! - `provisioning`, `offline`, `awaiting_agent`, `failed` -> `online`, with a
-//!   `WORKSPACE_ONLINE` event (`recovered_from`) and the online reconcile;
-//! - `online` -> `degraded` when wedged, `error_rate >= 0.5`, a register
-//!   failure in the last five minutes, or the tools missing past the grace;
-//! - `degraded` -> `online` only when `error_rate < 0.1`, not wedged, no recent
-//!   register failure and the management MCP not known to be unloaded.
+//! - `provisioning`, `offline`, `awaiting_agent`, `failed`: the runtime is
+//!   back; its health is judged from the next heartbeat, so any condition of
+//!   these rules is cleared (and the workspace comes online);
+//! - `online`: the first of wedged (`runtime-wedged`), `error_rate >= 0.5`
+//!   (`error-rate`), a register failure in the last five minutes
+//!   (`register-failed`) is put in force, with a `WORKSPACE_DEGRADED` event;
+//! - `degraded`: these rules' conditions are cleared only when
+//!   `error_rate < 0.1`, not wedged, no recent register failure and the
+//!   management MCP not known to be unloaded (the hysteresis: degrade at 0.5,
+//!   recover below 0.1).
 //!
-//! Register: a workspace that is not `online` becomes `online`, with the
-//! online reconcile when it was `provisioning`.
+//! Register: the runtime restarted, so these rules' conditions are cleared;
+//! the workspace comes online unless another policy holds it back.
 
 use heartgate_policy::{
-    Action, Effect, HeartbeatEvent, Input, ReconcileTrigger, Status, WorkspaceKind, json_string,
+    Action, Effect, HeartbeatEvent, Input, Severity, Status, WorkspaceKind, json_string,
 };
 
-/// The policy's name; its marker is kept under it.
+/// The policy's name; its marker and conditions are kept under it.
 pub const NAME: &str = "status-rules";
-/// The privileged management plugin.
+/// The plugin that carries the management MCP server.
 pub const MANAGEMENT_PLUGIN: &str = "molecule-ai-plugin-molecule-platform-mcp";
-/// The tool a platform agent must have loaded.
+/// The tool a loaded management MCP server provides.
 pub const PROVISION_TOOL: &str = "mcp__molecule-platform__provision_workspace";
-/// The marker remembering when the tool was first seen missing (ms).
+/// The marker holding when the tool was first seen missing.
 pub const UNLOADED_SINCE_KEY: &str = "mcp-unloaded-since";
 /// How long the tool may be missing before the workspace is degraded.
 pub const UNLOADED_GRACE_MS: i64 = 180 * 1000;
-/// How long a register failure counts as recent.
+/// How recent a register failure degrades an online workspace.
 pub const REGISTER_FAILURE_WINDOW_MS: i64 = 5 * 60 * 1000;
 
-/// Reason code of the #3082 degrade.
+/// Reason code of the #3082 degrade; the recovery trigger reacts to it.
 pub const MANAGEMENT_MCP_UNLOADED: &str = "management_mcp_unloaded";
+
+/// The conditions of these rules.
+pub const TOOLS_UNLOADED: &str = "mcp-tools-unloaded";
+pub const WEDGED: &str = "runtime-wedged";
+pub const ERROR_RATE: &str = "error-rate";
+pub const REGISTER_FAILED: &str = "register-failed";
+/// What the host's migration to conditions gave a workspace that was
+/// already `degraded`: it recovers by these rules like any other.
+pub const DEGRADED_BEFORE: &str = "degraded-before-0-2";
+/// Every condition of these rules.
+pub const CONDITIONS: [&str; 5] = [
+    TOOLS_UNLOADED,
+    WEDGED,
+    ERROR_RATE,
+    REGISTER_FAILED,
+    DEGRADED_BEFORE,
+];
 
 const UNLOADED_MESSAGE: &str =
     "platform agent management MCP declared but not loaded; marking degraded (core#3082)";
@@ -49,36 +75,38 @@ const TOOLS_ABSENT_MESSAGE: &str = "platform agent runtime did not report loaded
 const REGISTER_FAILURE_SAMPLE: &str =
     "Register failed — workspace auth token may be stale. Restart or reprovision to recover.";
 
-/// Evaluate the status rules.
+/// Evaluate the rules.
 pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
     let ws = &input.workspace;
     let stopped = proposed.iter().any(|a| match &a.effect {
         Effect::Reject(_) => true,
         Effect::SetStatus(c) => c.to == Status::Failed,
+        Effect::SetCondition(c) => c.severity == Severity::Failed,
         _ => false,
     });
     if stopped || ws.status.is_frozen() {
         return proposed;
     }
-    match input.heartbeat() {
-        Some(hb) => heartbeat(input, hb, &mut proposed),
-        None => register(input, &mut proposed),
+    match (&input.event, input.heartbeat()) {
+        (_, Some(hb)) => heartbeat(input, hb, &mut proposed),
+        (heartgate_policy::Event::Register(_), None) => clear_own(input, &mut proposed),
+        // Silence is the liveness policy's to judge.
+        _ => {}
     }
     proposed
 }
 
-fn register(input: &Input, out: &mut Vec<Action>) {
-    let ws = &input.workspace;
-    if ws.status != Status::Online {
-        promote(input, "registered", out);
+/// Clear every condition of these rules that is in force.
+fn clear_own(input: &Input, out: &mut Vec<Action>) {
+    for name in CONDITIONS {
+        if input.condition(NAME, name).is_some() {
+            out.push(Action::clear_condition(&input.workspace.id, NAME, name));
+        }
     }
 }
 
-/// What the #3082 check concluded on this heartbeat.
 struct ToolsCheck {
-    /// The tool is known to be missing (within or past the grace).
     unloaded: bool,
-    /// Missing past the grace: the message to degrade with.
     past_grace: Option<&'static str>,
 }
 
@@ -138,7 +166,7 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
 
     match ws.status {
         Status::Provisioning | Status::Offline | Status::AwaitingAgent | Status::Failed => {
-            promote(input, "heartbeat", out);
+            clear_own(input, out);
         }
         Status::Online => {
             if let Some(message) = tools.past_grace {
@@ -146,6 +174,7 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
             } else if wedged {
                 degrade(
                     input,
+                    WEDGED,
                     "runtime_wedged",
                     format!(
                         "{{\"runtime_state\":\"wedged\",\"sample_error\":{}}}",
@@ -156,6 +185,7 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
             } else if hb.error_rate >= 0.5 {
                 degrade(
                     input,
+                    ERROR_RATE,
                     "error_rate_high",
                     format!(
                         "{{\"error_rate\":{},\"sample_error\":{}}}",
@@ -167,6 +197,7 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
             } else if recent_register_failure {
                 degrade(
                     input,
+                    REGISTER_FAILED,
                     "register_failed",
                     format!(
                         "{{\"register_failure\":true,\"sample_error\":{}}}",
@@ -178,60 +209,38 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
         }
         Status::Degraded => {
             if let Some(message) = tools.past_grace {
-                // Re-assert the degrade so the recovery trigger sees the reason.
                 degrade_unloaded(input, hb, message, out);
             } else if hb.error_rate < 0.1 && !wedged && !recent_register_failure && !tools.unloaded
             {
-                promote(input, "heartbeat", out);
+                clear_own(input, out);
             }
         }
         Status::Removed | Status::Paused | Status::Hibernated | Status::Hibernating => {}
     }
 }
 
-fn promote(input: &Input, reason: &str, out: &mut Vec<Action>) {
+fn degrade(input: &Input, condition: &str, reason: &str, payload: String, out: &mut Vec<Action>) {
     let ws = &input.workspace;
-    out.push(Action::set_status(
+    out.push(Action::set_condition(
         &ws.id,
-        ws.status,
-        Status::Online,
+        NAME,
+        condition,
+        Severity::Degraded,
         reason,
-        None,
-    ));
-    out.push(Action::record_event(
-        &ws.id,
-        "WORKSPACE_ONLINE",
-        format!("{{\"recovered_from\":\"{}\"}}", ws.status.as_str()),
-    ));
-    let reconcile = match input.heartbeat() {
-        Some(_) => true,
-        None => ws.status == Status::Provisioning,
-    };
-    if reconcile {
-        out.push(Action::request_reconcile(&ws.id, ReconcileTrigger::Online));
-    }
-}
-
-fn degrade(input: &Input, reason: &str, payload: String, out: &mut Vec<Action>) {
-    let ws = &input.workspace;
-    out.push(Action::set_status(
-        &ws.id,
-        ws.status,
-        Status::Degraded,
-        reason,
-        None,
+        "",
     ));
     out.push(Action::record_event(&ws.id, "WORKSPACE_DEGRADED", payload));
 }
 
 fn degrade_unloaded(input: &Input, hb: &HeartbeatEvent, message: &str, out: &mut Vec<Action>) {
     let ws = &input.workspace;
-    out.push(Action::set_status(
+    out.push(Action::set_condition(
         &ws.id,
-        ws.status,
-        Status::Degraded,
+        NAME,
+        TOOLS_UNLOADED,
+        Severity::Degraded,
         MANAGEMENT_MCP_UNLOADED,
-        Some(message),
+        message,
     ));
     out.push(Action::record_event(
         &ws.id,
@@ -255,31 +264,19 @@ fn json_number(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heartgate_policy::testing::{T0_MS, heartbeat, register};
+    use heartgate_policy::testing::{
+        T0_MS, assert_clears_condition, assert_records_event, assert_sets_condition, heartbeat,
+        register,
+    };
 
-    fn transition(actions: &[Action]) -> Option<(Status, Status, String)> {
-        actions
-            .iter()
-            .find_map(|a| a.as_status_change())
-            .map(|c| (c.expected, c.to, c.reason.clone()))
-    }
-
-    fn online_reconciles(actions: &[Action]) -> usize {
-        actions
-            .iter()
-            .filter(|a| a.is_reconcile(ReconcileTrigger::Online))
-            .count()
-    }
-
-    fn event(actions: &[Action], kind: &str) -> Option<String> {
-        actions.iter().find_map(|a| match &a.effect {
-            Effect::RecordEvent(e) if e.event_type == kind => Some(e.payload_json.clone()),
-            _ => None,
-        })
+    fn degraded_by(input: Input, name: &str) -> Input {
+        input
+            .with_status(Status::Degraded)
+            .with_condition(NAME, name, Severity::Degraded, "x")
     }
 
     #[test]
-    fn offline_failed_awaiting_and_provisioning_come_online_with_event_and_reconcile() {
+    fn offline_failed_awaiting_and_provisioning_clear_old_reasons() {
         for from in [
             Status::Offline,
             Status::Failed,
@@ -287,13 +284,12 @@ mod tests {
             Status::Provisioning,
         ] {
             let out = decide(&heartbeat("ws").with_status(from), vec![]);
-            assert_eq!(
-                transition(&out).map(|t| (t.0, t.1)),
-                Some((from, Status::Online))
-            );
-            let payload = event(&out, "WORKSPACE_ONLINE").expect("online event");
-            assert!(payload.contains(&format!("\"recovered_from\":\"{}\"", from.as_str())));
-            assert_eq!(online_reconciles(&out), 1);
+            assert!(out.is_empty(), "{from:?}: {out:?}");
+            let stale = heartbeat("ws")
+                .with_status(from)
+                .with_condition(NAME, ERROR_RATE, Severity::Degraded, "error_rate_high");
+            let out = decide(&stale, vec![]);
+            assert_clears_condition(&out, ERROR_RATE);
         }
     }
 
@@ -308,17 +304,15 @@ mod tests {
         let wedged = heartbeat("ws").beat(|hb| hb.runtime_state = "wedged".into());
         let erroring = heartbeat("ws").beat(|hb| hb.error_rate = 0.5);
         let register_failed = heartbeat("ws").with_register_failure_at(T0_MS - 2 * 60 * 1000);
-        for (input, reason) in [
-            (wedged, "runtime_wedged"),
-            (erroring, "error_rate_high"),
-            (register_failed, "register_failed"),
+        for (input, name, reason) in [
+            (wedged, WEDGED, "runtime_wedged"),
+            (erroring, ERROR_RATE, "error_rate_high"),
+            (register_failed, REGISTER_FAILED, "register_failed"),
         ] {
             let out = decide(&input, vec![]);
-            assert_eq!(
-                transition(&out),
-                Some((Status::Online, Status::Degraded, reason.to_string()))
-            );
-            assert!(event(&out, "WORKSPACE_DEGRADED").is_some());
+            let c = assert_sets_condition(&out, name, Severity::Degraded);
+            assert_eq!(c.reason, reason);
+            assert_records_event(&out, "WORKSPACE_DEGRADED");
         }
         let old_failure = heartbeat("ws").with_register_failure_at(T0_MS - 5 * 60 * 1000);
         assert!(decide(&old_failure, vec![]).is_empty());
@@ -326,25 +320,26 @@ mod tests {
 
     #[test]
     fn degraded_recovers_only_after_the_wedge_clears_and_errors_drop() {
-        let still_wedged = heartbeat("ws")
-            .with_status(Status::Degraded)
-            .beat(|hb| hb.runtime_state = "wedged".into());
+        let still_wedged =
+            degraded_by(heartbeat("ws"), WEDGED).beat(|hb| hb.runtime_state = "wedged".into());
         assert!(decide(&still_wedged, vec![]).is_empty());
-        let still_erroring = heartbeat("ws")
-            .with_status(Status::Degraded)
-            .beat(|hb| hb.error_rate = 0.1);
+        let still_erroring = degraded_by(heartbeat("ws"), ERROR_RATE).beat(|hb| hb.error_rate = 0.1);
         assert!(decide(&still_erroring, vec![]).is_empty());
-        let recent_failure = heartbeat("ws")
-            .with_status(Status::Degraded)
-            .with_register_failure_at(T0_MS - 1000);
+        let recent_failure =
+            degraded_by(heartbeat("ws"), REGISTER_FAILED).with_register_failure_at(T0_MS - 1000);
         assert!(decide(&recent_failure, vec![]).is_empty());
-        let healthy = heartbeat("ws").with_status(Status::Degraded);
+        let healthy = degraded_by(heartbeat("ws"), ERROR_RATE);
         let out = decide(&healthy, vec![]);
-        assert_eq!(
-            transition(&out).map(|t| (t.0, t.1)),
-            Some((Status::Degraded, Status::Online))
-        );
-        assert_eq!(online_reconciles(&out), 1);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_clears_condition(&out, ERROR_RATE);
+    }
+
+    #[test]
+    fn degraded_for_another_policy_s_reason_is_left_to_it() {
+        let input = heartbeat("ws")
+            .with_status(Status::Degraded)
+            .with_condition("busy", "busy", Severity::Degraded, "busy");
+        assert!(decide(&input, vec![]).is_empty());
     }
 
     #[test]
@@ -365,13 +360,16 @@ mod tests {
 
     #[test]
     fn nothing_after_the_gate_failed() {
-        let input = heartbeat("ws").with_status(Status::Failed);
-        let gate = vec![Action::set_status(
+        let input = heartbeat("ws")
+            .with_status(Status::Failed)
+            .with_condition(NAME, ERROR_RATE, Severity::Degraded, "error_rate_high");
+        let gate = vec![Action::set_condition(
             "ws",
-            Status::Failed,
-            Status::Failed,
+            "rca2970-gate",
+            "identity",
+            Severity::Failed,
             "mcp_server_missing",
-            None,
+            "",
         )];
         assert_eq!(decide(&input, gate.clone()), gate);
     }
@@ -409,25 +407,25 @@ mod tests {
         let since = (T0_MS - 5 * 60 * 1000).to_string();
         let empty = platform_with_tools(Some(&[])).with_marker(NAME, UNLOADED_SINCE_KEY, &since);
         let out = decide(&empty, vec![]);
-        assert_eq!(
-            transition(&out),
-            Some((
-                Status::Online,
-                Status::Degraded,
-                MANAGEMENT_MCP_UNLOADED.to_string()
-            ))
-        );
-        let message = out[0].as_status_change().and_then(|c| c.message.clone());
-        assert_eq!(message.as_deref(), Some(UNLOADED_MESSAGE));
+        let c = assert_sets_condition(&out, TOOLS_UNLOADED, Severity::Degraded);
+        assert_eq!(c.reason, MANAGEMENT_MCP_UNLOADED);
+        assert_eq!(c.message, UNLOADED_MESSAGE);
 
         let absent = platform_with_tools(None).with_marker(NAME, UNLOADED_SINCE_KEY, &since);
         let out = decide(&absent, vec![]);
-        let message = out[0].as_status_change().and_then(|c| c.message.clone());
-        assert_eq!(message.as_deref(), Some(TOOLS_ABSENT_MESSAGE));
+        let c = assert_sets_condition(&out, TOOLS_UNLOADED, Severity::Degraded);
+        assert_eq!(c.message, TOOLS_ABSENT_MESSAGE);
         assert!(
-            event(&out, "WORKSPACE_DEGRADED")
-                .is_some_and(|p| p.contains("\"loaded_mcp_tools_absent\":true"))
+            assert_records_event(&out, "WORKSPACE_DEGRADED")
+                .contains("\"loaded_mcp_tools_absent\":true")
         );
+        // Still missing once degraded: stated again, so recovery is asked again.
+        let again = degraded_by(platform_with_tools(None), TOOLS_UNLOADED).with_marker(
+            NAME,
+            UNLOADED_SINCE_KEY,
+            &since,
+        );
+        assert_sets_condition(&decide(&again, vec![]), TOOLS_UNLOADED, Severity::Degraded);
     }
 
     #[test]
@@ -445,9 +443,11 @@ mod tests {
 
     #[test]
     fn degraded_is_not_recovered_while_tools_are_unloaded() {
-        let input = platform_with_tools(Some(&["a2a"]))
-            .with_status(Status::Degraded)
-            .with_marker(NAME, UNLOADED_SINCE_KEY, &(T0_MS - 10_000).to_string());
+        let input = degraded_by(platform_with_tools(Some(&["a2a"])), TOOLS_UNLOADED).with_marker(
+            NAME,
+            UNLOADED_SINCE_KEY,
+            &(T0_MS - 10_000).to_string(),
+        );
         assert!(decide(&input, vec![]).is_empty());
     }
 
@@ -463,15 +463,14 @@ mod tests {
     }
 
     #[test]
-    fn register_brings_a_workspace_online_and_reconciles_from_provisioning() {
-        let out = decide(&register("ws"), vec![]);
-        assert_eq!(
-            transition(&out).map(|t| (t.0, t.1)),
-            Some((Status::Provisioning, Status::Online))
-        );
-        assert_eq!(online_reconciles(&out), 1);
-        let from_failed = decide(&register("ws").with_status(Status::Failed), vec![]);
-        assert_eq!(online_reconciles(&from_failed), 0);
-        assert!(decide(&register("ws").with_status(Status::Online), vec![]).is_empty());
+    fn register_clears_these_rules_reasons_only() {
+        assert!(decide(&register("ws"), vec![]).is_empty());
+        let degraded = register("ws")
+            .with_status(Status::Degraded)
+            .with_condition(NAME, WEDGED, Severity::Degraded, "runtime_wedged")
+            .with_condition("busy", "busy", Severity::Degraded, "busy");
+        let out = decide(&degraded, vec![]);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_clears_condition(&out, WEDGED);
     }
 }

@@ -276,6 +276,52 @@ WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
     OR OLD.token_bootstrap IS NOT NEW.token_bootstrap
 BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
 "#,
+    // Contract 0.2.0: policies' conditions (owned by (slot, owner) like
+    // markers, bumping the version like them), the runtime's name and
+    // declared capabilities, and when the status was entered. A workspace
+    // degraded before conditions existed was degraded by the status rules:
+    // it gets their `degraded-before-0-2` condition, which they clear by
+    // their recovery rule, so it does not come online on its next
+    // unhealthy heartbeat.
+    r#"
+ALTER TABLE workspaces ADD COLUMN runtime TEXT NOT NULL DEFAULT '';
+ALTER TABLE workspaces ADD COLUMN capabilities TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE workspaces ADD COLUMN status_since_ms INTEGER;
+CREATE TABLE conditions (
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    slot TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    severity TEXT NOT NULL CHECK (severity IN ('degraded', 'failed', 'awaiting_agent', 'offline')),
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    since_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (workspace_id, slot, owner, name)
+) STRICT;
+CREATE TRIGGER conditions_version_insert AFTER INSERT ON conditions
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.workspace_id; END;
+CREATE TRIGGER conditions_version_update AFTER UPDATE ON conditions
+WHEN OLD.severity IS NOT NEW.severity OR OLD.reason IS NOT NEW.reason
+    OR OLD.message IS NOT NEW.message OR OLD.name IS NOT NEW.name OR OLD.owner IS NOT NEW.owner
+    OR OLD.slot IS NOT NEW.slot OR OLD.workspace_id IS NOT NEW.workspace_id
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id IN (OLD.workspace_id, NEW.workspace_id); END;
+CREATE TRIGGER conditions_version_delete AFTER DELETE ON conditions
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = OLD.workspace_id; END;
+INSERT INTO conditions (workspace_id, slot, owner, name, severity, reason, message, since_ms, updated_ms)
+SELECT id, 'status-rules', 'status-rules', 'degraded-before-0-2', 'degraded',
+    'degraded_before_conditions', last_sample_error, updated_ms, updated_ms
+FROM workspaces WHERE status = 'degraded';
+DROP TRIGGER workspaces_version;
+CREATE TRIGGER workspaces_version AFTER UPDATE OF kind, status, last_register_failure_ms,
+    delivery_mode, token_bootstrap, runtime, capabilities ON workspaces
+WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
+    OR OLD.last_register_failure_ms IS NOT NEW.last_register_failure_ms
+    OR OLD.delivery_mode IS NOT NEW.delivery_mode
+    OR OLD.token_bootstrap IS NOT NEW.token_bootstrap
+    OR OLD.runtime IS NOT NEW.runtime OR OLD.capabilities IS NOT NEW.capabilities
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

@@ -255,15 +255,25 @@ impl Store for SqliteStore {
             // version: one indexed read instead of four, and never state
             // older than the last committed change (a token revoked by the
             // CLI a moment ago is refused at once).
-            if let Some(snapshot) = cached {
-                let version: Option<i64> = c
-                    .prepare_cached("SELECT version FROM workspaces WHERE id = ?1")
-                    .and_then(|mut stmt| stmt.query_row([workspace_id], |r| r.get(0)).optional())
+            // The last heartbeat time comes with it: liveness writes do not
+            // bump the version, so the cached one may be older.
+            if let Some(mut snapshot) = cached {
+                let row: Option<(i64, Option<i64>)> = c
+                    .prepare_cached(
+                        "SELECT version, last_heartbeat_ms FROM workspaces WHERE id = ?1",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.query_row([workspace_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                    })
                     .map_err(|source| StoreError::Read {
                         what: READING_ROW,
                         source,
                     })?;
-                if version == Some(snapshot.version) {
+                if let Some((version, last_heartbeat_ms)) = row
+                    && version == snapshot.version
+                {
+                    snapshot.workspace.last_heartbeat_ms = last_heartbeat_ms;
                     return Ok((Some(snapshot), true));
                 }
             }
@@ -429,12 +439,24 @@ impl Store for SqliteStore {
                 "a workspace id must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.` or `-`; `{shown}` is not"
             )));
         }
+        if new.runtime.len() > 64
+            || !new
+                .runtime
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            let shown: String = new.runtime.chars().take(64).collect();
+            return Err(StoreError::Refused(format!(
+                "a runtime name is at most 64 of A-Z, a-z, 0-9, `-`, `_`, `.`; `{shown}` is not"
+            )));
+        }
         self.with_writer(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let inserted = tx.execute(
-                "INSERT INTO workspaces (id, name, kind, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING",
-                params![new.id, new.name, new.kind.as_str(), now_ms],
+                "INSERT INTO workspaces (id, name, kind, created_ms, updated_ms, runtime,
+                     status_since_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?4) ON CONFLICT DO NOTHING",
+                params![new.id, new.name, new.kind.as_str(), now_ms, new.runtime],
             )?;
             if inserted == 0 {
                 return Err(StoreError::Exists(new.id.clone()));
@@ -477,7 +499,9 @@ impl Store for SqliteStore {
     fn set_status(&self, id: &str, status: Status, now_ms: i64) -> Result<(), StoreError> {
         self.with_workspace_writer(id, |c| {
             let n = c.execute(
-                "UPDATE workspaces SET status = ?2, updated_ms = ?3 WHERE id = ?1",
+                "UPDATE workspaces SET status = ?2, updated_ms = ?3,
+                     status_since_ms = CASE WHEN status = ?2 THEN status_since_ms ELSE ?3 END
+                 WHERE id = ?1",
                 params![id, status.as_str(), now_ms],
             )?;
             if n == 0 {

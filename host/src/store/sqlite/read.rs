@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use crate::model::{Marker, Status, Workspace, WorkspaceKind};
+use crate::model::{Condition, Marker, Severity, Status, Workspace, WorkspaceKind};
 use crate::store::{
     DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError, StoredChain,
     StoredModule, WorkspaceRecord,
@@ -133,6 +133,37 @@ pub const READING_ROW: &str = "the workspace";
 pub const READING_PLUGINS: &str = "its declared plugins";
 pub const READING_MARKERS: &str = "its policy markers";
 pub const READING_TOKENS: &str = "its tokens";
+pub const READING_CONDITIONS: &str = "its conditions";
+
+/// The conditions in force on workspace `id`, by owner and name.
+pub(super) fn read_conditions(
+    conn: &Connection,
+    id: &str,
+) -> Result<Vec<Condition>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT slot, owner, name, severity, reason, message, since_ms FROM conditions
+         WHERE workspace_id = ?1 ORDER BY owner, name, slot",
+    )?;
+    stmt.query_map([id], |r| {
+        let severity: String = r.get(3)?;
+        Ok(Condition {
+            slot: Some(r.get(0)?),
+            owner: r.get(1)?,
+            name: r.get(2)?,
+            severity: Severity::parse(&severity).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    3,
+                    rusqlite::types::Type::Text,
+                    format!("unknown severity `{severity}`").into(),
+                )
+            })?,
+            reason: r.get(4)?,
+            message: r.get(5)?,
+            since_ms: r.get(6)?,
+        })
+    })?
+    .collect()
+}
 
 pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
     let failed = |what: &'static str| move |source| StoreError::Read { what, source };
@@ -141,7 +172,8 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
             "SELECT kind, status, last_register_failure_ms, delivery_mode,
                     EXISTS(SELECT 1 FROM workspace_secrets s
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
-                    version, token_bootstrap
+                    version, token_bootstrap, runtime, capabilities, last_heartbeat_ms,
+                    status_since_ms
              FROM workspaces w WHERE id = ?1",
         )
         .and_then(|mut stmt| {
@@ -154,6 +186,10 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                     r.get::<_, bool>(4)?,
                     r.get::<_, i64>(5)?,
                     r.get::<_, bool>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, String>(8)?,
+                    r.get::<_, Option<i64>>(9)?,
+                    r.get::<_, Option<i64>>(10)?,
                 ))
             })
             .optional()
@@ -167,10 +203,16 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         model_configured,
         version,
         token_bootstrap,
+        runtime,
+        capabilities,
+        last_heartbeat_ms,
+        status_since_ms,
     )) = row
     else {
         return Ok(None);
     };
+    let capabilities: Vec<String> = serde_json::from_str(&capabilities).unwrap_or_default();
+    let conditions = read_conditions(tx, id).map_err(failed(READING_CONDITIONS))?;
     let declared_plugins = tx
         .prepare_cached(
             "SELECT plugin_name FROM declared_plugins WHERE workspace_id = ?1 ORDER BY plugin_name",
@@ -214,6 +256,11 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
             model_configured,
             declared_plugins,
             last_register_failure_ms,
+            runtime,
+            capabilities,
+            last_heartbeat_ms,
+            status_since_ms,
+            conditions,
         },
         markers,
         live_token_hashes,
@@ -243,7 +290,7 @@ pub(super) fn read_workspace(
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
                     (SELECT COUNT(*) FROM auth_tokens t
                      WHERE t.workspace_id = w.id AND t.revoked_ms IS NULL),
-                    token_bootstrap
+                    token_bootstrap, runtime, status_since_ms
              FROM workspaces w WHERE id = ?1",
             [id],
             |r| {
@@ -262,6 +309,9 @@ pub(super) fn read_workspace(
                     declared_plugins: Vec::new(),
                     live_tokens: r.get(11)?,
                     token_bootstrap: r.get(12)?,
+                    runtime: r.get(13)?,
+                    status_since_ms: r.get(14)?,
+                    conditions: Vec::new(),
                 })
             },
         )
@@ -280,6 +330,7 @@ pub(super) fn read_workspace(
             })
         })?
         .collect::<Result<_, _>>()?;
+    rec.conditions = read_conditions(conn, id)?;
     Ok(Some(rec))
 }
 

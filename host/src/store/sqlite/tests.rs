@@ -31,6 +31,7 @@ fn store_with(id: &str) -> (tempfile::TempDir, SqliteStore) {
                 name: String::new(),
                 kind: WorkspaceKind::Platform,
                 model_configured: false,
+                runtime: String::new(),
             },
             1,
         )
@@ -76,6 +77,7 @@ fn liveness_only(id: &str, expected_version: i64) -> VerdictWrite {
         status: None,
         events: Vec::new(),
         markers: Vec::new(),
+        conditions: Vec::new(),
         reconciles: Vec::new(),
         decision: DecisionRecord {
             event_kind: "heartbeat".into(),
@@ -465,6 +467,7 @@ fn closing_the_store_writes_the_held_verdicts() {
                     name: String::new(),
                     kind: WorkspaceKind::Workspace,
                     model_configured: false,
+                    runtime: String::new(),
                 },
                 1,
             )

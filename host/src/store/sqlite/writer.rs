@@ -462,6 +462,7 @@ pub(super) fn changes_snapshot(w: &VerdictWrite, result: &Result<Applied, StoreE
         Ok(Applied::Done { .. }) => {
             w.status.is_some()
                 || !w.markers.is_empty()
+                || !w.conditions.is_empty()
                 || w.registration.is_some()
                 || w.stamp_register_failure
         }
@@ -520,7 +521,8 @@ pub(super) fn apply_in(
         let changed = tx
             .prepare_cached(
                 "UPDATE workspaces SET status = ?2,
-                     last_sample_error = COALESCE(?3, last_sample_error), updated_ms = ?4
+                     last_sample_error = COALESCE(?3, last_sample_error), updated_ms = ?4,
+                     status_since_ms = CASE WHEN status = ?2 THEN status_since_ms ELSE ?4 END
                  WHERE id = ?1 AND status = ?5",
             )?
             .execute(params![
@@ -570,6 +572,38 @@ pub(super) fn apply_in(
         if changed != 1 {
             return Ok(Applied::Conflict);
         }
+    }
+
+    // Conditions need no compare-and-set of their own: each write bumps the
+    // version, which was checked above.
+    for c in &w.conditions {
+        match &c.new {
+            Some(new) => tx
+                .prepare_cached(
+                    "INSERT INTO conditions (workspace_id, slot, owner, name, severity, reason,
+                         message, since_ms, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                     ON CONFLICT (workspace_id, slot, owner, name) DO UPDATE SET
+                         severity = excluded.severity, reason = excluded.reason,
+                         message = excluded.message, updated_ms = excluded.updated_ms",
+                )?
+                .execute(params![
+                    id,
+                    c.slot,
+                    c.owner,
+                    c.name,
+                    new.severity.as_str(),
+                    new.reason,
+                    new.message,
+                    w.now_ms
+                ])?,
+            None => tx
+                .prepare_cached(
+                    "DELETE FROM conditions
+                     WHERE workspace_id = ?1 AND slot = ?2 AND owner = ?3 AND name = ?4",
+                )?
+                .execute(params![id, c.slot, c.owner, c.name])?,
+        };
     }
 
     let d = &w.decision;

@@ -12,8 +12,13 @@
 //! until its deadline stops it. The blocking forms ([`PolicyModule::evaluate`])
 //! drive the same future on the calling thread.
 //!
-//! **Invariant:** a policy has no imports. A component that imports anything
-//! (WASI included) is refused at load time.
+//! A component implements contract 0.1.0 or 0.2.0 (`contract.rs` holds both
+//! bindings and the conversions); the version is told by the types
+//! interface it imports.
+//!
+//! **Invariant:** a policy imports nothing but its contract's types-only
+//! interface. A component that imports anything else (WASI included) is
+//! refused at load time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,18 +30,10 @@ use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 
 use crate::model;
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "policy",
-        exports: { default: async },
-    });
-}
+mod contract;
 
-use bindings::heartgate::policy::types as wit;
-
-/// The contract's types interface, the only import a policy may have.
-pub const TYPES_INTERFACE: &str = "heartgate:policy/types@0.1.0";
+pub use contract::Contract;
+use contract::{to_v1, to_v2, v1, v2};
 
 /// How often the epoch advances: a running guest yields and checks its
 /// deadline at every tick.
@@ -175,8 +172,9 @@ struct StoreState {
     deadline: std::time::Instant,
 }
 
-// The types interface has no functions; its host side is empty.
-impl wit::Host for StoreState {}
+// The types interfaces have no functions; their host side is empty.
+impl v1::heartgate::policy::types::Host for StoreState {}
+impl v2::heartgate::policy::types::Host for StoreState {}
 
 impl wasmtime::ResourceLimiter for StoreState {
     fn memory_growing(
@@ -233,7 +231,8 @@ impl Engine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let inner = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&inner);
-        bindings::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+        v1::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
+        v2::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
         let linker = Arc::new(linker);
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -264,19 +263,28 @@ impl Engine {
         let component =
             Component::new(&self.inner, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let ty = component.component_type();
-        // The contract's types-only interface is the one import allowed: it
-        // carries no functions, only the types the world `use`s.
-        if let Some((name, _)) = ty
-            .imports(&self.inner)
-            .find(|(name, _)| *name != TYPES_INTERFACE)
-        {
-            return Err(LoadError::Imports(name.to_string()));
+        // A contract's types-only interface is the one import allowed: it
+        // carries no functions, only the types the world `use`s. Which one
+        // tells the contract (a component importing nothing is 0.2.0).
+        let mut contract = None;
+        for (name, _) in ty.imports(&self.inner) {
+            match Contract::ALL.into_iter().find(|c| c.types_interface() == name) {
+                Some(c) if contract.is_none_or(|seen| seen == c) => contract = Some(c),
+                _ => return Err(LoadError::Imports(name.to_string())),
+            }
         }
+        let contract = contract.unwrap_or(Contract::V0_2);
         let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::World(format!("{e:#}")))?;
-        let pre = bindings::PolicyPre::new(pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
+        let world = |e: wasmtime::Error| {
+            LoadError::World(format!("contract {}: {e:#}", contract.as_str()))
+        };
+        let pre = match contract {
+            Contract::V0_1 => Pre::V1(v1::PolicyPre::new(pre).map_err(world)?),
+            Contract::V0_2 => Pre::V2(v2::PolicyPre::new(pre).map_err(world)?),
+        };
         let mut module = PolicyModule {
             engine: self.clone(),
             pre,
@@ -350,11 +358,18 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A component, ready to instantiate, as the bindings of its contract.
+#[derive(Clone)]
+enum Pre {
+    V1(v1::PolicyPre<StoreState>),
+    V2(v2::PolicyPre<StoreState>),
+}
+
 /// A compiled, checked policy, ready to instantiate.
 #[derive(Clone)]
 pub struct PolicyModule {
     engine: Engine,
-    pre: bindings::PolicyPre<StoreState>,
+    pre: Pre,
     digest: String,
     bytes: Arc<[u8]>,
     metadata: model::Metadata,
@@ -364,6 +379,7 @@ impl std::fmt::Debug for PolicyModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyModule")
             .field("metadata", &self.metadata)
+            .field("contract", &self.contract())
             .field("digest", &self.digest)
             .finish()
     }
@@ -373,6 +389,14 @@ impl PolicyModule {
     /// The name and version the policy reports.
     pub fn metadata(&self) -> &model::Metadata {
         &self.metadata
+    }
+
+    /// The version of the contract the component implements.
+    pub fn contract(&self) -> Contract {
+        match self.pre {
+            Pre::V1(_) => Contract::V0_1,
+            Pre::V2(_) => Contract::V0_2,
+        }
     }
 
     /// The sha256 of the component's bytes, lowercase hex.
@@ -391,19 +415,23 @@ impl PolicyModule {
 
     async fn metadata_async(&self, limits: Limits) -> Result<model::Metadata, EvalFailure> {
         let mut store = self.engine.store(limits);
-        let instance = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| classify(&store, e, true))?;
-        let meta = instance
-            .call_metadata(&mut store)
-            .await
-            .map_err(|e| classify(&store, e, false))?;
-        Ok(model::Metadata {
-            name: meta.name,
-            version: meta.version,
-        })
+        let (name, version) = match &self.pre {
+            Pre::V1(pre) => {
+                let instance = pre.instantiate_async(&mut store).await;
+                let instance = instance.map_err(|e| classify(&store, e, true))?;
+                let meta = instance.call_metadata(&mut store).await;
+                let meta = meta.map_err(|e| classify(&store, e, false))?;
+                (meta.name, meta.version)
+            }
+            Pre::V2(pre) => {
+                let instance = pre.instantiate_async(&mut store).await;
+                let instance = instance.map_err(|e| classify(&store, e, true))?;
+                let meta = instance.call_metadata(&mut store).await;
+                let meta = meta.map_err(|e| classify(&store, e, false))?;
+                (meta.name, meta.version)
+            }
+        };
+        Ok(model::Metadata { name, version })
     }
 
     /// Evaluate the policy in a fresh sandbox, on this thread.
@@ -437,26 +465,51 @@ impl PolicyModule {
         proposed: &[model::Action],
         limits: Limits,
     ) -> Result<Vec<model::Action>, EvalFailure> {
-        let mut store = self.engine.store(limits);
-        let instance = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| classify(&store, e, true))?;
-        let wit_input = &input.0;
-        let wit_proposed: Vec<wit::Action> = proposed.iter().map(to_wit_action).collect();
-        let result = instance
-            .call_evaluate(&mut store, wit_input, &wit_proposed)
-            .await
-            .map_err(|e| classify(&store, e, false))?;
-        match result {
-            Ok(actions) => Ok(actions.into_iter().map(from_wit_action).collect()),
-            Err(err) => Err(EvalFailure::new(
-                FailureKind::PolicyError,
-                format!("{}: {}", err.code, err.message),
-            )),
+        match &self.pre {
+            Pre::V2(pre) => {
+                let mut store = self.engine.store(limits);
+                let instance = pre.instantiate_async(&mut store).await;
+                let instance = instance.map_err(|e| classify(&store, e, true))?;
+                let wit_proposed: Vec<_> = proposed.iter().map(to_v2::action).collect();
+                let result = instance
+                    .call_evaluate(&mut store, &input.v2, &wit_proposed)
+                    .await
+                    .map_err(|e| classify(&store, e, false))?;
+                match result {
+                    Ok(actions) => Ok(actions.into_iter().map(to_v2::from_action).collect()),
+                    Err(err) => Err(policy_error(&err.code, &err.message)),
+                }
+            }
+            Pre::V1(pre) => {
+                // Not asked about what 0.1.0 cannot express: the event, or
+                // the actions (kept aside, passed on ahead of its output).
+                let Some(wit_input) = &input.v1 else {
+                    return Ok(proposed.to_vec());
+                };
+                let (visible, mut kept): (Vec<_>, Vec<_>) =
+                    proposed.iter().cloned().partition(model::Action::in_contract_0_1);
+                let wit_proposed: Vec<_> = visible.iter().filter_map(to_v1::action).collect();
+                let mut store = self.engine.store(limits);
+                let instance = pre.instantiate_async(&mut store).await;
+                let instance = instance.map_err(|e| classify(&store, e, true))?;
+                let result = instance
+                    .call_evaluate(&mut store, wit_input, &wit_proposed)
+                    .await
+                    .map_err(|e| classify(&store, e, false))?;
+                match result {
+                    Ok(actions) => {
+                        kept.extend(actions.into_iter().map(to_v1::from_action));
+                        Ok(kept)
+                    }
+                    Err(err) => Err(policy_error(&err.code, &err.message)),
+                }
+            }
         }
     }
+}
+
+fn policy_error(code: &str, message: &str) -> EvalFailure {
+    EvalFailure::new(FailureKind::PolicyError, format!("{code}: {message}"))
 }
 
 /// Drive a future to completion on this thread, parking it while the
@@ -501,193 +554,35 @@ fn classify(store: &Store<StoreState>, err: wasmtime::Error, instantiating: bool
     }
 }
 
-fn to_wit_status(s: model::Status) -> wit::Status {
-    match s {
-        model::Status::Provisioning => wit::Status::Provisioning,
-        model::Status::Online => wit::Status::Online,
-        model::Status::Offline => wit::Status::Offline,
-        model::Status::Degraded => wit::Status::Degraded,
-        model::Status::Failed => wit::Status::Failed,
-        model::Status::Removed => wit::Status::Removed,
-        model::Status::Paused => wit::Status::Paused,
-        model::Status::Hibernated => wit::Status::Hibernated,
-        model::Status::Hibernating => wit::Status::Hibernating,
-        model::Status::AwaitingAgent => wit::Status::AwaitingAgent,
-    }
-}
-
-fn from_wit_status(s: wit::Status) -> model::Status {
-    match s {
-        wit::Status::Provisioning => model::Status::Provisioning,
-        wit::Status::Online => model::Status::Online,
-        wit::Status::Offline => model::Status::Offline,
-        wit::Status::Degraded => model::Status::Degraded,
-        wit::Status::Failed => model::Status::Failed,
-        wit::Status::Removed => model::Status::Removed,
-        wit::Status::Paused => model::Status::Paused,
-        wit::Status::Hibernated => model::Status::Hibernated,
-        wit::Status::Hibernating => model::Status::Hibernating,
-        wit::Status::AwaitingAgent => model::Status::AwaitingAgent,
-    }
-}
-
-fn to_wit_kind(k: model::WorkspaceKind) -> wit::WorkspaceKind {
-    match k {
-        model::WorkspaceKind::Workspace => wit::WorkspaceKind::Workspace,
-        model::WorkspaceKind::Platform => wit::WorkspaceKind::Platform,
-    }
-}
-
-fn to_wit_trigger(t: model::ReconcileTrigger) -> wit::ReconcileTrigger {
-    match t {
-        model::ReconcileTrigger::Online => wit::ReconcileTrigger::Online,
-        model::ReconcileTrigger::McpRecovery => wit::ReconcileTrigger::McpRecovery,
-    }
-}
-
-fn from_wit_trigger(t: wit::ReconcileTrigger) -> model::ReconcileTrigger {
-    match t {
-        wit::ReconcileTrigger::Online => model::ReconcileTrigger::Online,
-        wit::ReconcileTrigger::McpRecovery => model::ReconcileTrigger::McpRecovery,
-    }
-}
-
 /// An evaluation's input as the guests receive it, converted once for every
-/// slot of a chain; each slot gets only its own markers
-/// ([`GuestInput::set_markers`]).
-pub struct GuestInput(wit::Input);
+/// slot of a chain (into each contract's form); each slot gets only its own
+/// markers ([`GuestInput::set_markers`]).
+pub struct GuestInput {
+    v2: v2::heartgate::policy::types::Input,
+    /// `None` for an event 0.1.0 cannot express.
+    v1: Option<v1::heartgate::policy::types::Input>,
+}
 
 impl GuestInput {
     /// `input` without its markers.
     pub fn new(input: &model::Input) -> GuestInput {
-        GuestInput(to_wit_input(input))
+        GuestInput {
+            v2: to_v2::input(input),
+            v1: to_v1::input(input),
+        }
     }
 
     /// Replace the markers the guest sees.
     pub fn set_markers<'a>(&mut self, markers: impl Iterator<Item = &'a model::Marker>) {
-        self.0.markers.clear();
-        self.0.markers.extend(markers.map(|m| wit::Marker {
-            owner: m.owner.clone(),
-            key: m.key.clone(),
-            value: m.value.clone(),
-        }));
-    }
-}
-
-/// `input` for the guest, without markers.
-fn to_wit_input(input: &model::Input) -> wit::Input {
-    let event = match &input.event {
-        model::Event::Register(r) => wit::Event::Register(wit::RegisterEvent {
-            url: r.url.clone(),
-            delivery_mode: r.delivery_mode.clone(),
-            requested_kind: r.requested_kind.map(to_wit_kind),
-            mcp_server_present: r.mcp_server_present,
-            loaded_mcp_tools: r.loaded_mcp_tools.clone(),
-        }),
-        model::Event::Heartbeat(h) => wit::Event::Heartbeat(wit::HeartbeatEvent {
-            error_rate: h.error_rate,
-            sample_error: h.sample_error.clone(),
-            active_tasks: h.active_tasks,
-            current_task: h.current_task.clone(),
-            uptime_seconds: h.uptime_seconds,
-            runtime_state: h.runtime_state.clone(),
-            mcp_server_present: h.mcp_server_present,
-            loaded_mcp_tools: h.loaded_mcp_tools.clone(),
-        }),
-    };
-    let ws = &input.workspace;
-    wit::Input {
-        event,
-        workspace: wit::Workspace {
-            id: ws.id.clone(),
-            kind: to_wit_kind(ws.kind),
-            status: to_wit_status(ws.status),
-            model_configured: ws.model_configured,
-            declared_plugins: ws.declared_plugins.clone(),
-            last_register_failure_ms: ws.last_register_failure_ms,
-        },
-        markers: Vec::new(),
-        now_ms: input.now_ms,
-    }
-}
-
-fn to_wit_action(action: &model::Action) -> wit::Action {
-    use model::Effect as E;
-    let effect = match &action.effect {
-        E::SetStatus {
-            to,
-            expected,
-            reason,
-            message,
-        } => wit::Effect::SetStatus(wit::StatusChange {
-            to: to_wit_status(*to),
-            expected: to_wit_status(*expected),
-            reason: reason.clone(),
-            message: message.clone(),
-        }),
-        E::Reject {
-            http_status,
-            message,
-        } => wit::Effect::Reject(wit::Rejection {
-            http_status: *http_status,
-            message: message.clone(),
-        }),
-        E::RecordEvent {
-            event_type,
-            payload_json,
-        } => wit::Effect::RecordEvent(wit::EventRecord {
-            event_type: event_type.clone(),
-            payload_json: payload_json.clone(),
-        }),
-        E::RequestReconcile { trigger } => wit::Effect::RequestReconcile(to_wit_trigger(*trigger)),
-        E::SetMarker { owner, key, value } => wit::Effect::SetMarker(wit::Marker {
-            owner: owner.clone(),
-            key: key.clone(),
-            value: value.clone(),
-        }),
-        E::ClearMarker { owner, key } => wit::Effect::ClearMarker(wit::MarkerKey {
-            owner: owner.clone(),
-            key: key.clone(),
-        }),
-    };
-    wit::Action {
-        workspace_id: action.workspace_id.clone(),
-        effect,
-    }
-}
-
-fn from_wit_action(action: wit::Action) -> model::Action {
-    use model::Effect as E;
-    let effect = match action.effect {
-        wit::Effect::SetStatus(c) => E::SetStatus {
-            to: from_wit_status(c.to),
-            expected: from_wit_status(c.expected),
-            reason: c.reason,
-            message: c.message,
-        },
-        wit::Effect::Reject(r) => E::Reject {
-            http_status: r.http_status,
-            message: r.message,
-        },
-        wit::Effect::RecordEvent(e) => E::RecordEvent {
-            event_type: e.event_type,
-            payload_json: e.payload_json,
-        },
-        wit::Effect::RequestReconcile(t) => E::RequestReconcile {
-            trigger: from_wit_trigger(t),
-        },
-        wit::Effect::SetMarker(m) => E::SetMarker {
-            owner: m.owner,
-            key: m.key,
-            value: m.value,
-        },
-        wit::Effect::ClearMarker(k) => E::ClearMarker {
-            owner: k.owner,
-            key: k.key,
-        },
-    };
-    model::Action {
-        workspace_id: action.workspace_id,
-        effect,
+        self.v2.markers.clear();
+        if let Some(v1) = &mut self.v1 {
+            v1.markers.clear();
+        }
+        for m in markers {
+            self.v2.markers.push(to_v2::to_wit_marker(m));
+            if let Some(v1) = &mut self.v1 {
+                v1.markers.push(to_v1::to_wit_marker(m));
+            }
+        }
     }
 }
