@@ -393,13 +393,16 @@ fn a_chain_file_runs_fixtures_through_every_slot() {
         .iter()
         .map(|a| a["kind"].as_str().unwrap())
         .collect();
+    // The gate states its condition; the host derives the status from it
+    // once the chain has run (contract 0.2.0).
     assert_eq!(
         kinds,
         [
-            "set_status",
+            "set_condition",
             "record_event",
             "set_marker",
-            "request_reconcile"
+            "request_reconcile",
+            "set_status"
         ]
     );
     let steps = v["trace"]["steps"].as_array().unwrap();
@@ -622,4 +625,92 @@ async fn replay_reports_changed_decisions() {
     assert!(text(&out).contains("is not a duration"), "{}", text(&out));
     let out = run(&db, db.to_str().unwrap(), &["--slot", "cooldown"]);
     assert!(text(&out).contains("loading module"), "{}", text(&out));
+}
+
+/// The guide's own policy, built from the guide's source, in the running
+/// service after the status rules: 20 heartbeats over its threshold make one
+/// transition, one event and no reconcile beyond the first online one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guide_example_does_not_flap() {
+    let guide = std::fs::read_to_string(repo().join("policies/README.md")).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let out = heartgate(home.path(), &["policy", "new", "busy-degrade"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let krate = home.path().join("busy-degrade");
+    // The guide's source files, as it last writes them.
+    for step in guide_steps(&guide) {
+        if let Step::Write { path, body } = step
+            && path.starts_with("src/")
+        {
+            std::fs::write(krate.join(path), body).unwrap();
+        }
+    }
+    let out = Command::new(HEARTGATE)
+        .current_dir(&krate)
+        .args(["policy", "build"])
+        .env("CARGO_TARGET_DIR", repo().join("target/author-guide"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let module = std::fs::read(krate.join("busy-degrade.wasm")).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(common::T0_MS);
+    let svc = Service::start_admin(&dir.path().join("hg.db"), clock.clone()).await;
+    let (status, pushed) = svc.admin("POST", "/admin/modules", module).await;
+    assert_eq!(status, hyper::StatusCode::CREATED, "{pushed}");
+    let (_, chain) = svc
+        .get_as("/admin/chain", Some(common::ADMIN))
+        .await
+        .unwrap();
+    let mut spec = chain["spec"].clone();
+    let slots = spec["slot"].as_array_mut().unwrap();
+    let at = slots
+        .iter()
+        .position(|s| s["name"] == "status-rules")
+        .unwrap()
+        + 1;
+    slots.insert(
+        at,
+        json!({"name": "busy", "module": pushed["module"], "grants": ["conditions", "record_event"]}),
+    );
+    let (status, staged) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
+    assert_eq!(status, hyper::StatusCode::CREATED, "{staged}");
+    let id = staged["id"].as_i64().unwrap();
+    let (status, _) = svc
+        .admin("POST", &format!("/admin/chains/{id}/activate"), "")
+        .await;
+    assert_eq!(status, hyper::StatusCode::OK);
+
+    let token = svc.provision("ws-1", WorkspaceKind::Workspace, true);
+    svc.heartbeat(&token, json!({"workspace_id": "ws-1"})).await;
+    assert_eq!(svc.status("ws-1"), "online");
+    for _ in 0..20 {
+        clock.advance(30_000);
+        let (status, _) = svc
+            .heartbeat(&token, json!({"workspace_id": "ws-1", "active_tasks": 80}))
+            .await;
+        assert_eq!(status, hyper::StatusCode::OK);
+        assert_eq!(svc.status("ws-1"), "degraded");
+    }
+    let history = heartgate::history::history(&*svc.store, "ws-1", 1000)
+        .unwrap()
+        .unwrap();
+    let transitions: Vec<String> = history
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            heartgate::history::Entry::Transition { from, to, .. } => Some(format!("{from}->{to}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(transitions, ["provisioning->online", "online->degraded"]);
+    assert_eq!(svc.events("ws-1", "WORKSPACE_DEGRADED").len(), 1);
+    assert_eq!(svc.events("ws-1", "WORKSPACE_ONLINE").len(), 1);
+    assert_eq!(
+        svc.runs("ws-1", "online"),
+        1,
+        "only the first online reconcile"
+    );
+    svc.stop().await;
 }

@@ -1,5 +1,7 @@
-//! `heartgate policy new NAME`: a policy crate on the guest SDK with a sample
-//! rule, its native tests and two fixtures, ready to build into a component.
+//! `heartgate policy new NAME`: a policy crate on the guest SDK (contract
+//! 0.2.0) with a sample rule that holds a workspace back with a condition of
+//! its own (with hysteresis), its native tests, two single-shot fixtures and
+//! one sequence fixture, ready to build into a component.
 
 use std::path::{Path, PathBuf};
 
@@ -75,6 +77,10 @@ fn render(name: &str, sdk: &Path) -> Vec<(&'static str, String)> {
             "fixtures/healthy_heartbeat_passes.json",
             fill(FIXTURE_PASSES),
         ),
+        (
+            "fixtures/overloaded_then_calm_recovers_once.json",
+            fill(FIXTURE_SEQUENCE),
+        ),
     ]
 }
 
@@ -106,16 +112,24 @@ panic = "abort"
 
 const README: &str = r#"# {{name}}
 
-A Heartgate policy. The rule is `decide` in `src/rule.rs`.
+A Heartgate policy (contract `heartgate:policy@0.2.0`). The rule is `decide`
+in `src/rule.rs`: it states why a workspace should not be online with a
+condition of its own, and the host derives the status from every condition
+in force.
 
     cargo test                                   # native unit tests
     heartgate policy build                       # -> {{name}}.wasm
     heartgate policy test {{name}}.wasm          # the fixtures in fixtures/
     heartgate policy eval {{name}}.wasm --input fixtures/overloaded_online_degrades.json
 
+`fixtures/` holds two single-shot fixtures (one input, the module's exact
+actions) and one sequence fixture (many heartbeats, the state carried from
+step to step as the service would, the status checked after each).
+
 The author's guide (policies/README.md in the Heartgate repository) explains
-the contract, the limits, replay, and how to hot-swap the module into a
-running service.
+the contract, how conditions compose, the limits, replay, and how to
+hot-swap the module into a running service (grant it `conditions`,
+`markers` and `record_event`).
 "#;
 
 const LIB_RS: &str = r#"//! The component adapter of the `{{name}}` policy; the decision lives in [`rule`].
@@ -125,32 +139,76 @@ pub mod rule;
 heartgate_policy::policy!(rule::NAME, rule::decide);
 "#;
 
-const RULE_RS: &str = r#"//! The `{{name}}` policy: mark an online workspace degraded when its runtime
-//! reports `runtime_state = "overloaded"`.
+const RULE_RS: &str = r##"//! The `{{name}}` policy: hold a workspace degraded while its runtime reports
+//! `runtime_state = "overloaded"`, and until it has reported another state
+//! for [`CALM_MS`].
+//!
+//! The hold is the condition [`CONDITION`] (severity `degraded`): stated on
+//! every overloaded heartbeat, cleared only once the runtime has been calm
+//! for two minutes (the hysteresis: a runtime that is overloaded on every
+//! other heartbeat stays degraded instead of flapping). The time of the last
+//! overloaded report is the marker [`LAST_OVERLOADED_KEY`]. The event
+//! `WORKSPACE_DEGRADED` is recorded when the condition comes into force, not
+//! when it is restated. The status itself is the host's: the most severe
+//! condition in force, of any policy, decides it, and with none the workspace
+//! is online.
 
-use heartgate_policy::{Action, Input, Status};
+use heartgate_policy::{Action, Input, Severity};
 
-/// The policy's name (its markers are kept under it).
+/// The policy's name: its markers and conditions are kept under it.
 pub const NAME: &str = "{{name}}";
+/// The condition that holds the workspace back.
+pub const CONDITION: &str = "overloaded";
+/// Its reason code.
+pub const REASON: &str = "runtime_overloaded";
+/// Its message, the workspace's last error while it decides the status.
+pub const MESSAGE: &str = "the runtime reports it is overloaded";
+/// The marker holding when the runtime last reported it is overloaded.
+pub const LAST_OVERLOADED_KEY: &str = "last-overloaded-ms";
+/// How long the runtime must be calm before the condition is cleared.
+pub const CALM_MS: i64 = 2 * 60 * 1000;
 
 /// Decide: take the actions proposed by the slots before this one and return
-/// the actions to propose next.
+/// them with this policy's own added.
 pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
+    // A register or a silence says nothing about load: leave things as they are.
     let Some(beat) = input.heartbeat() else {
         return proposed;
     };
     let ws = &input.workspace;
-    // One status change per verdict: leave the status to an earlier slot
-    // that already decided it.
-    let status_decided = proposed.iter().any(|a| a.as_status_change().is_some());
-    if ws.status == Status::Online && beat.runtime_state == "overloaded" && !status_decided {
-        proposed.push(Action::set_status(
+    let in_force = input.condition(NAME, CONDITION).is_some();
+    if beat.runtime_state == "overloaded" {
+        // Restating a condition in force writes nothing.
+        proposed.push(Action::set_condition(
             &ws.id,
-            Status::Online,
-            Status::Degraded,
-            "runtime_overloaded",
-            Some("the runtime reports it is overloaded"),
+            NAME,
+            CONDITION,
+            Severity::Degraded,
+            REASON,
+            MESSAGE,
         ));
+        proposed.push(Action::set_marker(
+            &ws.id,
+            NAME,
+            LAST_OVERLOADED_KEY,
+            input.now_ms.to_string(),
+        ));
+        if !in_force {
+            proposed.push(Action::record_event(
+                &ws.id,
+                "WORKSPACE_DEGRADED",
+                r#"{"runtime_state":"overloaded"}"#.to_string(),
+            ));
+        }
+    } else if in_force {
+        // A missing or malformed marker counts as calm for long enough.
+        let calm = input
+            .marker_ms(LAST_OVERLOADED_KEY)
+            .is_none_or(|at| input.now_ms.saturating_sub(at) >= CALM_MS);
+        if calm {
+            proposed.push(Action::clear_condition(&ws.id, NAME, CONDITION));
+            proposed.push(Action::clear_marker(&ws.id, NAME, LAST_OVERLOADED_KEY));
+        }
     }
     proposed
 }
@@ -158,40 +216,103 @@ pub fn decide(input: &Input, mut proposed: Vec<Action>) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heartgate_policy::testing::{assert_no_status_change, assert_sets_status, heartbeat};
+    use heartgate_policy::testing::{
+        T0_MS, assert_clears_condition, assert_clears_marker, assert_leaves_condition,
+        assert_no_event, assert_records_event, assert_sets_condition, assert_sets_marker, carry,
+        heartbeat, register,
+    };
+    use heartgate_policy::{Effect, Status};
 
-    #[test]
-    fn an_overloaded_online_workspace_degrades() {
-        let input = heartbeat("ws-1").beat(|b| b.runtime_state = "overloaded".into());
-        let out = decide(&input, vec![]);
-        assert_sets_status(&out, Status::Degraded, "runtime_overloaded");
+    fn overloaded() -> Input {
+        heartbeat("ws-1").beat(|b| b.runtime_state = "overloaded".into())
     }
 
-    #[test]
-    fn a_healthy_heartbeat_changes_nothing() {
-        assert!(decide(&heartbeat("ws-1"), vec![]).is_empty());
-    }
-
-    #[test]
-    fn a_status_change_already_proposed_is_left_alone() {
-        let input = heartbeat("ws-1").beat(|b| b.runtime_state = "overloaded".into());
-        let earlier = Action::set_status("ws-1", Status::Online, Status::Failed, "gate", None);
-        let out = decide(&input, vec![earlier.clone()]);
-        assert_eq!(out, vec![earlier]);
-    }
-
-    #[test]
-    fn a_degraded_workspace_is_not_degraded_again() {
-        let input = heartbeat("ws-1")
+    /// The workspace held back by this policy since the runtime was last
+    /// overloaded `ago_ms` before now.
+    fn held(ago_ms: i64) -> Input {
+        heartbeat("ws-1")
             .with_status(Status::Degraded)
-            .beat(|b| b.runtime_state = "overloaded".into());
-        assert_no_status_change(&decide(&input, vec![]));
+            .with_condition(NAME, CONDITION, Severity::Degraded, REASON)
+            .with_marker(NAME, LAST_OVERLOADED_KEY, &(T0_MS - ago_ms).to_string())
+    }
+
+    #[test]
+    fn an_overloaded_runtime_puts_the_condition_in_force() {
+        let out = decide(&overloaded(), vec![]);
+        let c = assert_sets_condition(&out, CONDITION, Severity::Degraded);
+        assert_eq!(c.reason, REASON);
+        assert_eq!(
+            assert_sets_marker(&out, LAST_OVERLOADED_KEY),
+            T0_MS.to_string()
+        );
+        assert_records_event(&out, "WORKSPACE_DEGRADED");
+    }
+
+    #[test]
+    fn restating_the_condition_records_no_event() {
+        let input = held(30_000).beat(|b| b.runtime_state = "overloaded".into());
+        let out = decide(&input, vec![]);
+        assert_sets_condition(&out, CONDITION, Severity::Degraded);
+        assert_no_event(&out, "WORKSPACE_DEGRADED");
+    }
+
+    #[test]
+    fn a_calm_runtime_is_held_until_two_minutes_have_passed() {
+        assert_leaves_condition(&decide(&held(CALM_MS - 1), vec![]), CONDITION);
+        let out = decide(&held(CALM_MS), vec![]);
+        assert_clears_condition(&out, CONDITION);
+        assert_clears_marker(&out, LAST_OVERLOADED_KEY);
+    }
+
+    #[test]
+    fn a_healthy_heartbeat_or_a_register_adds_nothing() {
+        assert!(decide(&heartbeat("ws-1"), vec![]).is_empty());
+        let register = register("ws-1").with_condition(NAME, CONDITION, Severity::Degraded, REASON);
+        assert!(decide(&register, vec![]).is_empty());
+    }
+
+    #[test]
+    fn what_earlier_slots_proposed_passes_through() {
+        let earlier = Action::set_condition(
+            "ws-1",
+            "rca2970-gate",
+            "identity",
+            Severity::Failed,
+            "mcp_server_missing",
+            "",
+        );
+        let out = decide(&overloaded(), vec![earlier.clone()]);
+        assert_eq!(out[0], earlier);
+        assert_sets_condition(&out, CONDITION, Severity::Degraded);
+    }
+
+    #[test]
+    fn overloaded_every_other_heartbeat_comes_into_force_once() {
+        // Ten minutes of heartbeats 30 s apart, overloaded on every other
+        // one: one event, and the condition is never cleared.
+        let mut input = overloaded();
+        let mut events = 0;
+        for i in 0..20 {
+            let state = if i % 2 == 0 { "overloaded" } else { "" };
+            input = input.beat(|b| b.runtime_state = state.into());
+            let out = decide(&input, vec![]);
+            assert!(
+                !out.iter().any(|a| a.as_condition_clear().is_some()),
+                "{out:?}"
+            );
+            events += out
+                .iter()
+                .filter(|a| matches!(&a.effect, Effect::RecordEvent(e) if e.event_type == "WORKSPACE_DEGRADED"))
+                .count();
+            input = carry(&input, NAME, &out, input.now_ms + 30_000);
+        }
+        assert_eq!(events, 1);
     }
 }
-"#;
+"##;
 
 const FIXTURE_DEGRADES: &str = r#"{
-  "description": "an online workspace whose runtime is overloaded degrades",
+  "description": "an overloaded runtime puts the condition in force (the module's own actions; the host derives the status)",
   "input": {
     "event": { "heartbeat": { "runtime_state": "overloaded", "uptime_seconds": 60 } },
     "workspace": { "id": "ws-1", "kind": "workspace", "status": "online", "model_configured": true },
@@ -200,11 +321,25 @@ const FIXTURE_DEGRADES: &str = r#"{
   "expected": [
     {
       "workspace_id": "ws-1",
-      "kind": "set_status",
-      "to": "degraded",
-      "expected": "online",
+      "kind": "set_condition",
+      "owner": "{{name}}",
+      "name": "overloaded",
+      "severity": "degraded",
       "reason": "runtime_overloaded",
       "message": "the runtime reports it is overloaded"
+    },
+    {
+      "workspace_id": "ws-1",
+      "kind": "set_marker",
+      "owner": "{{name}}",
+      "key": "last-overloaded-ms",
+      "value": "1782302400000"
+    },
+    {
+      "workspace_id": "ws-1",
+      "kind": "record_event",
+      "event_type": "WORKSPACE_DEGRADED",
+      "payload_json": "{\"runtime_state\":\"overloaded\"}"
     }
   ]
 }
@@ -226,6 +361,42 @@ const FIXTURE_PASSES: &str = r#"{
 }
 "#;
 
+const FIXTURE_SEQUENCE: &str = r#"{
+  "description": "overloaded for a minute, then calm: degraded once, held for two calm minutes, then online once",
+  "workspace": { "id": "ws-1", "kind": "workspace", "status": "online", "model_configured": true },
+  "markers": [],
+  "steps": [
+    {
+      "event": { "heartbeat": { "runtime_state": "overloaded" } },
+      "now_ms": 1782302400000,
+      "repeat": 3,
+      "every_ms": 30000,
+      "expect_status": "degraded"
+    },
+    {
+      "event": { "heartbeat": {} },
+      "now_ms": 1782302490000,
+      "repeat": 3,
+      "every_ms": 30000,
+      "expect_status": "degraded"
+    },
+    {
+      "event": { "heartbeat": {} },
+      "now_ms": 1782302580000,
+      "expect_status": "online",
+      "expected": [
+        { "workspace_id": "ws-1", "kind": "clear_condition", "owner": "{{name}}", "name": "overloaded" },
+        { "workspace_id": "ws-1", "kind": "clear_marker", "owner": "{{name}}", "key": "last-overloaded-ms" },
+        { "workspace_id": "ws-1", "kind": "set_status", "to": "online", "expected": "degraded", "reason": "heartbeat", "message": null },
+        { "workspace_id": "ws-1", "kind": "record_event", "event_type": "WORKSPACE_ONLINE", "payload_json": "{\"recovered_from\":\"degraded\"}" },
+        { "workspace_id": "ws-1", "kind": "request_reconcile", "trigger": "online" }
+      ]
+    }
+  ],
+  "expect_transitions": 2
+}
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +409,30 @@ mod tests {
         for bad in ["", "Busy", "9lives", "a_b", "a-", "../x", &"a".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rendered_fixtures_are_fixtures_of_the_named_policy() {
+        let files = render("x-pol", Path::new("/sdk"));
+        let mut sequences = 0;
+        for (rel, text) in &files {
+            assert!(!text.contains("{{"), "{rel} has an unfilled placeholder");
+            let Some(stem) = rel.strip_prefix("fixtures/") else {
+                continue;
+            };
+            let fixture = crate::authoring::fixtures::parse(Path::new(stem), text)
+                .unwrap_or_else(|e| panic!("{rel}: {e}"));
+            sequences += usize::from(!fixture.steps.is_empty());
+            if text.contains("\"owner\"") {
+                assert!(text.contains("\"owner\": \"x-pol\""), "{rel}");
+            }
+        }
+        assert_eq!(sequences, 1, "one sequence fixture");
+        let rule = &files
+            .iter()
+            .find(|(rel, _)| *rel == "src/rule.rs")
+            .unwrap()
+            .1;
+        assert!(rule.contains("pub const NAME: &str = \"x-pol\";"));
     }
 }
