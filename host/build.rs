@@ -21,7 +21,7 @@ const TARGET: &str = "wasm32-unknown-unknown";
 const WASI_TARGET: &str = "wasm32-wasip2";
 
 /// (crate name, file stem of its core module, name of the component file)
-const POLICIES: [(&str, &str, &str); 12] = [
+const POLICIES: [(&str, &str, &str); 15] = [
     ("heartgate-policy-gate", "heartgate_policy_gate", "gate"),
     (
         "heartgate-policy-status-rules",
@@ -76,6 +76,21 @@ const POLICIES: [(&str, &str, &str); 12] = [
         "heartgate-guest-long-name",
         "heartgate_guest_long_name",
         "long_name",
+    ),
+    (
+        "heartgate-guest-hold-busy",
+        "heartgate_guest_hold_busy",
+        "hold_busy",
+    ),
+    (
+        "heartgate-guest-hold-maintenance",
+        "heartgate_guest_hold_maintenance",
+        "hold_maintenance",
+    ),
+    (
+        "heartgate-guest-busy-degrade",
+        "heartgate_guest_busy_degrade",
+        "busy_degrade",
     ),
 ];
 
