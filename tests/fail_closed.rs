@@ -68,12 +68,13 @@ async fn granted_actions_pass_and_ungranted_ones_fail_the_slot() {
     assert_eq!(svc.status("event-2"), "online");
     assert_eq!(svc.events("event-2", "HOSTILE_NOTE").len(), 1);
 
-    // Not granted `drop`: dropping the promotion fails the slot, closed.
+    // Not granted `drop`: dropping the status rules' clearing of their
+    // condition (which would bring it online) fails the slot, closed.
     let token = svc.provision("drop-2", Workspace, false);
-    svc.force_status("drop-2", "offline");
+    svc.force_degraded_by_error_rate("drop-2");
     svc.heartbeat(&token, json!({"workspace_id": "drop-2"}))
         .await;
-    assert_eq!(svc.status("drop-2"), "offline");
+    assert_eq!(svc.status("drop-2"), "degraded");
     let decision = &svc.store.decisions("drop-2", 1).unwrap()[0];
     assert_eq!(decision.outcome, "failed:ungranted_action");
     assert!(

@@ -47,15 +47,17 @@ async fn hostile_service(dir: &tempfile::TempDir) -> Service {
     .await
 }
 
-/// A failed workspace `id` (the hostile guest reads its behaviour from the
-/// id's prefix) heartbeats healthily: the status rules propose `online`, the
-/// hostile slot misbehaves, and the evaluation must fail closed with
-/// `outcome`, writing only the decision row and the liveness fields.
+/// A workspace `id` degraded by the status rules' error-rate condition (the
+/// hostile guest reads its behaviour from the id's prefix) heartbeats
+/// healthily: the status rules propose clearing their condition (after which
+/// the host would bring it online), the hostile slot misbehaves, and the
+/// evaluation must fail closed with `outcome`, writing only the decision row
+/// and the liveness fields.
 async fn check_fails_closed(id: &str, outcome: &str) {
     let dir = tempfile::tempdir().unwrap();
     let svc = hostile_service(&dir).await;
     let token = svc.provision(id, Workspace, false);
-    svc.force_status(id, "failed");
+    svc.force_degraded_by_error_rate(id);
     let bystander = svc.provision("bystander", Workspace, false);
     svc.force_status("bystander", "offline");
     let before = svc.quiet_dump().await;
@@ -114,7 +116,11 @@ async fn check_fails_closed(id: &str, outcome: &str) {
     };
     common::assert_unchanged(&unrelated(&before), &unrelated(&after));
     let ws = svc.workspace(id);
-    assert_eq!(ws["status"], "failed", "{id} must not be promoted");
+    assert_eq!(ws["status"], "degraded", "{id} must not be promoted");
+    assert_eq!(
+        ws["conditions"][0]["name"], "error-rate",
+        "{id}: the condition kept"
+    );
     assert_eq!(ws["last_sample_error"], "still here", "{id}: liveness kept");
 
     // The bystander was promoted as usual, and the next request is served.

@@ -239,10 +239,18 @@ async fn explain_tells_the_deadlock_story_in_order() {
     );
     assert_eq!(entries[ran]["plugins"][0]["result"], "delivered");
     assert_eq!(entries[ran]["restart"]["ok"], true);
-    let by_gate = &entries[failed - 1];
+    // The gate's condition came into force, and the host derived the
+    // status from it (contract 0.2.0).
+    let set = &entries[failed - 1];
+    assert_eq!(set["kind"], "condition_set");
+    assert_eq!(
+        (&set["owner"], &set["name"], &set["severity"]),
+        (&json!("rca2970-gate"), &json!("identity"), &json!("failed"))
+    );
+    let by_gate = &entries[failed - 2];
     assert_eq!(by_gate["kind"], "decision");
     assert_eq!(by_gate["steps"][0]["slot"], "gate");
-    assert_eq!(by_gate["steps"][0]["output"][0]["to"], "failed");
+    assert_eq!(by_gate["steps"][0]["output"][0]["severity"], "failed");
     let (status, _) = svc
         .get_as("/admin/workspaces/nobody/history", Some(ADMIN))
         .await
@@ -272,14 +280,19 @@ async fn explain_tells_the_deadlock_story_in_order() {
             .find(needle)
             .unwrap_or_else(|| panic!("`{needle}` not in the story:\n{story}"))
     };
-    let gate =
-        at("gate (rca2970-gate): added set_status provisioning->failed (mcp_server_missing)");
+    let gate = at("gate (rca2970-gate): added set_condition identity failed (mcp_server_missing)");
+    let derived =
+        at("host (from the conditions): set_status provisioning->failed (mcp_server_missing)");
     let failed = at("status provisioning -> failed (mcp_server_missing)");
     let queued = at("(mcp-recovery) queued by decision");
     let delivered = at(&format!("ran: delivered {MANAGEMENT_PLUGIN}; restarted"));
     let online = at("status failed -> online");
     assert!(
-        gate < failed && failed < queued && queued < delivered && delivered < online,
+        gate < derived
+            && derived < failed
+            && failed < queued
+            && queued < delivered
+            && delivered < online,
         "out of order:\n{story}"
     );
     assert!(

@@ -461,6 +461,18 @@ impl Chain {
         }
     }
 
+    /// Keep of `conditions` those of a slot of this chain running their
+    /// owner: a condition whose policy left the chain (or was replaced by
+    /// another policy in its slot) holds nothing back any more, since
+    /// nothing could ever clear it.
+    pub fn retain_in_force(&self, conditions: &mut Vec<crate::model::Condition>) {
+        conditions.retain(|c| {
+            self.slots
+                .iter()
+                .any(|s| c.belongs_to(&s.name, &s.module.metadata().name))
+        });
+    }
+
     /// Evaluate `input` through every slot, on this thread.
     pub fn evaluate(&self, input: &Input) -> ChainOutcome {
         self.evaluate_from(input, Vec::new())
@@ -636,9 +648,8 @@ fn condition_problem(effect: &crate::model::Effect) -> Option<String> {
             "condition `{name}`: a reason code is 1-{MAX_NAME} bytes"
         ));
     }
-    (message.len() > MAX_MESSAGE).then(|| {
-        format!("condition `{name}`: a message is at most {MAX_MESSAGE} bytes")
-    })
+    (message.len() > MAX_MESSAGE)
+        .then(|| format!("condition `{name}`: a message is at most {MAX_MESSAGE} bytes"))
 }
 
 fn ungranted(grant: Grant) -> EvalFailure {

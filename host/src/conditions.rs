@@ -40,7 +40,10 @@ pub fn valid_name(name: &str) -> bool {
 
 /// The conditions in force once `actions` are applied to `before` (keyed by
 /// owner and name: a chain runs each policy name once).
-pub fn after<'a>(before: &'a [Condition], actions: &'a [Action]) -> Vec<(&'a str, Severity, &'a str, &'a str)> {
+pub fn after<'a>(
+    before: &'a [Condition],
+    actions: &'a [Action],
+) -> Vec<(&'a str, Severity, &'a str, &'a str)> {
     // (owner, name) -> (severity, reason, message)
     let mut now: Vec<(&str, &str, Severity, &str, &str)> = before
         .iter()
@@ -63,8 +66,17 @@ pub fn after<'a>(before: &'a [Condition], actions: &'a [Action]) -> Vec<(&'a str
                 reason,
                 message,
             } => {
-                now.retain(|c| !(c.0 == owner && c.1 == name));
-                now.push((owner, name, *severity, reason, message));
+                let stated = (
+                    owner.as_str(),
+                    name.as_str(),
+                    *severity,
+                    reason.as_str(),
+                    message.as_str(),
+                );
+                match now.iter_mut().find(|c| c.0 == owner && c.1 == name) {
+                    Some(c) => *c = stated,
+                    None => now.push(stated),
+                }
             }
             Effect::ClearCondition { owner, name } => {
                 now.retain(|c| !(c.0 == owner && c.1 == name));
@@ -95,9 +107,7 @@ pub fn derive(input: &Input, actions: &[Action]) -> Vec<Action> {
     let worst = in_force
         .iter()
         .fold(None::<&(&str, Severity, &str, &str)>, |w, c| match w {
-            Some(w) if w.1 > c.1 || (w.1 == c.1 && (!w.3.is_empty() || c.3.is_empty())) => {
-                Some(w)
-            }
+            Some(w) if w.1 > c.1 || (w.1 == c.1 && (!w.3.is_empty() || c.3.is_empty())) => Some(w),
             _ => Some(c),
         });
     let id = &input.workspace.id;
@@ -223,13 +233,26 @@ mod tests {
         assert_eq!(to(&derive(&i, &[])), Some(Status::Degraded));
         let out = derive(&i, &[set("b", Severity::Failed)]);
         assert_eq!(to(&out), Some(Status::Failed));
-        assert!(matches!(&out[0].effect, Effect::SetStatus { reason, message, .. }
-            if reason == "b_reason" && message.as_deref() == Some("why")));
+        assert!(
+            matches!(&out[0].effect, Effect::SetStatus { reason, message, .. }
+            if reason == "b_reason" && message.as_deref() == Some("why"))
+        );
         let i = input(Status::Degraded, vec![condition("a", Severity::Degraded)]);
         assert!(derive(&i, &[]).is_empty());
         // Staying degraded, a message is kept as the last error.
         let out = derive(&i, &[set("b", Severity::Degraded)]);
-        assert!(matches!(&out[..], [Action { effect: Effect::SetStatus { to: Status::Degraded, expected: Status::Degraded, message: Some(_), .. }, .. }]));
+        assert!(matches!(
+            &out[..],
+            [Action {
+                effect: Effect::SetStatus {
+                    to: Status::Degraded,
+                    expected: Status::Degraded,
+                    message: Some(_),
+                    ..
+                },
+                ..
+            }]
+        ));
     }
 
     #[test]

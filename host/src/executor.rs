@@ -39,9 +39,8 @@ use crate::model::{
     WorkspaceKind,
 };
 use crate::store::{
-    Applied, ConditionState, ConditionWrite, DecisionDetail, DecisionRecord, Liveness,
-    MarkerWrite, NewWorkspace, Read,
-    Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
+    Applied, ConditionState, ConditionWrite, DecisionDetail, DecisionRecord, Liveness, MarkerWrite,
+    NewWorkspace, Read, Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
 };
 
 /// How many times a verdict is re-evaluated after conflicting writes.
@@ -102,6 +101,8 @@ pub struct RegisterRequest {
     pub kind: Option<WorkspaceKind>,
     pub mcp_server_present: Option<bool>,
     pub loaded_mcp_tools: Option<Vec<String>>,
+    /// The capabilities `runtime_metadata` declared (set to true), sorted.
+    pub capabilities: Vec<String>,
 }
 
 /// A successful register.
@@ -585,9 +586,13 @@ impl Executor {
         }
         let chain = self.chain.load_full();
         let version = snap.version;
+        let mut workspace = snap.workspace;
+        if !workspace.conditions.is_empty() {
+            chain.retain_in_force(&mut workspace.conditions);
+        }
         let input = Arc::new(Input {
             event: Event::Heartbeat(req.event.clone()),
-            workspace: snap.workspace,
+            workspace,
             markers: snap.markers,
             now_ms: self.clock.now_ms(),
         });
@@ -654,6 +659,8 @@ impl Executor {
                 .filter(|u| !u.is_empty())
                 .or_else(|| req.agent_card_url.clone().filter(|u| !u.is_empty()));
             let chain = self.chain.load_full();
+            let mut workspace = snap.workspace.clone();
+            chain.retain_in_force(&mut workspace.conditions);
             let input = Arc::new(Input {
                 event: Event::Register(RegisterEvent {
                     url: url.clone().unwrap_or_default(),
@@ -662,7 +669,7 @@ impl Executor {
                     mcp_server_present: req.mcp_server_present,
                     loaded_mcp_tools: req.loaded_mcp_tools.clone(),
                 }),
-                workspace: snap.workspace.clone(),
+                workspace,
                 markers: snap.markers.clone(),
                 now_ms,
             });
@@ -697,6 +704,7 @@ impl Executor {
                             url: url.clone(),
                             agent_card: req.agent_card.clone(),
                             delivery_mode: delivery_mode.clone(),
+                            capabilities: req.capabilities.clone(),
                             new_token: minted.as_ref().map(|m| m.stored.clone()),
                         });
                         Ok(())

@@ -176,10 +176,10 @@ enum PolicyCommand {
         /// an existing slot).
         #[arg(long, requires = "slot")]
         after: Option<String>,
-        /// What the slot may do (repeat): set_status, reject, record_event,
-        /// request_reconcile, markers, drop [default: a replaced slot keeps
-        /// its grants; a new one gets none].
-        #[arg(long = "grant", requires = "slot", value_parser = ["set_status", "reject", "record_event", "request_reconcile", "markers", "drop"])]
+        /// What the slot may do (repeat): conditions, record_event,
+        /// request_reconcile, markers, reject, set_status, drop [default: a
+        /// replaced slot keeps its grants; a new one gets none].
+        #[arg(long = "grant", requires = "slot", value_parser = ["conditions", "record_event", "request_reconcile", "markers", "reject", "set_status", "drop"])]
         grants: Vec<String>,
         #[arg(long, requires = "slot")]
         activate: bool,

@@ -66,6 +66,8 @@ pub struct ModuleView {
     pub size: usize,
     /// What to put in a chain spec's `module`.
     pub module: String,
+    /// The contract version the component implements (`0.1.0`, `0.2.0`).
+    pub contract: crate::engine::Contract,
 }
 
 /// One slot of the active chain, as the API shows it.
@@ -357,6 +359,7 @@ impl PolicySet {
             version: meta.version,
             size: module.bytes().len(),
             module: format!("sha256:{}", module.digest()),
+            contract: module.contract(),
         })
     }
 

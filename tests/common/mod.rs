@@ -326,6 +326,23 @@ impl Service {
             .collect()
     }
 
+    /// Put a workspace in `degraded` for the status rules' `error-rate`
+    /// condition directly (as an older verdict would have left it): a
+    /// healthy heartbeat then makes the status rules propose clearing it.
+    pub fn force_degraded_by_error_rate(&self, id: &str) {
+        self.force_status(id, "degraded");
+        let conn = rusqlite::Connection::open(&self.db).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute(
+            "INSERT INTO conditions (workspace_id, slot, owner, name, severity, reason, message,
+                 since_ms, updated_ms)
+             VALUES (?1, 'status-rules', 'status-rules', 'error-rate', 'degraded',
+                 'error_rate_high', '', 0, 0)",
+            [id],
+        )
+        .unwrap();
+    }
+
     /// Put a workspace in `status` directly (as another part of the control
     /// plane would).
     pub fn force_status(&self, id: &str, status: &str) {

@@ -24,7 +24,7 @@
 //!
 //! ```json
 //! {
-//!   "workspace": { "id": "ws-1", "status": "online", "model_configured": true },
+//!   "workspace": { "id": "ws-1", "kind": "workspace", "status": "online", "model_configured": true },
 //!   "markers": [],
 //!   "steps": [
 //!     { "event": {"heartbeat": {"active_tasks": 80}}, "now_ms": 1782302400000,
@@ -185,7 +185,10 @@ fn check_sequence_shape(fixture: Fixture) -> Result<Fixture, String> {
         if i == 0 && step.now_ms.is_none() {
             return Err("the first step needs its `now_ms`".into());
         }
-        if step.expect_status.is_none() && step.expected.is_none() && fixture.expect_transitions.is_none() {
+        if step.expect_status.is_none()
+            && step.expected.is_none()
+            && fixture.expect_transitions.is_none()
+        {
             return Err(format!(
                 "step {} expects nothing: give `expect_status`, `expected` or the sequence's `expect_transitions`",
                 i + 1
@@ -396,7 +399,8 @@ impl State {
                     let _ = message;
                 }
                 Effect::SetMarker { owner, key, value } => {
-                    self.markers.retain(|m| !(m.owner == *owner && m.key == *key));
+                    self.markers
+                        .retain(|m| !(m.owner == *owner && m.key == *key));
                     self.markers.push(Marker {
                         slot: None,
                         owner: owner.clone(),
@@ -405,7 +409,8 @@ impl State {
                     });
                 }
                 Effect::ClearMarker { owner, key } => {
-                    self.markers.retain(|m| !(m.owner == *owner && m.key == *key));
+                    self.markers
+                        .retain(|m| !(m.owner == *owner && m.key == *key));
                 }
                 Effect::SetCondition {
                     owner,
@@ -419,7 +424,8 @@ impl State {
                         .iter()
                         .find(|c| c.owner == *owner && c.name == *name)
                         .map_or(input.now_ms, |c| c.since_ms);
-                    ws.conditions.retain(|c| !(c.owner == *owner && c.name == *name));
+                    ws.conditions
+                        .retain(|c| !(c.owner == *owner && c.name == *name));
                     ws.conditions.push(Condition {
                         slot: None,
                         owner: owner.clone(),
@@ -431,9 +437,12 @@ impl State {
                     });
                 }
                 Effect::ClearCondition { owner, name } => {
-                    ws.conditions.retain(|c| !(c.owner == *owner && c.name == *name));
+                    ws.conditions
+                        .retain(|c| !(c.owner == *owner && c.name == *name));
                 }
-                Effect::Reject { .. } | Effect::RecordEvent { .. } | Effect::RequestReconcile { .. } => {}
+                Effect::Reject { .. }
+                | Effect::RecordEvent { .. }
+                | Effect::RequestReconcile { .. } => {}
             }
         }
         ws.conditions

@@ -40,6 +40,10 @@ use contract::{to_v1, to_v2, v1, v2};
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The most memory any one policy instance may ever have (the pool's slot size).
 pub const MAX_MEMORY_BYTES: usize = 32 << 20;
+/// The budget of the metadata call that checks a module at load time: off
+/// the request path, and generous, so that a loaded machine does not refuse
+/// a good module (a request's evaluation keeps its slot's own limit).
+pub const LOAD_METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many policy instances may be alive at once across the process.
 pub const MAX_INSTANCES: u32 = 256;
 
@@ -268,7 +272,10 @@ impl Engine {
         // tells the contract (a component importing nothing is 0.2.0).
         let mut contract = None;
         for (name, _) in ty.imports(&self.inner) {
-            match Contract::ALL.into_iter().find(|c| c.types_interface() == name) {
+            match Contract::ALL
+                .into_iter()
+                .find(|c| c.types_interface() == name)
+            {
                 Some(c) if contract.is_none_or(|seen| seen == c) => contract = Some(c),
                 _ => return Err(LoadError::Imports(name.to_string())),
             }
@@ -278,9 +285,8 @@ impl Engine {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::World(format!("{e:#}")))?;
-        let world = |e: wasmtime::Error| {
-            LoadError::World(format!("contract {}: {e:#}", contract.as_str()))
-        };
+        let world =
+            |e: wasmtime::Error| LoadError::World(format!("contract {}: {e:#}", contract.as_str()));
         let pre = match contract {
             Contract::V0_1 => Pre::V1(v1::PolicyPre::new(pre).map_err(world)?),
             Contract::V0_2 => Pre::V2(v2::PolicyPre::new(pre).map_err(world)?),
@@ -296,7 +302,10 @@ impl Engine {
             },
         };
         let metadata = module
-            .metadata_call(Limits::default())
+            .metadata_call(Limits {
+                timeout: LOAD_METADATA_TIMEOUT,
+                ..Limits::default()
+            })
             .map_err(|e| LoadError::Metadata(e.to_string()))?;
         // The messages quote at most 64 characters of what the module said.
         let quoted = |s: &str| {
@@ -486,8 +495,10 @@ impl PolicyModule {
                 let Some(wit_input) = &input.v1 else {
                     return Ok(proposed.to_vec());
                 };
-                let (visible, mut kept): (Vec<_>, Vec<_>) =
-                    proposed.iter().cloned().partition(model::Action::in_contract_0_1);
+                let (visible, mut kept): (Vec<_>, Vec<_>) = proposed
+                    .iter()
+                    .cloned()
+                    .partition(model::Action::in_contract_0_1);
                 let wit_proposed: Vec<_> = visible.iter().filter_map(to_v1::action).collect();
                 let mut store = self.engine.store(limits);
                 let instance = pre.instantiate_async(&mut store).await;

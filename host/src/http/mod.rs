@@ -897,6 +897,7 @@ struct RegisterBody {
     kind: Option<String>,
     mcp_server_present: Option<bool>,
     loaded_mcp_tools: Option<Vec<String>>,
+    runtime_metadata: Option<serde_json::Value>,
 }
 
 async fn register(
@@ -1004,6 +1005,7 @@ pub fn decode_register(bearer: Option<String>, body: &[u8]) -> Result<RegisterRe
         .filter(|u| u.len() <= MAX_URL_BYTES)
         .map(str::to_string);
     check_tools(body.loaded_mcp_tools.as_deref())?;
+    let capabilities = decode_capabilities(body.runtime_metadata.as_ref())?;
     Ok(RegisterRequest {
         id,
         bearer,
@@ -1014,7 +1016,56 @@ pub fn decode_register(bearer: Option<String>, body: &[u8]) -> Result<RegisterRe
         kind,
         mcp_server_present: body.mcp_server_present,
         loaded_mcp_tools: body.loaded_mcp_tools,
+        capabilities,
     })
+}
+
+/// The most capabilities a runtime may declare, and their names' length.
+pub const MAX_CAPABILITIES: usize = 64;
+pub const MAX_CAPABILITY_NAME_BYTES: usize = 64;
+
+/// The capabilities `runtime_metadata` declares (those set to `true`),
+/// sorted; none when it is absent (a register without it clears them, as
+/// the original registry does). `idle_timeout_seconds`, if sent, must be a
+/// non-negative integer.
+fn decode_capabilities(meta: Option<&serde_json::Value>) -> Result<Vec<String>, ApiError> {
+    let bad =
+        |what: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("runtime_metadata{what}"));
+    let meta = match meta {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(_) => return Err(bad(" must be an object")),
+    };
+    match meta.get("idle_timeout_seconds") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(v) if v.as_u64().is_some() => {}
+        Some(_) => return Err(bad(".idle_timeout_seconds must be a non-negative integer")),
+    }
+    let caps = match meta.get("capabilities") {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Object(c)) => c,
+        Some(_) => return Err(bad(".capabilities must be an object of booleans")),
+    };
+    if caps.len() > MAX_CAPABILITIES {
+        return Err(bad(&format!(
+            ".capabilities has more than {MAX_CAPABILITIES} entries"
+        )));
+    }
+    let mut on = Vec::new();
+    for (name, value) in caps {
+        if name.is_empty() || name.len() > MAX_CAPABILITY_NAME_BYTES {
+            return Err(bad(&format!(
+                ".capabilities names are 1-{MAX_CAPABILITY_NAME_BYTES} bytes"
+            )));
+        }
+        match value {
+            serde_json::Value::Bool(true) => on.push(name.clone()),
+            serde_json::Value::Bool(false) => {}
+            _ => return Err(bad(".capabilities must be an object of booleans")),
+        }
+    }
+    on.sort();
+    Ok(on)
 }
 
 /// `loaded_mcp_tools` within [`MAX_TOOLS`] names of [`MAX_TOOL_NAME_BYTES`].

@@ -126,6 +126,8 @@ pub struct Registration {
     pub url: Option<String>,
     pub agent_card: String,
     pub delivery_mode: String,
+    /// The runtime's declared capabilities, sorted (replacing the stored).
+    pub capabilities: Vec<String>,
     /// A new token to store if the workspace has no live token at commit.
     pub new_token: Option<NewToken>,
 }

@@ -185,7 +185,10 @@ mod tests {
             Action::request_reconcile("ws", ReconcileTrigger::Online),
         ];
         let out = decide(&input, earlier);
-        assert!(out.iter().all(|a| a.as_status_change().is_none()), "{out:?}");
+        assert!(
+            out.iter().all(|a| a.as_status_change().is_none()),
+            "{out:?}"
+        );
         assert!(failed_with(&out).is_some());
         assert!(out.iter().any(|a| a.is_reconcile(ReconcileTrigger::Online)));
     }

@@ -318,8 +318,10 @@ pub fn assert_clears_condition(actions: &[Action], name: &str) {
 #[track_caller]
 pub fn assert_leaves_condition(actions: &[Action], name: &str) {
     assert!(
-        !actions.iter().any(|a| a.as_condition_set().is_some_and(|c| c.name == name)
-            || a.as_condition_clear().is_some_and(|k| k.name == name)),
+        !actions
+            .iter()
+            .any(|a| a.as_condition_set().is_some_and(|c| c.name == name)
+                || a.as_condition_clear().is_some_and(|k| k.name == name)),
         "expected condition `{name}` to be left alone, in {actions:?}"
     );
 }

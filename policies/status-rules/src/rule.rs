@@ -285,9 +285,12 @@ mod tests {
         ] {
             let out = decide(&heartbeat("ws").with_status(from), vec![]);
             assert!(out.is_empty(), "{from:?}: {out:?}");
-            let stale = heartbeat("ws")
-                .with_status(from)
-                .with_condition(NAME, ERROR_RATE, Severity::Degraded, "error_rate_high");
+            let stale = heartbeat("ws").with_status(from).with_condition(
+                NAME,
+                ERROR_RATE,
+                Severity::Degraded,
+                "error_rate_high",
+            );
             let out = decide(&stale, vec![]);
             assert_clears_condition(&out, ERROR_RATE);
         }
@@ -323,7 +326,8 @@ mod tests {
         let still_wedged =
             degraded_by(heartbeat("ws"), WEDGED).beat(|hb| hb.runtime_state = "wedged".into());
         assert!(decide(&still_wedged, vec![]).is_empty());
-        let still_erroring = degraded_by(heartbeat("ws"), ERROR_RATE).beat(|hb| hb.error_rate = 0.1);
+        let still_erroring =
+            degraded_by(heartbeat("ws"), ERROR_RATE).beat(|hb| hb.error_rate = 0.1);
         assert!(decide(&still_erroring, vec![]).is_empty());
         let recent_failure =
             degraded_by(heartbeat("ws"), REGISTER_FAILED).with_register_failure_at(T0_MS - 1000);
@@ -360,9 +364,12 @@ mod tests {
 
     #[test]
     fn nothing_after_the_gate_failed() {
-        let input = heartbeat("ws")
-            .with_status(Status::Failed)
-            .with_condition(NAME, ERROR_RATE, Severity::Degraded, "error_rate_high");
+        let input = heartbeat("ws").with_status(Status::Failed).with_condition(
+            NAME,
+            ERROR_RATE,
+            Severity::Degraded,
+            "error_rate_high",
+        );
         let gate = vec![Action::set_condition(
             "ws",
             "rca2970-gate",

@@ -663,10 +663,18 @@ pub(super) fn apply_in(
     if let Some(r) = &w.registration {
         tx.prepare_cached(
             "UPDATE workspaces SET url = ?2, agent_card = ?3, delivery_mode = ?4,
-                 last_heartbeat_ms = ?5, last_register_failure_ms = NULL, updated_ms = ?5
+                 last_heartbeat_ms = ?5, last_register_failure_ms = NULL, updated_ms = ?5,
+                 capabilities = ?6
              WHERE id = ?1 AND status != 'removed'",
         )?
-        .execute(params![id, r.url, r.agent_card, r.delivery_mode, w.now_ms])?;
+        .execute(params![
+            id,
+            r.url,
+            r.agent_card,
+            r.delivery_mode,
+            w.now_ms,
+            serde_json::to_string(&r.capabilities).unwrap_or_else(|_| "[]".into())
+        ])?;
         if let Some(token) = &r.new_token {
             // Bootstrap: only while the workspace has no live token and has
             // never had one (or the operator reopened it).
