@@ -658,6 +658,30 @@ fn register_cases(t: &Tokens) -> Vec<Case> {
             INVALID,
         ),
         row(
+            "runtime_metadata not an object",
+            br#"{"id":"ws","agent_card":{},"runtime_metadata":"status_mgmt"}"#,
+            400,
+            "runtime_metadata must be an object",
+        ),
+        row(
+            "runtime_metadata capabilities a list",
+            br#"{"id":"ws","agent_card":{},"runtime_metadata":{"capabilities":["status_mgmt"]}}"#,
+            400,
+            "runtime_metadata.capabilities must be an object of booleans",
+        ),
+        row(
+            "runtime_metadata capability a string",
+            br#"{"id":"ws","agent_card":{},"runtime_metadata":{"capabilities":{"status_mgmt":"yes"}}}"#,
+            400,
+            "runtime_metadata.capabilities must be an object of booleans",
+        ),
+        row(
+            "runtime_metadata idle timeout negative",
+            br#"{"id":"ws","agent_card":{},"runtime_metadata":{"idle_timeout_seconds":-1}}"#,
+            400,
+            "runtime_metadata.idle_timeout_seconds must be a non-negative integer",
+        ),
+        row(
             "mcp_server_present as a string",
             br#"{"id":"ws","agent_card":{},"mcp_server_present":"false"}"#,
             400,

@@ -389,3 +389,54 @@ async fn a_policy_that_leaves_the_chain_holds_nothing_back() {
     assert_eq!(svc.status("ws"), "online");
     svc.stop().await;
 }
+
+/// The capabilities a runtime declares at register (`runtime_metadata`,
+/// those set to true) reach the policies from then on; a register without
+/// them clears them, as in the original registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_capabilities_reach_the_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_admin(&dir.path().join("hg.db"), ManualClock::at(T0_MS)).await;
+    let token = svc.provision("ws", Workspace, true);
+    let register = |meta: Value| json!({"id": "ws", "url": "", "agent_card": {}, "delivery_mode": "poll", "runtime_metadata": meta});
+    let (status, body) = svc
+        .register(
+            Some(&token),
+            register(json!({"capabilities": {"status_mgmt": true, "streaming": false}, "idle_timeout_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The heartbeat's own row (a liveness-only one may be held a moment).
+    let beat = |n: &'static str| json!({"workspace_id": "ws", "current_task": n});
+    let row_of = |svc: &Service, n: &str| {
+        svc.store
+            .decisions("ws", 10)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.input["event"]["heartbeat"]["current_task"] == n)
+    };
+    svc.heartbeat(&token, beat("first")).await;
+    svc.wait_for("the first heartbeat's row", 10, |s| {
+        row_of(s, "first").is_some()
+    })
+    .await;
+    let first = row_of(&svc, "first").unwrap();
+    assert_eq!(
+        first.input["workspace"]["capabilities"],
+        json!(["status_mgmt"])
+    );
+
+    svc.register(Some(&token), register(Value::Null)).await;
+    svc.heartbeat(&token, beat("second")).await;
+    svc.wait_for("the second heartbeat's row", 10, |s| {
+        row_of(s, "second").is_some()
+    })
+    .await;
+    let second = row_of(&svc, "second").unwrap();
+    assert!(
+        second.input["workspace"].get("capabilities").is_none(),
+        "{}",
+        second.input
+    );
+    svc.stop().await;
+}
