@@ -186,6 +186,42 @@ macro_rules! shared_conversions {
                 E::SetCondition { .. } | E::ClearCondition { .. } => return None,
             })
         }
+
+        /// The effects both versions have, in the host's model; the effect
+        /// itself back for one only this version has.
+        #[allow(unreachable_patterns, reason = "0.1.0 has no other effects")]
+        fn from_wit_shared_effect(effect: wit::Effect) -> Result<model::Effect, wit::Effect> {
+            use model::Effect as E;
+            Ok(match effect {
+                wit::Effect::SetStatus(c) => E::SetStatus {
+                    to: from_wit_status(c.to),
+                    expected: from_wit_status(c.expected),
+                    reason: c.reason,
+                    message: c.message,
+                },
+                wit::Effect::Reject(r) => E::Reject {
+                    http_status: r.http_status,
+                    message: r.message,
+                },
+                wit::Effect::RecordEvent(e) => E::RecordEvent {
+                    event_type: e.event_type,
+                    payload_json: e.payload_json,
+                },
+                wit::Effect::RequestReconcile(t) => E::RequestReconcile {
+                    trigger: from_wit_trigger(t),
+                },
+                wit::Effect::SetMarker(m) => E::SetMarker {
+                    owner: m.owner,
+                    key: m.key,
+                    value: m.value,
+                },
+                wit::Effect::ClearMarker(k) => E::ClearMarker {
+                    owner: k.owner,
+                    key: k.key,
+                },
+                other => return Err(other),
+            })
+        }
     };
 }
 
@@ -230,34 +266,9 @@ pub(super) mod to_v1 {
 
     /// What a 0.1.0 guest returned, in the host's model.
     pub(in crate::engine) fn from_action(action: wit::Action) -> model::Action {
-        use model::Effect as E;
-        let effect = match action.effect {
-            wit::Effect::SetStatus(c) => E::SetStatus {
-                to: from_wit_status(c.to),
-                expected: from_wit_status(c.expected),
-                reason: c.reason,
-                message: c.message,
-            },
-            wit::Effect::Reject(r) => E::Reject {
-                http_status: r.http_status,
-                message: r.message,
-            },
-            wit::Effect::RecordEvent(e) => E::RecordEvent {
-                event_type: e.event_type,
-                payload_json: e.payload_json,
-            },
-            wit::Effect::RequestReconcile(t) => E::RequestReconcile {
-                trigger: from_wit_trigger(t),
-            },
-            wit::Effect::SetMarker(m) => E::SetMarker {
-                owner: m.owner,
-                key: m.key,
-                value: m.value,
-            },
-            wit::Effect::ClearMarker(k) => E::ClearMarker {
-                owner: k.owner,
-                key: k.key,
-            },
+        let effect = match from_wit_shared_effect(action.effect) {
+            Ok(effect) => effect,
+            Err(_) => unreachable!("0.1.0 has only the shared effects"),
         };
         model::Action {
             workspace_id: action.workspace_id,
@@ -372,44 +383,20 @@ pub(super) mod to_v2 {
     /// What a 0.2.0 guest returned, in the host's model.
     pub(in crate::engine) fn from_action(action: wit::Action) -> model::Action {
         use model::Effect as E;
-        let effect = match action.effect {
-            wit::Effect::SetStatus(c) => E::SetStatus {
-                to: from_wit_status(c.to),
-                expected: from_wit_status(c.expected),
-                reason: c.reason,
-                message: c.message,
-            },
-            wit::Effect::Reject(r) => E::Reject {
-                http_status: r.http_status,
-                message: r.message,
-            },
-            wit::Effect::RecordEvent(e) => E::RecordEvent {
-                event_type: e.event_type,
-                payload_json: e.payload_json,
-            },
-            wit::Effect::RequestReconcile(t) => E::RequestReconcile {
-                trigger: from_wit_trigger(t),
-            },
-            wit::Effect::SetMarker(m) => E::SetMarker {
-                owner: m.owner,
-                key: m.key,
-                value: m.value,
-            },
-            wit::Effect::ClearMarker(k) => E::ClearMarker {
-                owner: k.owner,
-                key: k.key,
-            },
-            wit::Effect::SetCondition(c) => E::SetCondition {
+        let effect = match from_wit_shared_effect(action.effect) {
+            Ok(effect) => effect,
+            Err(wit::Effect::SetCondition(c)) => E::SetCondition {
                 owner: c.owner,
                 name: c.name,
                 severity: from_wit_severity(c.severity),
                 reason: c.reason,
                 message: c.message,
             },
-            wit::Effect::ClearCondition(k) => E::ClearCondition {
+            Err(wit::Effect::ClearCondition(k)) => E::ClearCondition {
                 owner: k.owner,
                 name: k.name,
             },
+            Err(_) => unreachable!("every shared effect was converted"),
         };
         model::Action {
             workspace_id: action.workspace_id,
