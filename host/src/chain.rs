@@ -624,7 +624,7 @@ pub(crate) fn check_output(
 }
 
 /// What is wrong with a condition action, if anything.
-fn condition_problem(effect: &crate::model::Effect) -> Option<String> {
+pub(crate) fn condition_problem(effect: &crate::model::Effect) -> Option<String> {
     use crate::conditions::{MAX_MESSAGE, MAX_NAME, valid_name};
     use crate::model::Effect as E;
     let (name, reason, message) = match effect {

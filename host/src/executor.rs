@@ -1075,14 +1075,10 @@ fn check_final(input: &Input, outcome: &ChainOutcome) -> Result<Effects, SlotFai
                 reason,
                 message,
             } => {
-                if !crate::conditions::valid_name(name)
-                    || reason.is_empty()
-                    || reason.len() > crate::conditions::MAX_NAME
-                    || message.len() > crate::conditions::MAX_MESSAGE
-                {
-                    return Err(invalid(format!(
-                        "condition `{name}`: a name of lowercase letters, digits and dashes and a reason of 1-64 bytes, a message of at most 1024"
-                    )));
+                // The bounds each slot's output was checked against (a
+                // fixture's `proposed` actions were not).
+                if let Some(problem) = crate::chain::condition_problem(effect) {
+                    return Err(invalid(problem));
                 }
                 upsert(
                     &mut condition_writes,

@@ -391,12 +391,11 @@ impl State {
         let ws = &mut self.workspace;
         for a in actions {
             match &a.effect {
-                Effect::SetStatus { to, message, .. } => {
+                Effect::SetStatus { to, .. } => {
                     if *to != ws.status {
                         ws.status = *to;
                         ws.status_since_ms = Some(input.now_ms);
                     }
-                    let _ = message;
                 }
                 Effect::SetMarker { owner, key, value } => {
                     self.markers
