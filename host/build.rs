@@ -21,12 +21,17 @@ const TARGET: &str = "wasm32-unknown-unknown";
 const WASI_TARGET: &str = "wasm32-wasip2";
 
 /// (crate name, file stem of its core module, name of the component file)
-const POLICIES: [(&str, &str, &str); 15] = [
+const POLICIES: [(&str, &str, &str); 16] = [
     ("heartgate-policy-gate", "heartgate_policy_gate", "gate"),
     (
         "heartgate-policy-status-rules",
         "heartgate_policy_status_rules",
         "status_rules",
+    ),
+    (
+        "heartgate-policy-liveness",
+        "heartgate_policy_liveness",
+        "liveness",
     ),
     (
         "heartgate-policy-recovery-trigger",

@@ -190,6 +190,7 @@ fn builtin_fixture_sets_pass_through_the_runner() {
     for (dir, component) in [
         ("gate", "gate"),
         ("status-rules", "status_rules"),
+        ("liveness", "liveness"),
         ("recovery-trigger", "recovery_trigger"),
         ("cooldown", "cooldown"),
     ] {

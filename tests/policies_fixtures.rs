@@ -41,6 +41,7 @@ fn builtin_policies_report_their_metadata() {
         [
             "rca2970-gate",
             "status-rules",
+            "liveness",
             "mcp-recovery-trigger",
             "recovery-cooldown"
         ]

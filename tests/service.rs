@@ -721,6 +721,7 @@ async fn every_decision_is_logged_with_its_chain_and_policies() {
         [
             "rca2970-gate",
             "status-rules",
+            "liveness",
             "mcp-recovery-trigger",
             "recovery-cooldown"
         ]

@@ -8,7 +8,7 @@
 //! only introduce writes to its own markers. The first failing slot stops the
 //! chain: the evaluation fails closed and no action of it is applied.
 //!
-//! The built-in chain (gate, status rules, recovery trigger, cooldown) is
+//! The built-in chain (gate, status rules, liveness, recovery trigger, cooldown) is
 //! embedded in the binary; a chain file can name other module files.
 //!
 //! **Invariant:** the chain never performs effects; it returns data that the
@@ -27,7 +27,7 @@ use crate::engine::{
 use crate::model::{Action, Input};
 
 /// The embedded built-in policies, by name: (name, component bytes).
-pub const BUILTIN: [(&str, &[u8]); 4] = [
+pub const BUILTIN: [(&str, &[u8]); 5] = [
     (
         "gate",
         include_bytes!(concat!(env!("OUT_DIR"), "/gate.wasm")),
@@ -35,6 +35,10 @@ pub const BUILTIN: [(&str, &[u8]); 4] = [
     (
         "status-rules",
         include_bytes!(concat!(env!("OUT_DIR"), "/status_rules.wasm")),
+    ),
+    (
+        "liveness",
+        include_bytes!(concat!(env!("OUT_DIR"), "/liveness.wasm")),
     ),
     (
         "recovery-trigger",
@@ -68,7 +72,7 @@ pub enum ChainError {
         error: std::io::Error,
     },
     #[error(
-        "slot `{0}`: unknown built-in module; built-ins are gate, status-rules, recovery-trigger, cooldown"
+        "slot `{0}`: unknown built-in module; built-ins are gate, status-rules, liveness, recovery-trigger, cooldown"
     )]
     UnknownBuiltin(String),
     #[error("the chain is invalid: {0}")]
@@ -181,6 +185,8 @@ fn builtin_grants(name: &str) -> Vec<Grant> {
         // any explicit status change proposed before it.
         "gate" => vec![Conditions, RecordEvent, Reject, Drop],
         "status-rules" => vec![Conditions, RecordEvent, Markers],
+        // Silence: its conditions and their events.
+        "liveness" => vec![Conditions, RecordEvent],
         "recovery-trigger" => vec![RequestReconcile],
         // Drops recovery requests inside the window; writes its fire time.
         "cooldown" => vec![Markers, Drop],
@@ -290,7 +296,7 @@ pub struct SlotFailure {
 }
 
 impl Chain {
-    /// The built-in chain: gate, status rules, recovery trigger, cooldown.
+    /// The built-in chain: gate, status rules, liveness, recovery trigger, cooldown.
     ///
     /// The status rules run before the recovery trigger so that the trigger
     /// also sees their `management_mcp_unloaded` degrade, and the cooldown

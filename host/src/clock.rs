@@ -72,37 +72,49 @@ pub fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// Parse a duration such as `90s`, `15m`, `2h`, `7d` or `1h30m` into
-/// milliseconds.
+/// Parse a duration such as `200ms`, `90s`, `15m`, `2h`, `7d` or `1h30m`
+/// into milliseconds: one or more whole numbers, each with its unit.
 pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
-    let bad = || format!("`{text}` is not a duration; write e.g. 90s, 15m, 2h, 7d or 1h30m");
+    let bad = || format!("`{text}` is not a duration; write e.g. 200ms, 90s, 15m, 2h, 7d or 1h30m");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
     let mut total: i64 = 0;
-    let mut digits = String::new();
-    let mut any = false;
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit: i64 = match c {
-            's' => 1000,
-            'm' => 60_000,
-            'h' => 3_600_000,
-            'd' => 86_400_000,
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let letters = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit: i64 = match &rest[..letters] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
             _ => return Err(bad()),
         };
-        let n: i64 = digits.parse().map_err(|_| bad())?;
+        rest = &rest[letters..];
         total = n
             .checked_mul(unit)
             .and_then(|v| total.checked_add(v))
             .ok_or_else(bad)?;
-        digits.clear();
-        any = true;
-    }
-    if !any || !digits.is_empty() {
-        return Err(bad());
     }
     Ok(total)
+}
+
+/// A duration as people read it: `800ms`, `45s`, `2.5s`, `3m02s`, `1h05m`
+/// (negative counts as zero).
+pub fn format_duration_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..60 if ms % 1000 == 0 => format!("{s}s"),
+        1..60 => format!("{s}.{}s", (ms % 1000) / 100),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 #[cfg(test)]

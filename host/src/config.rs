@@ -12,6 +12,7 @@ use crate::ServiceOptions;
 use crate::chain::ChainSpec;
 use crate::deliverer::restart::RestartHook;
 use crate::deliverer::{GiteaConfig, Secret};
+use crate::liveness::{LivenessConfig, parse_duration};
 
 /// Why a configuration file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +101,68 @@ pub struct RestartSection {
     pub attempts: Option<u32>,
 }
 
+/// `[liveness]`: when silence is noticed. Durations are strings such as
+/// `"2s"`, `"90s"`, `"12m"`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LivenessSection {
+    pub heartbeat_ttl: Option<String>,
+    pub provision_timeout: Option<String>,
+    pub sweep_interval: Option<String>,
+    /// `[liveness.runtime.<name>]`
+    #[serde(default)]
+    pub runtime: std::collections::BTreeMap<String, RuntimeLivenessSection>,
+}
+
+/// `[liveness.runtime.<name>]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeLivenessSection {
+    pub provision_timeout: Option<String>,
+}
+
+impl LivenessSection {
+    /// The configuration it describes over the built-in defaults; the
+    /// error names the key.
+    pub fn resolve(&self) -> Result<LivenessConfig, (String, String)> {
+        let mut c = LivenessConfig::default();
+        let parse = |key: &str, v: &Option<String>, into: &mut std::time::Duration| {
+            if let Some(text) = v {
+                *into = parse_duration(text).map_err(|m| (key.to_string(), m))?;
+            }
+            Ok::<(), (String, String)>(())
+        };
+        parse(
+            "liveness.heartbeat_ttl",
+            &self.heartbeat_ttl,
+            &mut c.heartbeat_ttl,
+        )?;
+        parse(
+            "liveness.provision_timeout",
+            &self.provision_timeout,
+            &mut c.provision_timeout,
+        )?;
+        parse(
+            "liveness.sweep_interval",
+            &self.sweep_interval,
+            &mut c.sweep_interval,
+        )?;
+        for (name, section) in &self.runtime {
+            let key = format!("liveness.runtime.{name}.provision_timeout");
+            let Some(text) = &section.provision_timeout else {
+                return Err((
+                    format!("liveness.runtime.{name}"),
+                    "needs `provision_timeout`".into(),
+                ));
+            };
+            let d = parse_duration(text).map_err(|m| (key, m))?;
+            c.runtime_provision_timeout.insert(name.clone(), d);
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
 /// The configuration file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +193,8 @@ pub struct ConfigFile {
     pub policy: PolicySection,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub liveness: LivenessSection,
     pub chain: Option<ChainSpec>,
 }
 
@@ -288,6 +353,9 @@ impl ConfigFile {
                 ));
             }
         }
+        if let Err((key, message)) = config.liveness.resolve() {
+            return Err(invalid(&key, message));
+        }
         if config
             .database
             .as_ref()
@@ -392,6 +460,10 @@ impl ConfigFile {
                 ),
             };
         }
+        // Checked by `load`.
+        if let Ok(liveness) = self.liveness.resolve() {
+            opts.liveness = liveness;
+        }
         opts.chain = self.chain.map(|spec| (spec, base.to_path_buf()));
     }
 }
@@ -483,5 +555,54 @@ mod tests {
         std::fs::write(&path, "listen = \"localhost\"\n").unwrap();
         let err = ConfigFile::load(&path).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn liveness_durations_are_read_and_checked_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(
+            &path,
+            "[liveness]\nheartbeat_ttl = \"2s\"\nprovision_timeout = \"3s\"\nsweep_interval = \"200ms\"\n\n[liveness.runtime.kimi]\nprovision_timeout = \"5m\"\n",
+        )
+        .unwrap();
+        let mut opts = ServiceOptions::new("x.db");
+        ConfigFile::load(&path)
+            .unwrap()
+            .apply(&mut opts, dir.path());
+        let l = &opts.liveness;
+        assert_eq!(l.heartbeat_ttl, Duration::from_secs(2));
+        assert_eq!(l.provision_timeout, Duration::from_secs(3));
+        assert_eq!(l.sweep_interval, Duration::from_millis(200));
+        assert_eq!(l.provision_timeout_for("kimi"), Duration::from_secs(300));
+        // The built-in override stays unless the file replaces it.
+        assert_eq!(l.provision_timeout_for("hermes"), Duration::from_secs(1800));
+        for (text, expected) in [
+            (
+                "[liveness]\n\nheartbeat_ttl = \"3 minutes\"\n",
+                "line 3: `liveness.heartbeat_ttl` `3 minutes` is not a duration",
+            ),
+            (
+                "[liveness]\nsweep_interval = \"0s\"\n",
+                "line 2: `liveness.sweep_interval` must be 10ms-1h00m, not 0ms",
+            ),
+            (
+                "[liveness]\nheartbeat_ttl = \"2s\"\nsweep_interval = \"5s\"\n",
+                "line 3: `liveness.sweep_interval` (5s) must not be longer than",
+            ),
+            (
+                "[liveness.runtime.hermes]\nprovision_timeout = \"30d\"\n",
+                "line 2: `liveness.runtime.hermes.provision_timeout` must be 1s-",
+            ),
+            (
+                "[liveness.runtime.hermes]\n",
+                "`liveness.runtime.hermes` needs `provision_timeout`",
+            ),
+            ("[liveness]\nttl = \"2s\"\n", "unknown field `ttl`"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = ConfigFile::load(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
     }
 }

@@ -35,12 +35,13 @@ use crate::deliverer::Deliverer;
 use crate::engine::{EvalFailure, FailureKind};
 use crate::metrics::Metrics;
 use crate::model::{
-    Action, Effect, Event, HeartbeatEvent, Input, ReconcileTrigger, RegisterEvent, Status,
-    WorkspaceKind,
+    Action, Effect, Event, HeartbeatEvent, Input, ReconcileTrigger, RegisterEvent, SilenceEvent,
+    SilenceKind, Status, WorkspaceKind,
 };
 use crate::store::{
     Applied, ConditionState, ConditionWrite, DecisionDetail, DecisionRecord, Liveness, MarkerWrite,
-    NewWorkspace, Read, Registration, Snapshot, StatusWrite, Store, StoreError, VerdictWrite,
+    NewWorkspace, Read, Registration, SilenceSeen, Snapshot, StatusWrite, Store, StoreError,
+    VerdictWrite,
 };
 
 /// How many times a verdict is re-evaluated after conflicting writes.
@@ -131,6 +132,31 @@ pub struct Acknowledged {
     /// The version of the chain that decided it (empty for a removed
     /// workspace, which no chain evaluates).
     pub chain_version: String,
+}
+
+/// When a workspace's silence is due (the liveness sweep's rule).
+#[derive(Clone, Debug)]
+pub struct SilenceRule {
+    pub kind: SilenceKind,
+    /// The heartbeat TTL, or the provision timeout of the workspace's
+    /// runtime.
+    pub limit_ms: i64,
+    /// Nothing is due before this: one TTL after the last outage ended.
+    pub not_before_ms: i64,
+}
+
+/// What [`Executor::notice_silence`] came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SilenceOutcome {
+    /// Nothing evaluated: the workspace is gone, its status is not one the
+    /// silence applies to, or its deadline moved (a heartbeat won).
+    NotDue,
+    /// Evaluated and applied; the status stayed.
+    Unchanged,
+    /// Evaluated and applied; the status changed.
+    Changed { from: Status, to: Status },
+    /// The evaluation failed closed (recorded in the decision log).
+    Failed,
 }
 
 /// A heartbeat, as parsed by the HTTP layer.
@@ -744,6 +770,125 @@ impl Executor {
         )))
     }
 
+    /// The service's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Evaluate the silence of workspace `id` at `now_ms` if `rule` says its
+    /// deadline passed, and apply the verdict (what the liveness sweep calls
+    /// for each workspace the store found past its deadline). The verdict is
+    /// written only if the workspace's version and its deadline's reference
+    /// (last register or heartbeat, or the start of `provisioning`) are
+    /// still what the evaluation saw: a heartbeat that lands first wins,
+    /// and a conflict is evaluated again on fresh state, which then finds
+    /// nothing due. Each deadline is evaluated once, whatever the chain
+    /// decides (a failed evaluation is recorded and not retried until the
+    /// next register or heartbeat).
+    pub async fn notice_silence(
+        &self,
+        id: &str,
+        rule: &SilenceRule,
+        now_ms: i64,
+    ) -> Result<SilenceOutcome, RegistryError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let snap =
+                self.store
+                    .load(id, Read::Fresh)
+                    .map_err(|e| RegistryError::StateUnavailable {
+                        what: e.reading().unwrap_or("its workspace"),
+                        error: e,
+                    })?;
+            let Some(snap) = snap else {
+                return Ok(SilenceOutcome::NotDue);
+            };
+            let ws = &snap.workspace;
+            let since = match rule.kind {
+                SilenceKind::HeartbeatExpired => matches!(
+                    ws.status,
+                    Status::Online | Status::Degraded | Status::Failed
+                )
+                .then_some(ws.last_heartbeat_ms)
+                .flatten(),
+                SilenceKind::ProvisionTimeout => (ws.status == Status::Provisioning)
+                    .then_some(ws.status_since_ms)
+                    .flatten(),
+            };
+            let Some(since_ms) = since.filter(|s| snap.silence_noticed_ms != Some(*s)) else {
+                return Ok(SilenceOutcome::NotDue);
+            };
+            if now_ms
+                < since_ms
+                    .saturating_add(rule.limit_ms)
+                    .max(rule.not_before_ms)
+            {
+                return Ok(SilenceOutcome::NotDue);
+            }
+            let chain = self.chain.load_full();
+            let version = snap.version;
+            let mut workspace = snap.workspace;
+            chain.retain_in_force(&mut workspace.conditions);
+            let input = Arc::new(Input {
+                event: Event::Silence(SilenceEvent {
+                    kind: rule.kind,
+                    last_heartbeat_ms: workspace.last_heartbeat_ms,
+                    silent_for_ms: now_ms.saturating_sub(since_ms),
+                }),
+                workspace,
+                markers: snap.markers,
+                now_ms,
+            });
+            let outcome = Arc::new(chain.evaluate_async(&input).await);
+            let checked = check_final(&input, &outcome);
+            let mut write = self.verdict_write(&input, &chain, &outcome, &checked, attempt);
+            write.expected_version = Some(version);
+            write.silence = Some(SilenceSeen {
+                kind: rule.kind,
+                since_ms: Some(since_ms),
+            });
+            let recorded = write.decision.outcome.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.store.submit(
+                write,
+                Box::new(move |applied| {
+                    let _ = tx.send(applied);
+                }),
+            );
+            match rx.await.unwrap_or(Err(StoreError::WriterStopped)) {
+                Ok(Applied::Done { queued, .. }) => {
+                    self.count(&input, &recorded, &checked, &outcome);
+                    if !queued.is_empty() {
+                        self.deliverer.queued(&queued);
+                    }
+                    self.compare_with_shadow_async(&input, &outcome).await;
+                    return Ok(match &checked {
+                        Err(_) => SilenceOutcome::Failed,
+                        Ok(Effects {
+                            status: Some(change),
+                            ..
+                        }) if change.to != change.expected => {
+                            self.metrics
+                                .silence_transition(rule.kind.as_str(), change.to.as_str());
+                            SilenceOutcome::Changed {
+                                from: change.expected,
+                                to: change.to,
+                            }
+                        }
+                        Ok(_) => SilenceOutcome::Unchanged,
+                    });
+                }
+                Ok(Applied::Conflict) => continue,
+                Ok(Applied::Coalesced) => {
+                    return Err(RegistryError::UpdateFailed(NOT_WRITTEN.into()));
+                }
+                Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
+            }
+        }
+        Err(RegistryError::UpdateFailed(format!(
+            "state kept changing under {MAX_ATTEMPTS} evaluations"
+        )))
+    }
+
     fn open_register(&self, id: &str) -> Result<(), RegistryError> {
         let new = NewWorkspace {
             id: id.to_string(),
@@ -788,6 +933,7 @@ impl Executor {
             markers: Vec::new(),
             conditions: Vec::new(),
             reconciles: Vec::new(),
+            silence: None,
             decision: DecisionRecord {
                 event_kind: input.event.kind().to_string(),
                 chain_version: chain.version.clone(),

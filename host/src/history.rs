@@ -39,6 +39,10 @@ pub enum Entry {
         heartbeats: i64,
         steps: Vec<StepView>,
         final_actions: Value,
+        /// For a silence: what the host noticed and what came of it, e.g.
+        /// `no heartbeat for 3m02s: online -> offline`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        silence: Option<String>,
     },
     /// A status change the decision committed.
     Transition {
@@ -187,6 +191,7 @@ fn decision_entries(d: &DecisionRow, out: &mut Vec<Entry>) {
         heartbeats: d.heartbeats,
         steps,
         final_actions: d.final_actions.clone(),
+        silence: silence_summary(d),
     });
     // A failed evaluation applies nothing; an applied one, or a rejected
     // register, applies its final actions.
@@ -240,6 +245,30 @@ fn decision_entries(d: &DecisionRow, out: &mut Vec<Entry>) {
             });
         }
     }
+}
+
+/// `no heartbeat for 3m02s: online -> offline` for a silence decision.
+fn silence_summary(d: &DecisionRow) -> Option<String> {
+    let silence = d.input["event"].get("silence")?;
+    let silent_for =
+        crate::clock::format_duration_ms(silence["silent_for_ms"].as_i64().unwrap_or(0));
+    let noticed = match silence["kind"].as_str() {
+        Some("provision_timeout") => format!("still provisioning after {silent_for}"),
+        _ => format!("no heartbeat for {silent_for}"),
+    };
+    let from = text(&d.input["workspace"]["status"]);
+    let change = d
+        .final_actions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["kind"] == "set_status" && a["expected"] != a["to"]);
+    let came = match (d.outcome.starts_with("failed:"), change) {
+        (true, _) => format!("{from} stays (the evaluation failed)"),
+        (false, Some(a)) => format!("{} -> {}", text(&a["expected"]), text(&a["to"])),
+        (false, None) => format!("{from} stays"),
+    };
+    Some(format!("{noticed}: {came}"))
 }
 
 fn run_entries(r: &ReconcileRun, out: &mut Vec<Entry>) {
@@ -310,6 +339,7 @@ pub fn explain(h: &History) -> String {
                 steps,
                 chain_version,
                 final_actions,
+                silence,
                 ..
             } => {
                 let times = if *heartbeats > 1 {
@@ -320,6 +350,9 @@ pub fn explain(h: &History) -> String {
                 out.push_str(&format!(
                     "{at}  decision {decision_id}: {event}{times}, {outcome} by chain {chain_version}\n"
                 ));
+                if let Some(silence) = silence {
+                    out.push_str(&format!("    {silence}\n"));
+                }
                 let mut before: Vec<Value> = Vec::new();
                 for s in steps {
                     let line = match (&s.output, &s.failure) {

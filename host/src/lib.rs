@@ -10,6 +10,8 @@
 //!   a chain slot by slot.
 //! - [`engine`]: the only code that knows wasmtime.
 //! - [`store`]: the only code that knows SQL.
+//! - [`liveness`]: the sweep that notices silence (heartbeat TTL,
+//!   provision timeout) and has the chain evaluate it.
 //! - [`reconcile`]: the worker that runs queued reconciles off the request
 //!   path.
 //! - [`deliverer`]: the only code that touches workspace config volumes and
@@ -34,6 +36,7 @@ pub mod executor;
 pub mod fuzzing;
 pub mod history;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod policy_set;
@@ -79,6 +82,8 @@ pub struct ServiceOptions {
     pub min_free_bytes: u64,
     /// How many policy modules (and bytes of them) the service stores.
     pub module_quota: store::ModuleQuota,
+    /// When silence is noticed (`[liveness]`).
+    pub liveness: liveness::LivenessConfig,
 }
 
 impl ServiceOptions {
@@ -99,6 +104,7 @@ impl ServiceOptions {
             retention: store::Retention::default(),
             min_free_bytes: store::health::DEFAULT_MIN_FREE_BYTES,
             module_quota: store::ModuleQuota::default(),
+            liveness: liveness::LivenessConfig::default(),
         }
     }
 }
@@ -180,6 +186,10 @@ pub async fn run(
             .executor
             .acknowledge_when_queued(stop_signal(stopped.clone())),
     );
+    let sweeper = tokio::spawn(
+        liveness::Sweeper::new(service.executor.clone(), opts.liveness.clone())
+            .run(stop_signal(stopped.clone())),
+    );
     let watcher = opts.watch_dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), "watching for policy modules");
         tokio::spawn(policy_set::watch(
@@ -208,6 +218,9 @@ pub async fn run(
     }
     if let Err(e) = worker.await {
         tracing::error!(error = %e, "the reconcile worker failed");
+    }
+    if let Err(e) = sweeper.await {
+        tracing::error!(error = %e, "the silence sweep failed");
     }
     if let Err(e) = retrier.await {
         tracing::error!(error = %e, "evaluating conflicting heartbeats again failed");

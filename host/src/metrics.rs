@@ -20,6 +20,10 @@
 //!   `heartgate_http_connection_limit_reached_total`: episodes at the cap;
 //!   `heartgate_http_connections_evicted_total`: idle connections closed to
 //!   make room for new ones
+//! - `heartgate_silence_transitions_total{kind,to}`: status changes committed
+//!   by silence verdicts (`heartbeat_expired` or `provision_timeout`)
+//! - `heartgate_silence_sweep_seconds` (histogram): one sweep for silent
+//!   workspaces, evaluations and commits included
 //!
 //! Each evaluation outcome is its own label value (`applied`, `rejected`,
 //! `timeout`, `out_of_memory`, `trap`, `instantiation`, `policy_error`,
@@ -39,7 +43,7 @@ use crate::engine::FailureKind;
 /// allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvaluationLabels {
-    /// `heartbeat` or `register`.
+    /// `heartbeat`, `register` or `silence`.
     pub event: &'static str,
     /// `applied`, `rejected`, or the failure kind.
     pub outcome: &'static str,
@@ -84,6 +88,13 @@ pub struct SuppressionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SilenceLabels {
+    /// `heartbeat_expired` or `provision_timeout`.
+    pub kind: &'static str,
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChainLabels {
     pub version: String,
 }
@@ -110,6 +121,8 @@ pub struct Metrics {
     commit_seconds: Histogram,
     db_write_failures: Counter,
     db_writable: Gauge,
+    silence_transitions: Family<SilenceLabels, Counter>,
+    sweep_seconds: Histogram,
     /// The HTTP layer's connection counts.
     pub connections: ConnectionMetrics,
 }
@@ -202,6 +215,19 @@ impl Metrics {
             "1 while database writes succeed and its file system has room; 0 while the service is unready for it",
             db_writable.clone(),
         );
+        let silence_transitions = Family::<SilenceLabels, Counter>::default();
+        registry.register(
+            "heartgate_silence_transitions",
+            "Workspace status changes committed by silence verdicts, by kind (heartbeat_expired, provision_timeout) and to",
+            silence_transitions.clone(),
+        );
+        // 100 us to about 54 min.
+        let sweep_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 25));
+        registry.register(
+            "heartgate_silence_sweep_seconds",
+            "Time one sweep for silent workspaces took, their evaluations and commits included",
+            sweep_seconds.clone(),
+        );
         let connections = ConnectionMetrics::default();
         registry.register(
             "heartgate_http_connections",
@@ -231,6 +257,8 @@ impl Metrics {
             commit_seconds,
             db_write_failures,
             db_writable,
+            silence_transitions,
+            sweep_seconds,
             connections,
         }
     }
@@ -256,6 +284,18 @@ impl Metrics {
         self.transitions
             .get_or_create(&TransitionLabels { from, to })
             .inc();
+    }
+
+    /// Count a status change committed by a silence verdict.
+    pub fn silence_transition(&self, kind: &'static str, to: &'static str) {
+        self.silence_transitions
+            .get_or_create(&SilenceLabels { kind, to })
+            .inc();
+    }
+
+    /// Record how long one sweep for silent workspaces took.
+    pub fn sweep_took(&self, seconds: f64) {
+        self.sweep_seconds.observe(seconds);
     }
 
     /// Count a finished reconcile run.

@@ -177,6 +177,16 @@ pub enum SilenceKind {
     ProvisionTimeout,
 }
 
+impl SilenceKind {
+    /// The metrics' and decision log's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SilenceKind::HeartbeatExpired => "heartbeat_expired",
+            SilenceKind::ProvisionTimeout => "provision_timeout",
+        }
+    }
+}
+
 /// A workspace silent past a deadline, as seen by policies (contract 0.2.0).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -22,7 +22,8 @@ use crate::clock::Clock;
 use crate::engine::{Engine, LoadError};
 use crate::executor::{Executor, Shadow, ShadowStats};
 use crate::model::{
-    Action, Event, HeartbeatEvent, Input, RegisterEvent, Status, Workspace, WorkspaceKind,
+    Action, Event, HeartbeatEvent, Input, RegisterEvent, SilenceEvent, SilenceKind, Status,
+    Workspace, WorkspaceKind,
 };
 use crate::store::{ModuleQuota, Store, StoreError, StoredChain, StoredModule};
 
@@ -214,6 +215,28 @@ fn smoke_inputs() -> Vec<(&'static str, Input)> {
                     requested_kind: None,
                     mcp_server_present: Some(true),
                     loaded_mcp_tools: None,
+                }),
+                workspace(WorkspaceKind::Platform, Status::Provisioning),
+            ),
+        ),
+        (
+            "silence past the heartbeat TTL",
+            input(
+                Event::Silence(SilenceEvent {
+                    kind: SilenceKind::HeartbeatExpired,
+                    last_heartbeat_ms: Some(1_782_302_400_000 - 200_000),
+                    silent_for_ms: 200_000,
+                }),
+                workspace(WorkspaceKind::Workspace, Status::Online),
+            ),
+        ),
+        (
+            "provision timeout",
+            input(
+                Event::Silence(SilenceEvent {
+                    kind: SilenceKind::ProvisionTimeout,
+                    last_heartbeat_ms: None,
+                    silent_for_ms: 720_000,
                 }),
                 workspace(WorkspaceKind::Platform, Status::Provisioning),
             ),

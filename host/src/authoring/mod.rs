@@ -36,7 +36,7 @@ pub fn load_module(engine: &Engine, arg: &str) -> Result<crate::engine::PolicyMo
         Some(name) => builtin_module(name)
             .with_context(|| {
                 format!(
-                    "no built-in module `{name}`; built-ins are gate, status-rules, recovery-trigger, cooldown"
+                    "no built-in module `{name}`; built-ins are gate, status-rules, liveness, recovery-trigger, cooldown"
                 )
             })?
             .into(),

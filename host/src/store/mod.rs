@@ -107,6 +107,9 @@ pub struct Snapshot {
     /// The workspace's version: the database bumps it (by trigger) on every
     /// change to anything above, whoever makes it.
     pub version: i64,
+    /// The deadline reference (last heartbeat, or start of `provisioning`)
+    /// a silence verdict was last evaluated for.
+    pub silence_noticed_ms: Option<i64>,
 }
 
 /// The liveness fields of a heartbeat, stored on every accepted beat.
@@ -216,7 +219,44 @@ pub struct VerdictWrite {
     pub markers: Vec<MarkerWrite>,
     pub conditions: Vec<ConditionWrite>,
     pub reconciles: Vec<ReconcileTrigger>,
+    /// A silence verdict: written only if the workspace's liveness is still
+    /// what its evaluation saw, and it records that this deadline was
+    /// evaluated.
+    pub silence: Option<SilenceSeen>,
     pub decision: DecisionRecord,
+}
+
+/// The liveness a silence verdict was computed from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SilenceSeen {
+    pub kind: crate::model::SilenceKind,
+    /// The last register or heartbeat (`heartbeat_expired`) or when
+    /// `provisioning` began (`provision_timeout`), as read.
+    pub since_ms: Option<i64>,
+}
+
+/// Which silent workspaces [`Store::silent_workspaces`] returns: those of
+/// `kind` whose deadline's reference (last register or heartbeat, or the
+/// start of `provisioning`) is at or before `before_ms` and whose deadline
+/// was not evaluated yet, in the order of that reference and then id,
+/// after `after`, at most `limit`.
+#[derive(Clone, Debug)]
+pub struct SilenceQuery {
+    pub kind: crate::model::SilenceKind,
+    pub before_ms: i64,
+    pub after: Option<(i64, String)>,
+    pub limit: usize,
+}
+
+/// A workspace whose deadline may have passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SilentWorkspace {
+    pub id: String,
+    pub kind: crate::model::SilenceKind,
+    /// The deadline's reference: the last register or heartbeat, or when
+    /// `provisioning` began.
+    pub since_ms: i64,
+    pub runtime: String,
 }
 
 impl VerdictWrite {
@@ -232,6 +272,7 @@ impl VerdictWrite {
             && self.reconciles.is_empty()
             && self.registration.is_none()
             && !self.stamp_register_failure
+            && self.silence.is_none()
     }
 }
 
@@ -499,6 +540,18 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Record that an authenticated register failed (for the degrade rule).
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// Workspaces whose silence deadline may have passed and was not
+    /// evaluated yet (see [`SilenceQuery`]), read from an index: the cost is
+    /// in proportion to those, not to the fleet. Removed, paused, hibernated
+    /// and hibernating workspaces are never returned.
+    fn silent_workspaces(&self, query: &SilenceQuery) -> Result<Vec<SilentWorkspace>, StoreError>;
+
+    /// Record that a sweep for silence runs at `now_ms` (whichever host runs
+    /// it) and return when the last outage ended. With `gap_ms` (a host's
+    /// first sweep), no sweep for more than `gap_ms` (or none ever) is an
+    /// outage that ends now; without, the value kept (`now_ms` if none).
+    fn sweep_started(&self, now_ms: i64, gap_ms: Option<i64>) -> Result<i64, StoreError>;
 
     /// Provision a workspace (`provisioning`).
     fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError>;

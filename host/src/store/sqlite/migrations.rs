@@ -322,6 +322,28 @@ WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
     OR OLD.runtime IS NOT NEW.runtime OR OLD.capabilities IS NOT NEW.capabilities
 BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
 "#,
+    // 10: noticing silence. A workspace's silence deadline is derived from
+    // the liveness fields register and heartbeat already write (its last
+    // heartbeat, or when `provisioning` began), through partial indexes: no
+    // write per heartbeat for it. `silence_noticed_ms` keeps which
+    // reference a silence verdict was evaluated for, so each deadline is
+    // evaluated once and leaves the index (a heartbeat moves it back in).
+    // `sweeps` keeps when a sweep last ran, by any host, and when the last
+    // outage (no sweep for a while) ended. None of these bump the version.
+    r#"
+ALTER TABLE workspaces ADD COLUMN silence_noticed_ms INTEGER;
+UPDATE workspaces SET status_since_ms = updated_ms WHERE status_since_ms IS NULL;
+CREATE INDEX workspaces_heartbeat_deadline ON workspaces (last_heartbeat_ms, id)
+    WHERE status IN ('online', 'degraded', 'failed')
+        AND silence_noticed_ms IS NOT last_heartbeat_ms;
+CREATE INDEX workspaces_provision_deadline ON workspaces (status_since_ms, id)
+    WHERE status = 'provisioning' AND silence_noticed_ms IS NOT status_since_ms;
+CREATE TABLE sweeps (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    up_since_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL
+) STRICT;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

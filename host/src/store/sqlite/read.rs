@@ -173,7 +173,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                     EXISTS(SELECT 1 FROM workspace_secrets s
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
                     version, token_bootstrap, runtime, capabilities, last_heartbeat_ms,
-                    status_since_ms
+                    status_since_ms, silence_noticed_ms
              FROM workspaces w WHERE id = ?1",
         )
         .and_then(|mut stmt| {
@@ -190,6 +190,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                     r.get::<_, String>(8)?,
                     r.get::<_, Option<i64>>(9)?,
                     r.get::<_, Option<i64>>(10)?,
+                    r.get::<_, Option<i64>>(11)?,
                 ))
             })
             .optional()
@@ -207,6 +208,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         capabilities,
         last_heartbeat_ms,
         status_since_ms,
+        silence_noticed_ms,
     )) = row
     else {
         return Ok(None);
@@ -267,6 +269,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         token_bootstrap,
         delivery_mode,
         version,
+        silence_noticed_ms,
     }))
 }
 

@@ -79,6 +79,7 @@ fn liveness_only(id: &str, expected_version: i64) -> VerdictWrite {
         markers: Vec::new(),
         conditions: Vec::new(),
         reconciles: Vec::new(),
+        silence: None,
         decision: DecisionRecord {
             event_kind: "heartbeat".into(),
             chain_version: "test".into(),
@@ -509,4 +510,124 @@ fn the_decision_log_is_pruned_oldest_first_within_its_retention() {
     let rows = store.decisions("ws", 5_000).unwrap();
     assert_eq!(rows.len(), 1, "{:?}", rows.first());
     assert_eq!(rows[0].input["task"], "late");
+}
+
+/// A silence verdict seen at `since_ms`, writing nothing else.
+fn silence_at(id: &str, version: i64, now_ms: i64, since_ms: Option<i64>) -> VerdictWrite {
+    let mut w = liveness_only(id, version);
+    w.now_ms = now_ms;
+    w.liveness = None;
+    w.decision.event_kind = "silence".into();
+    w.silence = Some(SilenceSeen {
+        kind: SilenceKind::HeartbeatExpired,
+        since_ms,
+    });
+    w
+}
+
+fn silent(store: &SqliteStore, kind: SilenceKind, before_ms: i64) -> Vec<String> {
+    store
+        .silent_workspaces(&SilenceQuery {
+            kind,
+            before_ms,
+            after: None,
+            limit: 100,
+        })
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect()
+}
+
+#[test]
+fn the_silence_queries_read_their_partial_indexes() {
+    let (_dir, store) = store_with("ws");
+    let conn = open_connection(&store.path).unwrap();
+    for (kind, index) in [
+        (
+            SilenceKind::HeartbeatExpired,
+            "workspaces_heartbeat_deadline",
+        ),
+        (
+            SilenceKind::ProvisionTimeout,
+            "workspaces_provision_deadline",
+        ),
+    ] {
+        let sql = super::silence_sql(kind);
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(params![0, 0, "", 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            plan.iter().any(|p| p.contains(index)) && !plan.iter().any(|p| p.contains("SCAN")),
+            "{kind:?}: {plan:?}"
+        );
+    }
+}
+
+#[test]
+fn each_deadline_is_found_once_and_a_heartbeat_moves_it() {
+    let (_dir, store) = store_with("ws");
+    // Provisioning since 1: a provision timeout candidate, not a heartbeat one.
+    assert_eq!(silent(&store, SilenceKind::ProvisionTimeout, 10), ["ws"]);
+    assert!(silent(&store, SilenceKind::HeartbeatExpired, 10).is_empty());
+    store.set_status("ws", Status::Online, 2).unwrap();
+    let v = version(&store, "ws");
+    assert!(matches!(
+        store.apply(beat_at("ws", v, 5, "a")).unwrap(),
+        Applied::Done { .. }
+    ));
+    assert!(silent(&store, SilenceKind::HeartbeatExpired, 4).is_empty());
+    assert_eq!(silent(&store, SilenceKind::HeartbeatExpired, 5), ["ws"]);
+
+    // A silence verdict computed before a heartbeat that landed first loses.
+    let v = version(&store, "ws");
+    store.apply(beat_at("ws", v, 7, "b")).unwrap();
+    assert_eq!(
+        store.apply(silence_at("ws", v, 9, Some(5))).unwrap(),
+        Applied::Conflict
+    );
+    // One computed from the last heartbeat stands, and that deadline is not
+    // found again ...
+    assert!(matches!(
+        store.apply(silence_at("ws", v, 9, Some(7))).unwrap(),
+        Applied::Done { .. }
+    ));
+    assert!(silent(&store, SilenceKind::HeartbeatExpired, 100).is_empty());
+    // Another host's evaluation of the same deadline, written second, loses.
+    assert_eq!(
+        store.apply(silence_at("ws", v, 9, Some(7))).unwrap(),
+        Applied::Conflict
+    );
+    assert_eq!(
+        store
+            .load("ws", Read::Fresh)
+            .unwrap()
+            .unwrap()
+            .silence_noticed_ms,
+        Some(7)
+    );
+    // ... until the next heartbeat sets a new one.
+    store.apply(beat_at("ws", v, 20, "c")).unwrap();
+    assert_eq!(silent(&store, SilenceKind::HeartbeatExpired, 100), ["ws"]);
+    // Frozen statuses are never candidates.
+    store.set_status("ws", Status::Paused, 21).unwrap();
+    assert!(silent(&store, SilenceKind::HeartbeatExpired, 100).is_empty());
+}
+
+#[test]
+fn a_starting_host_after_a_gap_records_an_outage() {
+    let (_dir, store) = store_with("ws");
+    // The first sweep ever: an outage ending now.
+    assert_eq!(store.sweep_started(1_000, Some(500)).unwrap(), 1_000);
+    // A running host's sweeps keep it, however far apart.
+    assert_eq!(store.sweep_started(1_200, None).unwrap(), 1_000);
+    assert_eq!(store.sweep_started(9_000, None).unwrap(), 1_000);
+    // A host starting while the others ran: no outage.
+    assert_eq!(store.sweep_started(9_300, Some(500)).unwrap(), 1_000);
+    // A host starting after nobody swept for longer than the gap: an outage.
+    assert_eq!(store.sweep_started(20_000, Some(500)).unwrap(), 20_000);
 }

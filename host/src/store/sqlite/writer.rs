@@ -11,6 +11,7 @@ use std::time::Instant;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::SnapshotCache;
+use crate::model::SilenceKind;
 use crate::store::health::Health;
 use crate::store::{
     Applied, Done, LIVENESS_HOLD, NewToken, QueuedRun, Retention, StoreError, VerdictWrite,
@@ -491,6 +492,30 @@ pub(super) fn apply_in(
         .is_some_and(|expected| expected != version)
     {
         return Ok(Applied::Conflict);
+    }
+
+    // A silence verdict stands only if no register or heartbeat (or status
+    // change) moved the deadline's reference since it was read and no other
+    // evaluation of this deadline (another host's) was written first; it
+    // records that this deadline was evaluated.
+    if let Some(seen) = &w.silence {
+        let sql = match seen.kind {
+            SilenceKind::HeartbeatExpired => {
+                "UPDATE workspaces SET silence_noticed_ms = last_heartbeat_ms
+                 WHERE id = ?1 AND last_heartbeat_ms IS ?2 AND silence_noticed_ms IS NOT ?2"
+            }
+            SilenceKind::ProvisionTimeout => {
+                "UPDATE workspaces SET silence_noticed_ms = status_since_ms
+                 WHERE id = ?1 AND status_since_ms IS ?2 AND silence_noticed_ms IS NOT ?2"
+            }
+        };
+        if tx
+            .prepare_cached(sql)?
+            .execute(params![id, seen.since_ms])?
+            == 0
+        {
+            return Ok(Applied::Conflict);
+        }
     }
 
     if let Some(l) = &w.liveness {
