@@ -186,10 +186,8 @@ pub async fn run(
             .executor
             .acknowledge_when_queued(stop_signal(stopped.clone())),
     );
-    let sweeper = tokio::spawn(
-        liveness::Sweeper::new(service.executor.clone(), opts.liveness.clone())
-            .run(stop_signal(stopped.clone())),
-    );
+    let sweeper = liveness::Sweeper::new(service.executor.clone(), opts.liveness.clone())
+        .spawn(stop_signal(stopped.clone()))?;
     let watcher = opts.watch_dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), "watching for policy modules");
         tokio::spawn(policy_set::watch(
@@ -219,8 +217,11 @@ pub async fn run(
     if let Err(e) = worker.await {
         tracing::error!(error = %e, "the reconcile worker failed");
     }
-    if let Err(e) = sweeper.await {
-        tracing::error!(error = %e, "the silence sweep failed");
+    if tokio::task::spawn_blocking(move || sweeper.join())
+        .await
+        .map_or(true, |joined| joined.is_err())
+    {
+        tracing::error!("the silence sweep's thread panicked");
     }
     if let Err(e) = retrier.await {
         tracing::error!(error = %e, "evaluating conflicting heartbeats again failed");

@@ -222,6 +222,34 @@ impl Sweeper {
         }
     }
 
+    /// Run [`Sweeper::run`] on a thread of its own at the lowest scheduling
+    /// priority (with its own single-threaded runtime), so that noticing
+    /// many silent workspaces at once takes what CPU the live heartbeats
+    /// leave and does not raise their latency.
+    pub fn spawn(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("heartgate-sweep".into())
+            .spawn(move || {
+                if let Err(e) = thread_priority::set_current_thread_priority(
+                    thread_priority::ThreadPriority::Min,
+                ) {
+                    tracing::debug!(error = ?e, "could not lower the sweep thread's priority");
+                }
+                // Its blocking threads are created by this thread and
+                // inherit its priority.
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(self.run(stop)),
+                    Err(e) => tracing::error!(error = %e, "the silence sweep could not start"),
+                }
+            })
+    }
+
     /// Sweep every `sweep_interval` until `stop` completes. A failing sweep
     /// is logged and the next one tries again.
     pub async fn run(self, stop: impl Future<Output = ()>) {
