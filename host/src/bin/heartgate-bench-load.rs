@@ -10,6 +10,13 @@
 //! shows when it is not saturated). It ends with one line:
 //! `heartbeats_per_s=<n> ceiling_per_s=<n> ratio=<r> p50_ms=<x> p99_ms=<x>`
 //! where the rates are the full-speed phases and the latencies the paced one.
+//!
+//! `--silent N` adds a phase: N more workspaces heartbeat once each and then
+//! go silent together (with `[liveness] heartbeat_ttl` = `--silent-ttl`),
+//! while the first ones keep heartbeating at half the full-speed rate. It
+//! reports how long after their deadlines all N were `offline` and the live
+//! heartbeats' latencies meanwhile, and adds `silent_offline_s=<x>
+//! silent_live_p99_ms=<x>` to the last line.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +60,12 @@ struct Args {
     /// Workspaces heartbeating (spread over the connections).
     #[arg(long, default_value_t = 1000)]
     workspaces: usize,
+    /// Also this many workspaces that heartbeat once, then go silent at once.
+    #[arg(long, default_value_t = 0)]
+    silent: usize,
+    /// The heartbeat TTL while `--silent` is given.
+    #[arg(long, default_value = "10s")]
+    silent_ttl: String,
 }
 
 /// Latencies of one phase, in microseconds.
@@ -105,12 +118,14 @@ async fn drive(
     connections: usize,
     duration: Duration,
     per_second: Option<f64>,
+    stop: Option<Arc<AtomicBool>>,
 ) -> Result<Phase> {
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::with_capacity(connections);
     for c in 0..connections {
         let shots = shots.clone();
+        let stop = stop.clone();
         // Each connection sends at an even share of the paced rate.
         let interval = per_second.map(|r| Duration::from_secs_f64(connections as f64 / r));
         tasks.push(tokio::spawn(async move {
@@ -126,7 +141,9 @@ async fn drive(
                 + interval.map_or(Duration::ZERO, |iv| {
                     iv.mul_f64(c as f64 / connections as f64)
                 });
-            while Instant::now() < deadline {
+            while Instant::now() < deadline
+                && !stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+            {
                 if interval.is_some() {
                     tokio::time::sleep_until(next.into()).await;
                 }
@@ -248,8 +265,36 @@ async fn run(args: Args) -> Result<()> {
             Bytes::from(body),
         ));
     }
+    // Online, never heard from yet: no deadline until their one heartbeat.
+    let mut silent_shots = Vec::with_capacity(args.silent);
+    for i in 0..args.silent {
+        let id = format!("silent-{i:06}");
+        store.add_workspace(
+            &NewWorkspace {
+                id: id.clone(),
+                name: String::new(),
+                kind: WorkspaceKind::Workspace,
+                model_configured: true,
+                runtime: String::new(),
+            },
+            now,
+        )?;
+        store.set_status(&id, heartgate::model::Status::Online, now)?;
+        let token = heartgate::auth::mint()?;
+        store.issue_token(&id, &token.stored, now)?;
+        let body = format!(
+            r#"{{"workspace_id":"{id}","error_rate":0.0,"sample_error":"","active_tasks":0,"uptime_seconds":60}}"#
+        );
+        silent_shots.push((
+            "/registry/heartbeat".to_string(),
+            Some(token.plaintext),
+            Bytes::from(body),
+        ));
+    }
     drop(store);
     let shots = Arc::new(shots);
+    let silent_ttl = heartgate::liveness::parse_duration(&args.silent_ttl)
+        .map_err(|e| anyhow::anyhow!("--silent-ttl: {e}"))?;
 
     // The ceiling: the same generator against a bare hyper server.
     let stop = Arc::new(AtomicBool::new(false));
@@ -260,6 +305,7 @@ async fn run(args: Args) -> Result<()> {
         shots.clone(),
         args.connections,
         duration,
+        None,
         None,
     )
     .await?;
@@ -275,6 +321,9 @@ async fn run(args: Args) -> Result<()> {
     if let Some(rows) = args.decision_log_rows {
         opts.retention.max_rows = rows;
     }
+    if args.silent > 0 {
+        opts.liveness.heartbeat_ttl = silent_ttl;
+    }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(heartgate::run(listener, opts, async move {
         let _ = rx.await;
@@ -288,6 +337,7 @@ async fn run(args: Args) -> Result<()> {
         args.connections,
         duration,
         None,
+        None,
     )
     .await?;
     full.report();
@@ -295,10 +345,11 @@ async fn run(args: Args) -> Result<()> {
     let paced = drive(
         "heartgate at half rate",
         addr,
-        shots,
+        shots.clone(),
         args.connections,
         duration,
         Some(full.rate() / 2.0),
+        None,
     )
     .await?;
     paced.report();
@@ -326,14 +377,35 @@ async fn run(args: Args) -> Result<()> {
         size_mib("bench.db-wal"),
         full.requests + paced.requests
     );
+    let silence = if args.silent > 0 {
+        Some(
+            silent_phase(
+                addr,
+                silent_shots,
+                shots,
+                args.connections,
+                full.rate() / 2.0,
+                silent_ttl,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let _ = tx.send(());
     server.await??;
 
     if full.errors + paced.errors > 0 {
         bail!("{} requests failed", full.errors + paced.errors);
     }
+    let silent_figures = silence.map_or(String::new(), |(offline_s, live)| {
+        format!(
+            " silent_offline_s={offline_s:.1} silent_live_p99_ms={:.3}",
+            live.quantile_ms(0.99)
+        )
+    });
     println!(
-        "heartbeats_per_s={:.0} ceiling_per_s={:.0} ratio={:.3} p50_ms={:.3} p99_ms={:.3}",
+        "heartbeats_per_s={:.0} ceiling_per_s={:.0} ratio={:.3} p50_ms={:.3} p99_ms={:.3}{silent_figures}",
         full.rate(),
         ceiling.rate(),
         full.rate() / ceiling.rate(),
@@ -341,6 +413,130 @@ async fn run(args: Args) -> Result<()> {
         paced.quantile_ms(0.99)
     );
     Ok(())
+}
+
+/// The silent phase: each of `silent` heartbeats once, then all go silent
+/// while `live` heartbeats at `per_second`; returns how many seconds after
+/// the last one's deadline all were `offline`, and the live latencies.
+async fn silent_phase(
+    addr: SocketAddr,
+    silent: Vec<Shot>,
+    live: Arc<Vec<Shot>>,
+    connections: usize,
+    per_second: f64,
+    ttl: Duration,
+) -> Result<(f64, Phase)> {
+    let n = silent.len();
+    let before = offline_transitions(addr).await?;
+    let started = Instant::now();
+    let once = drive_once(addr, silent, connections).await?;
+    let last_deadline = Instant::now() + ttl;
+    println!(
+        "silent phase: {n} workspaces heartbeat once ({:.1}s, {once} errors); their deadlines pass between +{:.1}s and +{:.1}s",
+        started.elapsed().as_secs_f64(),
+        ttl.as_secs_f64(),
+        (last_deadline - started).as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = tokio::spawn(drive(
+        "heartgate live, silence",
+        addr,
+        live,
+        connections,
+        ttl + Duration::from_secs(600),
+        Some(per_second),
+        Some(stop.clone()),
+    ));
+    let limit = last_deadline + Duration::from_secs(600);
+    let mut offline = 0;
+    while Instant::now() < limit {
+        offline = offline_transitions(addr).await? - before;
+        if offline >= n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let live = live.await??;
+    if offline < n as u64 {
+        bail!("only {offline} of {n} silent workspaces went offline");
+    }
+    let after_last = done.saturating_duration_since(last_deadline).as_secs_f64();
+    println!(
+        "silent phase: all {n} offline {:.1}s after the first deadline, {after_last:.1}s after the last",
+        (done - started - ttl).as_secs_f64(),
+    );
+    live.report();
+    if live.errors > 0 || once > 0 {
+        bail!("{} requests failed in the silent phase", live.errors + once);
+    }
+    Ok((after_last, live))
+}
+
+/// Send each shot once over `connections` connections; the errors.
+async fn drive_once(addr: SocketAddr, shots: Vec<Shot>, connections: usize) -> Result<usize> {
+    let shots = Arc::new(shots);
+    let mut tasks = Vec::with_capacity(connections);
+    for c in 0..connections {
+        let shots = shots.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut errors = 0usize;
+            for (path, bearer, body) in shots.iter().skip(c).step_by(connections) {
+                let mut req = Request::post(path.as_str())
+                    .header("host", "bench")
+                    .header("content-type", "application/json");
+                if let Some(token) = bearer {
+                    req = req.header("authorization", format!("Bearer {token}"));
+                }
+                sender.ready().await?;
+                let resp = sender
+                    .send_request(req.body(Full::new(body.clone()))?)
+                    .await?;
+                if !resp.status().is_success() {
+                    errors += 1;
+                }
+                resp.into_body().collect().await?;
+            }
+            anyhow::Ok(errors)
+        }));
+    }
+    let mut errors = 0;
+    for t in tasks {
+        errors += t.await??;
+    }
+    Ok(errors)
+}
+
+/// `heartgate_silence_transitions_total{kind="heartbeat_expired",to="offline"}`.
+async fn offline_transitions(addr: SocketAddr) -> Result<u64> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::get("/metrics")
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))?;
+    let body = sender
+        .send_request(req)
+        .await?
+        .into_body()
+        .collect()
+        .await?;
+    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+    Ok(text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "heartgate_silence_transitions_total{kind=\"heartbeat_expired\",to=\"offline\"} ",
+            )
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
 }
 
 async fn wait_healthy(addr: SocketAddr) -> Result<()> {
