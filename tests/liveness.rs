@@ -29,6 +29,23 @@ fn liveness() -> LivenessConfig {
     }
 }
 
+/// A fresh service at [`T0_MS`] with `config`, and its directory.
+async fn started(config: LivenessConfig) -> (tempfile::TempDir, Service) {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(&dir.path().join("hg.db"), ManualClock::at(T0_MS), config).await;
+    (dir, svc)
+}
+
+/// `heartgate_silence_transitions_total{kind,to}`.
+async fn silence_transitions(svc: &Service, kind: &str, to: &str) -> u64 {
+    let (_, text) = svc.get_text("/metrics").await;
+    let series = format!("heartgate_silence_transitions_total{{kind=\"{kind}\",to=\"{to}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 async fn start(db: &Path, clock: ManualClock, config: LivenessConfig) -> Service {
     Service::start_with(db, clock, "127.0.0.1:0", move |o| o.liveness = config).await
 }
@@ -111,13 +128,7 @@ fn explain(svc: &Service, id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_workspace_goes_offline_and_comes_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let svc = start(
-        &dir.path().join("hg.db"),
-        ManualClock::at(T0_MS),
-        liveness(),
-    )
-    .await;
+    let (_dir, svc) = started(liveness()).await;
     let token = add(&svc, "ws-1", "");
     register(&svc, "ws-1", &token).await;
     heartbeat(&svc, "ws-1", &token).await;
@@ -171,25 +182,16 @@ async fn silent_workspace_goes_offline_and_comes_back() {
             .is_empty()
     );
 
-    let (_, metrics) = svc.get_text("/metrics").await;
-    assert!(
-        metrics.contains(
-            "heartgate_silence_transitions_total{kind=\"heartbeat_expired\",to=\"offline\"} 1"
-        ),
-        "{metrics}"
+    assert_eq!(
+        silence_transitions(&svc, "heartbeat_expired", "offline").await,
+        1
     );
     svc.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_runtime_goes_awaiting_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let svc = start(
-        &dir.path().join("hg.db"),
-        ManualClock::at(T0_MS),
-        liveness(),
-    )
-    .await;
+    let (_dir, svc) = started(liveness()).await;
     let token = add(&svc, "agent-1", "external");
     // An agent outside the platform polls unless it says otherwise.
     assert_eq!(svc.workspace("agent-1")["delivery_mode"], "poll");
@@ -222,12 +224,11 @@ async fn external_runtime_goes_awaiting_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_times_out_to_failed_and_late_heartbeat_recovers() {
-    let dir = tempfile::tempdir().unwrap();
     let mut config = liveness();
     config
         .runtime_provision_timeout
         .insert("quick".into(), Duration::from_secs(5 * 60));
-    let svc = start(&dir.path().join("hg.db"), ManualClock::at(T0_MS), config).await;
+    let (_dir, svc) = started(config).await;
     let plain = add(&svc, "plain", "");
     add(&svc, "quick", "quick");
     add(&svc, "hermes", "hermes");
@@ -272,25 +273,16 @@ async fn provisioning_times_out_to_failed_and_late_heartbeat_recovers() {
     let online = svc.events("plain", "WORKSPACE_ONLINE");
     assert_eq!(online.last().unwrap()["recovered_from"], "failed");
     assert_eq!(svc.runs("plain", "online"), online_runs + 1);
-    let (_, metrics) = svc.get_text("/metrics").await;
-    assert!(
-        metrics.contains(
-            "heartgate_silence_transitions_total{kind=\"provision_timeout\",to=\"failed\"} 3"
-        ),
-        "{metrics}"
+    assert_eq!(
+        silence_transitions(&svc, "provision_timeout", "failed").await,
+        3
     );
     svc.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_workspaces_are_never_swept() {
-    let dir = tempfile::tempdir().unwrap();
-    let svc = start(
-        &dir.path().join("hg.db"),
-        ManualClock::at(T0_MS),
-        liveness(),
-    )
-    .await;
+    let (_dir, svc) = started(liveness()).await;
     let mut tokens = Vec::new();
     for status in ["paused", "hibernated", "hibernating", "removed"] {
         let token = add(&svc, status, "");
@@ -314,13 +306,7 @@ async fn frozen_workspaces_are_never_swept() {
 async fn heartbeat_racing_the_sweep_wins() {
     const WORKSPACES: usize = 24;
     const ROUNDS: usize = 12;
-    let dir = tempfile::tempdir().unwrap();
-    let svc = start(
-        &dir.path().join("hg.db"),
-        ManualClock::at(T0_MS),
-        liveness(),
-    )
-    .await;
+    let (_dir, svc) = started(liveness()).await;
     let ids: Vec<String> = (0..WORKSPACES).map(|i| format!("race-{i}")).collect();
     let mut tokens = Vec::new();
     for id in &ids {

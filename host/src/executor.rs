@@ -553,14 +553,7 @@ impl Executor {
                     chain_version: pending.chain_version,
                 });
             }
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.store.submit(
-                write,
-                Box::new(move |applied| {
-                    let _ = tx.send(applied);
-                }),
-            );
-            match rx.await.unwrap_or(Err(StoreError::WriterStopped)) {
+            match self.committed(write).await {
                 Ok(Applied::Done { queued, .. }) => {
                     self.count(
                         &pending.input,
@@ -770,6 +763,18 @@ impl Executor {
         )))
     }
 
+    /// Submit `write` to the store and wait for its commit.
+    async fn committed(&self, write: VerdictWrite) -> Result<Applied, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.store.submit(
+            write,
+            Box::new(move |applied| {
+                let _ = tx.send(applied);
+            }),
+        );
+        rx.await.unwrap_or(Err(StoreError::WriterStopped))
+    }
+
     /// The service's clock.
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
@@ -847,14 +852,7 @@ impl Executor {
                 since_ms: Some(since_ms),
             });
             let recorded = write.decision.outcome.clone();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.store.submit(
-                write,
-                Box::new(move |applied| {
-                    let _ = tx.send(applied);
-                }),
-            );
-            match rx.await.unwrap_or(Err(StoreError::WriterStopped)) {
+            match self.committed(write).await {
                 Ok(Applied::Done { queued, .. }) => {
                     self.count(&input, &recorded, &checked, &outcome);
                     if !queued.is_empty() {

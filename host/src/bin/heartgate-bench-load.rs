@@ -243,53 +243,19 @@ async fn run(args: Args) -> Result<()> {
     let mut shots = Vec::with_capacity(args.workspaces);
     for i in 0..args.workspaces {
         let id = format!("bench-{i:06}");
-        store.add_workspace(
-            &NewWorkspace {
-                id: id.clone(),
-                name: String::new(),
-                kind: WorkspaceKind::Workspace,
-                model_configured: true,
-                runtime: String::new(),
-            },
-            now,
-        )?;
-        store.set_status(&id, heartgate::model::Status::Online, now)?;
-        let token = heartgate::auth::mint()?;
-        store.issue_token(&id, &token.stored, now)?;
         let body = format!(
             r#"{{"workspace_id":"{id}","error_rate":0.0,"sample_error":"","active_tasks":1,"current_task":"bench","uptime_seconds":60}}"#
         );
-        shots.push((
-            "/registry/heartbeat".to_string(),
-            Some(token.plaintext),
-            Bytes::from(body),
-        ));
+        shots.push(online(store.as_ref(), &id, now, body)?);
     }
     // Online, never heard from yet: no deadline until their one heartbeat.
     let mut silent_shots = Vec::with_capacity(args.silent);
     for i in 0..args.silent {
         let id = format!("silent-{i:06}");
-        store.add_workspace(
-            &NewWorkspace {
-                id: id.clone(),
-                name: String::new(),
-                kind: WorkspaceKind::Workspace,
-                model_configured: true,
-                runtime: String::new(),
-            },
-            now,
-        )?;
-        store.set_status(&id, heartgate::model::Status::Online, now)?;
-        let token = heartgate::auth::mint()?;
-        store.issue_token(&id, &token.stored, now)?;
         let body = format!(
             r#"{{"workspace_id":"{id}","error_rate":0.0,"sample_error":"","active_tasks":0,"uptime_seconds":60}}"#
         );
-        silent_shots.push((
-            "/registry/heartbeat".to_string(),
-            Some(token.plaintext),
-            Bytes::from(body),
-        ));
+        silent_shots.push(online(store.as_ref(), &id, now, body)?);
     }
     drop(store);
     let shots = Arc::new(shots);
@@ -515,18 +481,7 @@ async fn drive_once(addr: SocketAddr, shots: Vec<Shot>, connections: usize) -> R
 
 /// `heartgate_silence_transitions_total{kind="heartbeat_expired",to="offline"}`.
 async fn offline_transitions(addr: SocketAddr) -> Result<u64> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get("/metrics")
-        .header("host", "bench")
-        .body(Full::new(Bytes::new()))?;
-    let body = sender
-        .send_request(req)
-        .await?
-        .into_body()
-        .collect()
-        .await?;
+    let body = get(addr, "/metrics").await?.into_body().collect().await?;
     let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
     Ok(text
         .lines()
@@ -537,6 +492,28 @@ async fn offline_transitions(addr: SocketAddr) -> Result<u64> {
         })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0))
+}
+
+/// Provision `id` online with a token; its heartbeat with `body`.
+fn online(store: &dyn heartgate::store::Store, id: &str, now: i64, body: String) -> Result<Shot> {
+    store.add_workspace(
+        &NewWorkspace {
+            id: id.to_string(),
+            name: String::new(),
+            kind: WorkspaceKind::Workspace,
+            model_configured: true,
+            runtime: String::new(),
+        },
+        now,
+    )?;
+    store.set_status(id, heartgate::model::Status::Online, now)?;
+    let token = heartgate::auth::mint()?;
+    store.issue_token(id, &token.stored, now)?;
+    Ok((
+        "/registry/heartbeat".to_string(),
+        Some(token.plaintext),
+        Bytes::from(body),
+    ))
 }
 
 async fn wait_healthy(addr: SocketAddr) -> Result<()> {
@@ -551,13 +528,18 @@ async fn wait_healthy(addr: SocketAddr) -> Result<()> {
 }
 
 async fn healthz(addr: SocketAddr) -> Result<bool> {
+    Ok(get(addr, "/healthz").await?.status().is_success())
+}
+
+/// `GET path` on a connection of its own.
+async fn get(addr: SocketAddr, path: &str) -> Result<Response<hyper::body::Incoming>> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = Request::get("/healthz")
+    let req = Request::get(path)
         .header("host", "bench")
         .body(Full::new(Bytes::new()))?;
-    Ok(sender.send_request(req).await?.status().is_success())
+    Ok(sender.send_request(req).await?)
 }
 
 /// This process's resident set in KiB (Linux), for the memory-growth figure.
