@@ -2,16 +2,15 @@
 //! provision timeout, decided by the built-in `liveness` policy and applied
 //! like any verdict; a heartbeat racing the sweep wins; a restart gives the
 //! fleet one TTL; and the real binary with short deadlines.
-
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
-
-mod common;
+//!
+//! A module of the `service` test binary (one binary less to link in CI):
+//! `cargo test --release --test service liveness::`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::binary::{self, Serve, cli, wait_until, write_config};
-use common::{MINUTE_MS, Service, T0_MS};
+use crate::common::binary::{self, Serve, cli, wait_until, write_config};
+use crate::common::{MINUTE_MS, Service, T0_MS};
 use heartgate::clock::ManualClock;
 use heartgate::liveness::LivenessConfig;
 use heartgate::model::WorkspaceKind::Workspace;

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
+#[path = "liveness.rs"]
+mod liveness;
 
 use std::sync::Arc;
 
