@@ -45,8 +45,16 @@ async fn silence_transitions(svc: &Service, kind: &str, to: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Start the service and wait for its first sweep, which records when the
+/// service came up (before it, a moved clock would look like an outage).
 async fn start(db: &Path, clock: ManualClock, config: LivenessConfig) -> Service {
-    Service::start_with(db, clock, "127.0.0.1:0", move |o| o.liveness = config).await
+    let svc = Service::start_with(db, clock, "127.0.0.1:0", move |o| o.liveness = config).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sweeps(&svc).await == 0 {
+        assert!(Instant::now() < deadline, "no first sweep");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    svc
 }
 
 /// Sweeps finished so far, from `/metrics`.
@@ -418,6 +426,19 @@ async fn the_binary_notices_silence_within_its_deadlines() {
     let provisioned = Instant::now();
     let client = binary::http_client();
     let base = serve.url();
+    // Its first sweep records when it came up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = binary::request(&client, "GET", &format!("{base}/metrics"), None, Vec::new())
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        if !text.contains("heartgate_silence_sweep_seconds_count 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no first sweep");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let status = |id: &str| -> String {
         let out = cli(&db, &["workspace", "show", id]);
         serde_json::from_str::<Value>(&out).unwrap()["status"]

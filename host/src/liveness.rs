@@ -251,7 +251,10 @@ impl Sweeper {
     }
 
     /// Sweep every `sweep_interval` until `stop` completes. A failing sweep
-    /// is logged and the next one tries again.
+    /// is logged and the next one tries again. `stop` also ends a sweep in
+    /// progress (a long one must not hold up a shutdown): a verdict already
+    /// submitted is still written whole, and the deadlines not evaluated
+    /// are still in the index at the next start.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         let mut ticks = tokio::time::interval(self.config.sweep_interval);
@@ -262,7 +265,11 @@ impl Sweeper {
                 () = &mut stop => return,
                 _ = ticks.tick() => {}
             }
-            match self.sweep().await {
+            let swept = tokio::select! {
+                () = &mut stop => return,
+                swept = self.sweep() => swept,
+            };
+            match swept {
                 Ok(_) if failing => {
                     failing = false;
                     tracing::info!("the silence sweep works again");
