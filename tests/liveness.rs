@@ -49,11 +49,7 @@ async fn silence_transitions(svc: &Service, kind: &str, to: &str) -> u64 {
 /// service came up (before it, a moved clock would look like an outage).
 async fn start(db: &Path, clock: ManualClock, config: LivenessConfig) -> Service {
     let svc = Service::start_with(db, clock, "127.0.0.1:0", move |o| o.liveness = config).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sweeps(&svc).await == 0 {
-        assert!(Instant::now() < deadline, "no first sweep");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    sweeps_reach(&svc, 1).await;
     svc
 }
 
@@ -67,14 +63,19 @@ async fn sweeps(svc: &Service) -> u64 {
         .unwrap_or(0)
 }
 
-/// Wait until a sweep that began after this call has finished.
-async fn next_sweep(svc: &Service) {
-    let seen = sweeps(svc).await;
+/// Wait until `n` sweeps have finished; panics after 20 s.
+async fn sweeps_reach(svc: &Service, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sweeps(svc).await < seen + 2 {
+    while sweeps(svc).await < n {
         assert!(Instant::now() < deadline, "no sweep ran");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Wait until a sweep that began after this call has finished.
+async fn next_sweep(svc: &Service) {
+    let seen = sweeps(svc).await;
+    sweeps_reach(svc, seen + 2).await;
 }
 
 /// Let `ms` pass on the manual clock as time passes: in steps of 30 s, a
@@ -290,13 +291,11 @@ async fn provisioning_times_out_to_failed_and_late_heartbeat_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_workspaces_are_never_swept() {
     let (_dir, svc) = started(liveness()).await;
-    let mut tokens = Vec::new();
     for status in ["paused", "hibernated", "hibernating", "removed"] {
         let token = add(&svc, status, "");
         register(&svc, status, &token).await;
         heartbeat(&svc, status, &token).await;
         svc.force_status(status, status);
-        tokens.push(token);
     }
     add(&svc, "paused-provisioning", "");
     svc.force_status("paused-provisioning", "paused");

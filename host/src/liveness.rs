@@ -154,7 +154,7 @@ impl LivenessConfig {
             ));
         }
         for (name, d) in &self.runtime_provision_timeout {
-            if !valid_runtime_name(name) {
+            if !crate::model::valid_runtime_name(name) {
                 return Err((
                     format!("liveness.runtime.{name}"),
                     "must name a runtime: 1-64 of A-Z, a-z, 0-9, `-`, `_`, `.`".into(),
@@ -169,16 +169,6 @@ impl LivenessConfig {
         }
         Ok(())
     }
-}
-
-/// Whether `name` can name a runtime (empty means unnamed and is also
-/// accepted by `workspace add`; a configured runtime must have a name).
-pub fn valid_runtime_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Parse a duration such as `"200ms"`, `"2s"`, `"90s"`, `"12m"`, `"1h"` or
@@ -200,8 +190,6 @@ pub struct SweepReport {
     pub evaluated: usize,
     /// Of those, the ones whose status the verdict changed.
     pub transitions: usize,
-    /// Silence noticed in this sweep was held back by an outage's grace.
-    pub in_grace: bool,
 }
 
 /// The sweep for silent workspaces of one service.
@@ -299,21 +287,21 @@ impl Sweeper {
         let up_since_ms = blocking(move || store.sweep_started(now_ms, gap_ms)).await?;
         self.starting.store(false, Ordering::Relaxed);
         let mut report = SweepReport::default();
-        // Within one TTL of an outage's end, every deadline is still ahead.
-        if now_ms < up_since_ms.saturating_add(ttl_ms) {
-            report.in_grace = true;
-            self.executor
-                .metrics()
-                .sweep_took(started.elapsed().as_secs_f64());
-            return Ok(report);
-        }
-        for (kind, limit) in [
-            (SilenceKind::HeartbeatExpired, self.config.heartbeat_ttl),
-            (
-                SilenceKind::ProvisionTimeout,
-                self.config.shortest_provision_timeout(),
-            ),
-        ] {
+        // Within one TTL of an outage's end, every deadline is still ahead:
+        // nothing to read.
+        let in_grace = now_ms < up_since_ms.saturating_add(ttl_ms);
+        let kinds = if in_grace {
+            Vec::new()
+        } else {
+            vec![
+                (SilenceKind::HeartbeatExpired, self.config.heartbeat_ttl),
+                (
+                    SilenceKind::ProvisionTimeout,
+                    self.config.shortest_provision_timeout(),
+                ),
+            ]
+        };
+        for (kind, limit) in kinds {
             let mut after: Option<(i64, String)> = None;
             loop {
                 let store = executor.store().clone();

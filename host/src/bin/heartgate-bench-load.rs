@@ -129,11 +129,7 @@ async fn drive(
         // Each connection sends at an even share of the paced rate.
         let interval = per_second.map(|r| Duration::from_secs_f64(connections as f64 / r));
         tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
+            let mut sender = connect(addr).await?;
             let mut latencies = Vec::new();
             let (mut ok, mut errors) = (0usize, 0usize);
             let mut i = c;
@@ -191,6 +187,15 @@ async fn drive(
     phase.elapsed = started.elapsed();
     phase.latencies_us.sort_unstable();
     Ok(phase)
+}
+
+/// A keep-alive connection to `addr`, without Nagle's delay.
+async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// A minimal hyper server that answers every request with a fixed body.
@@ -447,11 +452,7 @@ async fn drive_once(addr: SocketAddr, shots: Vec<Shot>, connections: usize) -> R
     for c in 0..connections {
         let shots = shots.clone();
         tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
+            let mut sender = connect(addr).await?;
             let mut errors = 0usize;
             for (path, bearer, body) in shots.iter().skip(c).step_by(connections) {
                 let mut req = Request::post(path.as_str())

@@ -502,12 +502,7 @@ impl Store for SqliteStore {
                 "a workspace id must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.` or `-`; `{shown}` is not"
             )));
         }
-        if new.runtime.len() > 64
-            || !new
-                .runtime
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        {
+        if !new.runtime.is_empty() && !crate::model::valid_runtime_name(&new.runtime) {
             let shown: String = new.runtime.chars().take(64).collect();
             return Err(StoreError::Refused(format!(
                 "a runtime name is at most 64 of A-Z, a-z, 0-9, `-`, `_`, `.`; `{shown}` is not"
