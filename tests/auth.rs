@@ -1,6 +1,6 @@
 //! Secrets stay secret: the real `heartgate` binary, with every log target of
 //! ours and hyper's at `trace`, never writes a workspace token, the admin
-//! token or a presented wrong token to its logs. (Failing closed on a token
+//! token, a presented wrong token or a platform inbound secret to its logs. (Failing closed on a token
 //! lookup error is `token_lookup_failure_fails_closed_with_503` in
 //! `tests/service.rs`; tokens used on the wrong API are in `tests/bad_input.rs`.)
 
@@ -98,11 +98,15 @@ async fn auth_tokens_never_reach_the_logs() {
         "POST",
         "/registry/register",
         None,
-        json!({"id": "boot", "url": "http://boot", "agent_card": {}}),
+        json!({"id": "boot", "url": "http://localhost/boot", "agent_card": {}}),
     )
     .await;
     assert_eq!(status, 200, "{body}");
     let minted = body["auth_token"].as_str().unwrap().to_string();
+    let inbound = body["platform_inbound_secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for (token, id, expect) in [
         (minted.as_str(), "boot", 200),
         (issued.as_str(), "issued", 200),
@@ -131,7 +135,7 @@ async fn auth_tokens_never_reach_the_logs() {
         "POST",
         "/registry/register",
         Some(WRONG),
-        json!({"id": "boot", "url": "http://boot", "agent_card": {}}),
+        json!({"id": "boot", "url": "http://localhost/boot", "agent_card": {}}),
     )
     .await;
     assert_eq!(status, 401);
@@ -153,6 +157,7 @@ async fn auth_tokens_never_reach_the_logs() {
         ("the issued token", issued.as_str()),
         ("the admin token", ADMIN),
         ("a wrong token", WRONG),
+        ("the platform inbound secret", inbound.as_str()),
     ] {
         assert!(!logs.contains(secret), "{what} is in the logs");
     }

@@ -196,6 +196,23 @@ fn heartbeat_cases(t: &Tokens) -> Vec<Case> {
         nested_objects(40)
     );
     let long_id = format!(r#"{{"workspace_id":"{}"}}"#, "w".repeat(10 * 1024));
+    let caps: Vec<String> = (0..65).map(|i| format!(r#""c{i}":true"#)).collect();
+    let many_caps = format!(
+        r#"{{"workspace_id":"ws","runtime_metadata":{{"capabilities":{{{}}}}}}}"#,
+        caps.join(",")
+    );
+    let long_cap = format!(
+        r#"{{"workspace_id":"ws","runtime_metadata":{{"capabilities":{{"{}":true}}}}}}"#,
+        "c".repeat(65)
+    );
+    let big_card = format!(
+        r#"{{"workspace_id":"ws","agent_card":{{"name":"{}"}}}}"#,
+        "x".repeat(65 * 1024)
+    );
+    let long_card_url = format!(
+        r#"{{"workspace_id":"ws","agent_card":{{"url":"http://localhost/{}"}}}}"#,
+        "u".repeat(2100)
+    );
     let zeros = vec![0u8; REGISTRY_LIMIT + 1];
     let just_over = padded_heartbeat(REGISTRY_LIMIT + 1);
     vec![
@@ -520,6 +537,214 @@ fn heartbeat_cases(t: &Tokens) -> Vec<Case> {
             UNKNOWN_WORKSPACE,
         ),
         row("id of 10 KB", long_id.as_bytes(), 404, UNKNOWN_WORKSPACE),
+        row(
+            "runtime_metadata not an object",
+            br#"{"workspace_id":"ws","runtime_metadata":["status_mgmt"]}"#,
+            400,
+            "runtime_metadata must be an object",
+        ),
+        row(
+            "runtime_metadata capabilities a list",
+            br#"{"workspace_id":"ws","runtime_metadata":{"capabilities":["status_mgmt"]}}"#,
+            400,
+            "runtime_metadata.capabilities must be an object of booleans",
+        ),
+        row(
+            "runtime_metadata capability a number",
+            br#"{"workspace_id":"ws","runtime_metadata":{"capabilities":{"status_mgmt":1}}}"#,
+            400,
+            "runtime_metadata.capabilities must be an object of booleans",
+        ),
+        row(
+            "runtime_metadata 65 capabilities",
+            many_caps.as_bytes(),
+            400,
+            "runtime_metadata.capabilities has more than 64 entries",
+        ),
+        row(
+            "runtime_metadata capability name of 65 bytes",
+            long_cap.as_bytes(),
+            400,
+            "runtime_metadata.capabilities names are 1-64 bytes",
+        ),
+        row(
+            "runtime_metadata idle timeout negative",
+            br#"{"workspace_id":"ws","runtime_metadata":{"idle_timeout_seconds":-1}}"#,
+            400,
+            "runtime_metadata.idle_timeout_seconds must be a non-negative integer",
+        ),
+        row(
+            "runtime_metadata idle timeout of two years",
+            br#"{"workspace_id":"ws","runtime_metadata":{"idle_timeout_seconds":63072000}}"#,
+            400,
+            "runtime_metadata.idle_timeout_seconds must be a non-negative integer",
+        ),
+        row(
+            "runtime_metadata idle timeout a fraction",
+            br#"{"workspace_id":"ws","runtime_metadata":{"idle_timeout_seconds":1.5}}"#,
+            400,
+            "runtime_metadata.idle_timeout_seconds must be a non-negative integer",
+        ),
+        row(
+            "runtime_metadata idle timeout a string",
+            br#"{"workspace_id":"ws","runtime_metadata":{"idle_timeout_seconds":"600"}}"#,
+            400,
+            "runtime_metadata.idle_timeout_seconds must be a non-negative integer",
+        ),
+        row(
+            "agent_card a string",
+            br#"{"workspace_id":"ws","agent_card":"Echo"}"#,
+            400,
+            "agent_card must be an object",
+        ),
+        row(
+            "agent_card a list",
+            br#"{"workspace_id":"ws","agent_card":[{"name":"Echo"}]}"#,
+            400,
+            "agent_card must be an object",
+        ),
+        row(
+            "agent_card over 64 KiB",
+            big_card.as_bytes(),
+            400,
+            "agent_card larger than 65536 bytes",
+        ),
+        row(
+            "agent_card url over 2048 bytes",
+            long_card_url.as_bytes(),
+            400,
+            "agent_card.url longer than 2048 bytes",
+        ),
+    ]
+}
+
+fn update_card_cases(t: &Tokens) -> Vec<Case> {
+    let row = |name, token: &str, body: &[u8], status, says| {
+        Case::new(
+            name,
+            "POST",
+            "/registry/update-card",
+            bearer(token),
+            body,
+            status,
+            says,
+        )
+    };
+    let ws = t.ws.as_str();
+    let big_card = format!(
+        r#"{{"workspace_id":"ws","agent_card":{{"name":"{}"}}}}"#,
+        "x".repeat(65 * 1024)
+    );
+    let deep = format!(
+        r#"{{"workspace_id":"ws","agent_card":{}}}"#,
+        nested_objects(40)
+    );
+    vec![
+        row("not json", ws, b"{", 400, INVALID),
+        row("empty body", ws, b"", 400, INVALID),
+        row("no workspace_id", ws, br#"{"agent_card":{}}"#, 400, INVALID),
+        row(
+            "empty workspace_id",
+            ws,
+            br#"{"workspace_id":"","agent_card":{}}"#,
+            400,
+            INVALID,
+        ),
+        row(
+            "workspace_id a number",
+            ws,
+            br#"{"workspace_id":7,"agent_card":{}}"#,
+            400,
+            INVALID,
+        ),
+        row(
+            "no agent_card",
+            ws,
+            br#"{"workspace_id":"ws"}"#,
+            400,
+            INVALID,
+        ),
+        row(
+            "agent_card null",
+            ws,
+            br#"{"workspace_id":"ws","agent_card":null}"#,
+            400,
+            INVALID,
+        ),
+        row(
+            "agent_card a string",
+            ws,
+            br#"{"workspace_id":"ws","agent_card":"x"}"#,
+            400,
+            "agent_card must be an object",
+        ),
+        row(
+            "agent_card over 64 KiB",
+            ws,
+            big_card.as_bytes(),
+            400,
+            "agent_card larger than 65536 bytes",
+        ),
+        row(
+            "agent_card nested 40 deep",
+            ws,
+            deep.as_bytes(),
+            400,
+            "nested deeper than",
+        ),
+        row(
+            "metadata card url",
+            ws,
+            br#"{"workspace_id":"ws","agent_card":{"url":"http://169.254.169.254/"}}"#,
+            400,
+            "workspace URL not allowed",
+        ),
+        row(
+            "file card url",
+            ws,
+            br#"{"workspace_id":"ws","agent_card":{"url":"file:///etc/shadow"}}"#,
+            400,
+            "workspace URL not allowed",
+        ),
+        Case::new(
+            "no token",
+            "POST",
+            "/registry/update-card",
+            None,
+            br#"{"workspace_id":"ws","agent_card":{}}"#,
+            401,
+            "missing workspace auth token",
+        ),
+        row(
+            "another workspace's token",
+            &t.other,
+            br#"{"workspace_id":"ws","agent_card":{}}"#,
+            401,
+            "invalid workspace auth token",
+        ),
+        row(
+            "a revoked token",
+            &t.revoked,
+            br#"{"workspace_id":"ws","agent_card":{}}"#,
+            401,
+            "invalid workspace auth token",
+        ),
+        row(
+            "unknown workspace",
+            ws,
+            br#"{"workspace_id":"nobody","agent_card":{}}"#,
+            404,
+            UNKNOWN_WORKSPACE,
+        ),
+        Case::new(
+            "GET",
+            "GET",
+            "/registry/update-card",
+            bearer(ws),
+            b"",
+            405,
+            "not allowed",
+        ),
     ]
 }
 
@@ -1764,6 +1989,7 @@ fn bad_input_corpus_has_at_least_50_cases() {
         ("admin", admin_cases().len()),
         ("tokens", token_cases(&t).len()),
         ("routes", route_cases(&t).len()),
+        ("update-card", update_card_cases(&t).len()),
         ("disabled admin", disabled_admin_cases().len()),
     ];
     let total: usize = counts.iter().map(|(_, n)| n).sum();
@@ -1784,12 +2010,12 @@ async fn bad_input_heartbeat_corpus_is_refused_and_writes_nothing() {
     let (status, body) = svc
         .post_raw("POST", "/registry/heartbeat", Some(&t.ws), at_limit)
         .await;
-    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("ok")));
 
     let (status, body) = svc
         .post_raw("POST", "/registry/heartbeat", Some(&t.ws), HEARTBEAT)
         .await;
-    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("ok")));
     let ws = svc.workspace("ws");
     assert_eq!(ws["last_sample_error"], "boom: sample error");
     assert_eq!(ws["last_error_rate"], 0.5);
@@ -1808,13 +2034,33 @@ async fn bad_input_register_corpus_is_refused_and_writes_nothing() {
         .post_raw("POST", "/registry/register", Some(&t.ws), REGISTER)
         .await;
     assert_eq!(
-        (status, body),
-        (
-            StatusCode::OK,
-            json!({"status": "registered", "delivery_mode": "poll"})
-        )
+        (status, &body["status"], &body["delivery_mode"]),
+        (StatusCode::OK, &json!("registered"), &json!("poll")),
+        "{body}"
     );
+    assert!(body["platform_inbound_secret"].is_string(), "{body}");
     assert_eq!(svc.status("ws"), "online");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_update_card_corpus_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(&dir, true, false).await;
+    let t = provision(&svc);
+    run_corpus(&svc, &update_card_cases(&t)).await;
+    let (status, body) = svc
+        .post_raw(
+            "POST",
+            "/registry/update-card",
+            Some(&t.ws),
+            br#"{"workspace_id":"ws","agent_card":{"name":"ok"}}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"status": "updated"}))
+    );
     svc.stop().await;
 }
 

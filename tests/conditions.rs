@@ -390,24 +390,36 @@ async fn a_policy_that_leaves_the_chain_holds_nothing_back() {
     svc.stop().await;
 }
 
-/// The capabilities a runtime declares at register (`runtime_metadata`,
-/// those set to true) reach the policies from then on; a register without
-/// them clears them, as in the original registry.
+/// The capabilities a runtime declares (`runtime_metadata`, those set to
+/// true) reach the policies evaluating that very request, register or
+/// heartbeat, and are stored; a request without them clears them, as the
+/// original registry does at every heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declared_capabilities_reach_the_policies() {
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start_admin(&dir.path().join("hg.db"), ManualClock::at(T0_MS)).await;
     let token = svc.provision("ws", Workspace, true);
+    let meta = json!({"capabilities": {"status_mgmt": true, "streaming": false}, "idle_timeout_seconds": 600});
     let register = |meta: Value| json!({"id": "ws", "url": "", "agent_card": {}, "delivery_mode": "poll", "runtime_metadata": meta});
-    let (status, body) = svc
-        .register(
-            Some(&token),
-            register(json!({"capabilities": {"status_mgmt": true, "streaming": false}, "idle_timeout_seconds": 600})),
-        )
-        .await;
+    let (status, body) = svc.register(Some(&token), register(meta.clone())).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    let registered = svc.store.decisions("ws", 10).unwrap();
+    let registered = registered.last().unwrap();
+    assert_eq!(registered.event_kind, "register");
+    assert_eq!(
+        registered.input["workspace"]["capabilities"],
+        json!(["status_mgmt"])
+    );
+    assert_eq!(registered.input["workspace"]["idle_timeout_seconds"], 600);
+
     // The heartbeat's own row (a liveness-only one may be held a moment).
-    let beat = |n: &'static str| json!({"workspace_id": "ws", "current_task": n});
+    let beat = |n: &'static str, meta: Option<&Value>| {
+        let mut b = json!({"workspace_id": "ws", "current_task": n});
+        if let Some(meta) = meta {
+            b["runtime_metadata"] = meta.clone();
+        }
+        b
+    };
     let row_of = |svc: &Service, n: &str| {
         svc.store
             .decisions("ws", 10)
@@ -415,7 +427,7 @@ async fn declared_capabilities_reach_the_policies() {
             .into_iter()
             .find(|d| d.input["event"]["heartbeat"]["current_task"] == n)
     };
-    svc.heartbeat(&token, beat("first")).await;
+    svc.heartbeat(&token, beat("first", Some(&meta))).await;
     svc.wait_for("the first heartbeat's row", 10, |s| {
         row_of(s, "first").is_some()
     })
@@ -426,8 +438,7 @@ async fn declared_capabilities_reach_the_policies() {
         json!(["status_mgmt"])
     );
 
-    svc.register(Some(&token), register(Value::Null)).await;
-    svc.heartbeat(&token, beat("second")).await;
+    svc.heartbeat(&token, beat("second", None)).await;
     svc.wait_for("the second heartbeat's row", 10, |s| {
         row_of(s, "second").is_some()
     })
@@ -438,5 +449,6 @@ async fn declared_capabilities_reach_the_policies() {
         "{}",
         second.input
     );
+    assert_eq!(svc.workspace("ws")["capabilities"], json!([]));
     svc.stop().await;
 }

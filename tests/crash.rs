@@ -349,7 +349,9 @@ async fn beat_once(
             status: 200,
             durability,
             body,
-        })) if body.as_ref() == br#"{"status":"ok"}"# => {
+        })) if serde_json::from_slice::<serde_json::Value>(&body)
+            .is_ok_and(|v| v["status"] == "ok") =>
+        {
             let sent = log.sent.get_mut(&nonce).unwrap();
             sent.acked = true;
             sent.acked_at = Some(Instant::now());
@@ -893,7 +895,7 @@ fn read_all(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Assert `raw` is one whole `200 {"status":"ok"}` response.
+/// Assert `raw` is one whole `200 {"status":"ok",...}` response.
 fn assert_complete_ok(what: &str, raw: &[u8]) {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text
@@ -909,7 +911,9 @@ fn assert_complete_ok(what: &str, raw: &[u8]) {
         })
         .unwrap_or_else(|| panic!("{what}: no content-length: {head}"));
     assert_eq!(body.len(), length, "{what}: a truncated body: {body:?}");
-    assert_eq!(body, r#"{"status":"ok"}"#, "{what}");
+    let body: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("{what}: the body is not JSON ({e}): {body:?}"));
+    assert_eq!(body["status"], "ok", "{what}");
 }
 
 /// Whether the server process has accepted the connection from local port

@@ -77,8 +77,8 @@ async fn check_fails_closed(id: &str, outcome: &str) {
     let ((status, body), ((other_status, _), other_took)) = tokio::join!(hostile, other);
     let took = started.elapsed();
     assert_eq!(
-        (status, body),
-        (StatusCode::OK, json!({"status": "ok"})),
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("ok")),
         "{id}"
     );
     assert!(took < BOUNDED, "{id}: the heartbeat took {took:?}");

@@ -174,11 +174,11 @@ fn run_sequence(start: &Start, steps: &[Step]) -> Result<(), TestCaseError> {
                 let before = status();
                 let decisions_before = store.decisions(id, 1).unwrap().last().map(|d| d.id);
                 executor
-                    .heartbeat(&HeartbeatRequest {
-                        workspace_id: id.into(),
-                        bearer: Some(token.plaintext.clone()),
-                        event: event.clone(),
-                    })
+                    .heartbeat(&HeartbeatRequest::new(
+                        id,
+                        Some(token.plaintext.clone()),
+                        event.clone(),
+                    ))
                     .map_err(|e| TestCaseError::fail(format!("step {n}: {e}")))?;
                 let after = status();
 

@@ -1,5 +1,6 @@
 //! Read models for operators: reconcile runs and plugins per workspace, for
-//! the admin API (`GET /admin/...`) and the CLI. Blocking.
+//! the admin API (`GET /admin/...`) and the CLI, and a workspace's public
+//! state (`GET /workspaces/{id}`, `workspace show`). Blocking.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +10,9 @@ use serde::Serialize;
 use crate::deliverer::Secret;
 use crate::deliverer::volume;
 use crate::policy_set::PolicySet;
-use crate::store::{DeclaredPlugin, InstalledPlugin, ReconcileRun, Store, StoreError};
+use crate::store::{
+    DeclaredPlugin, InstalledPlugin, ReconcileRun, Store, StoreError, WorkspaceRecord,
+};
 
 /// An installed plugin and whether its files are there.
 #[derive(Clone, Debug, Serialize)]
@@ -26,6 +29,38 @@ pub struct PluginsView {
     pub workspace_id: String,
     pub declared: Vec<DeclaredPlugin>,
     pub installed: Vec<InstalledView>,
+}
+
+/// A workspace's public state, as `GET /workspaces/{id}` answers it and
+/// `heartgate workspace show` prints it (with more for the operator): what
+/// the runtime last reported and what the service decided. No token, no
+/// secret.
+pub fn workspace_view(rec: &WorkspaceRecord) -> serde_json::Value {
+    let card = rec
+        .agent_card
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "id": rec.id,
+        "name": rec.name,
+        "kind": rec.kind,
+        "runtime": rec.runtime,
+        "status": rec.status,
+        "status_since_ms": rec.status_since_ms,
+        "url": rec.url,
+        "delivery_mode": rec.delivery_mode,
+        "agent_card": card,
+        "active_tasks": rec.active_tasks,
+        "current_task": rec.current_task,
+        "uptime_seconds": rec.uptime_seconds,
+        "last_error_rate": rec.last_error_rate,
+        "last_sample_error": rec.last_sample_error,
+        "last_heartbeat_ms": rec.last_heartbeat_ms,
+        "last_heartbeat_at": rec.last_heartbeat_ms.map(crate::clock::rfc3339),
+        "capabilities": rec.capabilities,
+        "idle_timeout_seconds": rec.idle_timeout_seconds,
+    })
 }
 
 /// What the admin API reads from.

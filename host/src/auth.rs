@@ -9,6 +9,11 @@
 //! **Invariant:** a token's plaintext is never logged or stored; it leaves the
 //! process only in the register response that minted it, or on the CLI that
 //! issued it.
+//!
+//! The platform inbound secret is the other way round: the platform proves
+//! itself to the workspace with it, so it is stored as it is and handed to
+//! the runtime in every register and heartbeat response. It is never logged
+//! (its `Debug` is redacted).
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
@@ -32,6 +37,38 @@ pub fn mint() -> Result<MintedToken, getrandom::Error> {
         prefix: plaintext.chars().take(8).collect(),
     };
     Ok(MintedToken { plaintext, stored })
+}
+
+/// A workspace's platform inbound secret: 32 random bytes, base64url
+/// without padding. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InboundSecret(String);
+
+impl InboundSecret {
+    /// A new random secret.
+    pub fn mint() -> Result<InboundSecret, getrandom::Error> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        Ok(InboundSecret(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+        ))
+    }
+
+    /// A stored secret.
+    pub fn from_stored(text: String) -> InboundSecret {
+        InboundSecret(text)
+    }
+
+    /// The secret itself, for the response and the store only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for InboundSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InboundSecret(<redacted>)")
+    }
 }
 
 /// SHA-256 of the token's text.
@@ -86,6 +123,14 @@ pub fn check(bearer: Option<&str>, live_hashes: &[Vec<u8>], bootstrap: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbound_secrets_are_43_chars_and_never_debug_printed() {
+        let secret = InboundSecret::mint().unwrap();
+        assert_eq!(secret.expose().len(), 43);
+        assert!(!format!("{secret:?}").contains(secret.expose()));
+        assert_ne!(secret, InboundSecret::mint().unwrap());
+    }
 
     #[test]
     fn minted_tokens_are_43_chars_and_hash_to_what_is_stored() {

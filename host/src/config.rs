@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::ServiceOptions;
+use crate::agent_url::{AgentUrlMode, AgentUrlPolicy};
 use crate::chain::ChainSpec;
 use crate::deliverer::restart::RestartHook;
 use crate::deliverer::{GiteaConfig, Secret};
@@ -163,6 +164,47 @@ impl LivenessSection {
     }
 }
 
+/// `[registry]`: which agent URLs a push-mode register may store.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySection {
+    /// `strict` (default), `saas` or `dev`.
+    pub agent_url_mode: Option<String>,
+    /// The platform's app domain: `ws-*.<app_domain>` names are allowed in
+    /// `saas` mode without resolving.
+    pub app_domain: Option<String>,
+}
+
+impl RegistrySection {
+    /// The policy it describes; the error names the key.
+    pub fn resolve(&self) -> Result<AgentUrlPolicy, (String, String)> {
+        let mode = match self.agent_url_mode.as_deref() {
+            None => AgentUrlMode::Strict,
+            Some(text) => AgentUrlMode::parse(text).ok_or_else(|| {
+                (
+                    "registry.agent_url_mode".to_string(),
+                    format!("must be `strict`, `saas` or `dev`, not `{text}`"),
+                )
+            })?,
+        };
+        if let Some(domain) = &self.app_domain {
+            let trimmed = domain.trim_end_matches('.');
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            };
+            if trimmed.is_empty() || trimmed.len() > 253 || !trimmed.split('.').all(label_ok) {
+                return Err((
+                    "registry.app_domain".to_string(),
+                    format!("must be a DNS name such as `apps.example.com`, not `{domain}`"),
+                ));
+            }
+        }
+        Ok(AgentUrlPolicy::new(mode, self.app_domain.clone()))
+    }
+}
+
 /// The configuration file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +237,8 @@ pub struct ConfigFile {
     pub store: StoreSection,
     #[serde(default)]
     pub liveness: LivenessSection,
+    #[serde(default)]
+    pub registry: RegistrySection,
     pub chain: Option<ChainSpec>,
 }
 
@@ -356,6 +400,9 @@ impl ConfigFile {
         if let Err((key, message)) = config.liveness.resolve() {
             return Err(invalid(&key, message));
         }
+        if let Err((key, message)) = config.registry.resolve() {
+            return Err(invalid(&key, message));
+        }
         if config
             .database
             .as_ref()
@@ -461,6 +508,9 @@ impl ConfigFile {
             };
         }
         // Checked by `load`.
+        if let Ok(urls) = self.registry.resolve() {
+            opts.agent_urls = urls;
+        }
         if let Ok(liveness) = self.liveness.resolve() {
             opts.liveness = liveness;
         }

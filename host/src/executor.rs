@@ -28,15 +28,16 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::auth::{self, AuthCheck};
+use crate::agent_url::AgentUrlPolicy;
+use crate::auth::{self, AuthCheck, InboundSecret};
 use crate::chain::{Chain, ChainOutcome, SlotFailure};
 use crate::clock::Clock;
 use crate::deliverer::Deliverer;
 use crate::engine::{EvalFailure, FailureKind};
 use crate::metrics::Metrics;
 use crate::model::{
-    Action, Effect, Event, HeartbeatEvent, Input, ReconcileTrigger, RegisterEvent, SilenceEvent,
-    SilenceKind, Status, WorkspaceKind,
+    Action, Effect, Event, HeartbeatEvent, Input, ReconcileTrigger, RegisterEvent, RuntimeMetadata,
+    SilenceEvent, SilenceKind, Status, WorkspaceKind,
 };
 use crate::store::{
     Applied, ConditionState, ConditionWrite, DecisionDetail, DecisionRecord, Liveness, MarkerWrite,
@@ -76,17 +77,60 @@ pub enum RegistryError {
     },
     #[error("kind='platform' may only be assigned by the platform-agent install path")]
     PlatformKindRefused,
+    /// A policy refused the register; `policy` is its name.
     #[error("rejected by policy: {message}")]
-    Rejected { http_status: u16, message: String },
+    Rejected {
+        http_status: u16,
+        message: String,
+        policy: String,
+    },
     #[error("url is required for push-mode workspaces")]
     UrlRequired,
+    /// The agent URL is not one the configured mode allows (why, without
+    /// the URL).
+    #[error("{0}")]
+    UrlNotAllowed(String),
+    /// The agent card's `url` is not one the configured mode allows.
+    #[error("workspace agent_card URL not allowed")]
+    CardUrlNotAllowed(String),
     #[error("{0}")]
     BadWorkspaceId(String),
     #[error("registration failed: {0}")]
     RegistrationFailed(String),
     #[error("failed to update: {0}")]
     UpdateFailed(String),
+    #[error("failed to update card: {0}")]
+    CardUpdateFailed(String),
 }
+
+impl RegistryError {
+    /// The reason key it is logged and counted under
+    /// (`heartgate_registry_rejections_total`).
+    pub fn reason(&self) -> &'static str {
+        use RegistryError as E;
+        match self {
+            E::UnknownWorkspace => "unknown_workspace",
+            E::MissingToken => "auth_missing",
+            E::InvalidToken => "auth_invalid",
+            E::AuthUnavailable(_) => "auth_unavailable",
+            E::StateUnavailable { .. } => "state_unavailable",
+            E::PlatformKindRefused => "platform_kind_refused",
+            E::Rejected { policy, .. } if policy == GATE_POLICY => "identity_gate",
+            E::Rejected { .. } => "policy_rejected",
+            E::UrlRequired => "url_required",
+            E::UrlNotAllowed(_) => "url_not_allowed",
+            E::CardUrlNotAllowed(_) => "card_url_not_allowed",
+            E::BadWorkspaceId(_) => "bad_workspace_id",
+            E::RegistrationFailed(_) => "registration_failed",
+            E::UpdateFailed(_) => "update_failed",
+            E::CardUpdateFailed(_) => "update_card_failed",
+        }
+    }
+}
+
+/// The built-in RCA#2970 gate's policy name: its refusals are counted as
+/// `identity_gate`.
+const GATE_POLICY: &str = "rca2970-gate";
 
 /// A register, as parsed by the HTTP layer.
 #[derive(Clone, Debug)]
@@ -102,8 +146,8 @@ pub struct RegisterRequest {
     pub kind: Option<WorkspaceKind>,
     pub mcp_server_present: Option<bool>,
     pub loaded_mcp_tools: Option<Vec<String>>,
-    /// The capabilities `runtime_metadata` declared (set to true), sorted.
-    pub capabilities: Vec<String>,
+    /// What `runtime_metadata` declared.
+    pub runtime: RuntimeMetadata,
 }
 
 /// A successful register.
@@ -115,6 +159,8 @@ pub struct Registered {
     pub verdict: String,
     /// The version of the chain that decided it.
     pub chain_version: String,
+    /// The workspace's platform inbound secret, unless minting it failed.
+    pub inbound_secret: Option<InboundSecret>,
 }
 
 /// What a durable verdict answered `Applied::Coalesced` means: it was not
@@ -132,6 +178,11 @@ pub struct Acknowledged {
     /// The version of the chain that decided it (empty for a removed
     /// workspace, which no chain evaluates).
     pub chain_version: String,
+    /// The workspace's platform inbound secret as read with its snapshot;
+    /// `None` if it has none yet (see [`Executor::inbound_secret`]).
+    pub inbound_secret: Option<InboundSecret>,
+    /// The workspace is removed: nothing was evaluated or written.
+    pub removed: bool,
 }
 
 /// When a workspace's silence is due (the liveness sweep's rule).
@@ -165,6 +216,25 @@ pub struct HeartbeatRequest {
     pub workspace_id: String,
     pub bearer: Option<String>,
     pub event: HeartbeatEvent,
+    /// What `runtime_metadata` declared (none if absent: it clears the
+    /// stored, as the original registry does).
+    pub runtime: RuntimeMetadata,
+    /// The agent card as JSON text, if the heartbeat carried one: stored
+    /// if the workspace has none, and it clears the register-failure stamp.
+    pub agent_card: Option<String>,
+}
+
+impl HeartbeatRequest {
+    /// A heartbeat with no `runtime_metadata` and no agent card.
+    pub fn new(workspace_id: &str, bearer: Option<String>, event: HeartbeatEvent) -> Self {
+        HeartbeatRequest {
+            workspace_id: workspace_id.to_string(),
+            bearer,
+            event,
+            runtime: RuntimeMetadata::default(),
+            agent_card: None,
+        }
+    }
 }
 
 /// One difference between the active chain and a shadow chain.
@@ -226,6 +296,7 @@ pub struct Executor {
     clock: Arc<dyn Clock>,
     deliverer: Arc<dyn Deliverer>,
     open_registration: bool,
+    agent_urls: AgentUrlPolicy,
     metrics: Arc<Metrics>,
     /// Set by [`Executor::acknowledge_when_queued`]: where a liveness-only
     /// heartbeat acknowledged before its commit goes to be evaluated again
@@ -264,6 +335,7 @@ impl Executor {
             clock,
             deliverer,
             open_registration: false,
+            agent_urls: AgentUrlPolicy::default(),
             metrics,
             retries: std::sync::OnceLock::new(),
         }
@@ -371,6 +443,66 @@ impl Executor {
     pub fn with_open_registration(mut self, open: bool) -> Executor {
         self.open_registration = open;
         self
+    }
+
+    /// Which agent URLs a push-mode register may store (default: strict).
+    pub fn with_agent_url_policy(mut self, policy: AgentUrlPolicy) -> Executor {
+        self.agent_urls = policy;
+        self
+    }
+
+    /// The workspace's platform inbound secret, minted and stored now if it
+    /// has none. Best effort: a failure is logged (never the secret) and
+    /// answers `None`, and the request is answered without it. Blocking.
+    pub fn inbound_secret(&self, workspace_id: &str) -> Option<InboundSecret> {
+        let minted = match InboundSecret::mint() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(workspace_id, error = %e,
+                    "minting a platform inbound secret failed; answering without it");
+                return None;
+            }
+        };
+        match self.store.inbound_secret(workspace_id, &minted) {
+            Ok(secret) => Some(secret),
+            Err(StoreError::UnknownWorkspace(_)) => None,
+            Err(e) => {
+                tracing::warn!(workspace_id, error = %e,
+                    "storing a platform inbound secret failed; answering without it");
+                None
+            }
+        }
+    }
+
+    /// Store a runtime's new agent card (`POST /registry/update-card`):
+    /// authenticated like a heartbeat, its `url` checked like a register's,
+    /// recorded with an `AGENT_CARD_UPDATED` event. Blocking.
+    pub fn update_card(
+        &self,
+        workspace_id: &str,
+        bearer: Option<&str>,
+        card: &str,
+        card_url: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let snap = self.load_and_authenticate(workspace_id, bearer, Read::Fresh)?;
+        if snap.workspace.status == Status::Removed {
+            return Err(RegistryError::UnknownWorkspace);
+        }
+        if let Some(url) = card_url.filter(|u| !u.is_empty()) {
+            self.agent_urls
+                .check(url)
+                .map_err(|e| RegistryError::CardUrlNotAllowed(e.to_string()))?;
+        }
+        let payload = serde_json::json!({ "agent_card": serde_json::from_str::<serde_json::Value>(card).unwrap_or_default() })
+            .to_string();
+        match self
+            .store
+            .update_agent_card(workspace_id, card, &payload, self.clock.now_ms())
+        {
+            Ok(()) => Ok(()),
+            Err(StoreError::UnknownWorkspace(_)) => Err(RegistryError::UnknownWorkspace),
+            Err(e) => Err(RegistryError::CardUpdateFailed(e.to_string())),
+        }
     }
 
     /// The active chain.
@@ -512,6 +644,8 @@ impl Executor {
                     verdict: "ignored: removed".into(),
                     committed: true,
                     chain_version: String::new(),
+                    inbound_secret: None,
+                    removed: true,
                 });
             };
             // Early only for a verdict the chain applied: a failed
@@ -551,6 +685,8 @@ impl Executor {
                     verdict: pending.summary,
                     committed: false,
                     chain_version: pending.chain_version,
+                    inbound_secret: pending.inbound_secret,
+                    removed: false,
                 });
             }
             match self.committed(write).await {
@@ -570,6 +706,8 @@ impl Executor {
                         verdict: pending.summary,
                         committed: true,
                         chain_version: pending.chain_version,
+                        inbound_secret: pending.inbound_secret,
+                        removed: false,
                     });
                 }
                 // Evaluate again on fresh state.
@@ -609,6 +747,17 @@ impl Executor {
         if !workspace.conditions.is_empty() {
             chain.retain_in_force(&mut workspace.conditions);
         }
+        // What this heartbeat declares replaces the stored before the
+        // policies look (the original applies it from the next beat), and a
+        // card it carries clears the register-failure stamp first, as the
+        // original's backfill does before it evaluates the status.
+        let runtime_changed = workspace.capabilities != req.runtime.capabilities
+            || workspace.idle_timeout_seconds != req.runtime.idle_timeout_seconds;
+        workspace.capabilities.clone_from(&req.runtime.capabilities);
+        workspace.idle_timeout_seconds = req.runtime.idle_timeout_seconds;
+        if req.agent_card.is_some() {
+            workspace.last_register_failure_ms = None;
+        }
         let input = Arc::new(Input {
             event: Event::Heartbeat(req.event.clone()),
             workspace,
@@ -627,6 +776,10 @@ impl Executor {
             current_task: req.event.current_task.clone(),
             loaded_mcp_tools: req.event.loaded_mcp_tools.clone(),
         });
+        if runtime_changed {
+            write.runtime = Some(req.runtime.clone());
+        }
+        write.agent_card_backfill.clone_from(&req.agent_card);
         let summary = summarize(input.workspace.status, &checked);
         let recorded = write.decision.outcome.clone();
         let chain_version = write.decision.chain_version.clone();
@@ -639,6 +792,7 @@ impl Executor {
                 summary,
                 recorded,
                 chain_version,
+                inbound_secret: snap.inbound_secret,
             },
         }))
     }
@@ -680,6 +834,8 @@ impl Executor {
             let chain = self.chain.load_full();
             let mut workspace = snap.workspace.clone();
             chain.retain_in_force(&mut workspace.conditions);
+            workspace.capabilities.clone_from(&req.runtime.capabilities);
+            workspace.idle_timeout_seconds = req.runtime.idle_timeout_seconds;
             let input = Arc::new(Input {
                 event: Event::Register(RegisterEvent {
                     url: url.clone().unwrap_or_default(),
@@ -705,31 +861,38 @@ impl Executor {
                         Err(RegistryError::Rejected {
                             http_status: *http_status,
                             message: message.clone(),
+                            policy: rejecting_policy(&outcome),
                         })
                     }
-                    None if delivery_mode == "push" && url.is_none() => {
-                        write =
-                            self.bare_write(&input, &chain, &outcome, None, attempt, "rejected");
-                        write.stamp_register_failure = true;
-                        Err(RegistryError::UrlRequired)
-                    }
-                    None => {
-                        if snap.live_token_hashes.is_empty() {
-                            minted = Some(auth::mint().map_err(|e| {
-                                RegistryError::RegistrationFailed(format!("minting a token: {e}"))
-                            })?);
+                    // Push mode only (a poll-mode agent is never called):
+                    // the card's URL and the agent URL must be ones the
+                    // configured mode allows (SSRF).
+                    None if delivery_mode == "push" => match self.push_url_refusal(req, &url) {
+                        Some(refused) => {
+                            write = self
+                                .bare_write(&input, &chain, &outcome, None, attempt, "rejected");
+                            write.stamp_register_failure = true;
+                            Err(refused)
                         }
-                        write.registration = Some(Registration {
-                            url: url.clone(),
-                            agent_card: req.agent_card.clone(),
-                            delivery_mode: delivery_mode.clone(),
-                            capabilities: req.capabilities.clone(),
-                            new_token: minted.as_ref().map(|m| m.stored.clone()),
-                        });
-                        Ok(())
-                    }
+                        None => Ok(()),
+                    },
+                    None => Ok(()),
                 },
             };
+            if result.is_ok() {
+                if snap.live_token_hashes.is_empty() {
+                    minted = Some(auth::mint().map_err(|e| {
+                        RegistryError::RegistrationFailed(format!("minting a token: {e}"))
+                    })?);
+                }
+                write.registration = Some(Registration {
+                    url: url.clone(),
+                    agent_card: req.agent_card.clone(),
+                    delivery_mode: delivery_mode.clone(),
+                    runtime: req.runtime.clone(),
+                    new_token: minted.as_ref().map(|m| m.stored.clone()),
+                });
+            }
             write.expected_version = Some(snap.version);
             let recorded = write.decision.outcome.clone();
             match self.store.apply(write) {
@@ -744,11 +907,16 @@ impl Executor {
                     }
                     self.compare_with_shadow(&input, &outcome);
                     result?;
+                    let inbound_secret = match snap.inbound_secret {
+                        Some(secret) => Some(secret),
+                        None => self.inbound_secret(&req.id),
+                    };
                     return Ok(Registered {
                         delivery_mode,
                         auth_token: minted.filter(|_| token_stored).map(|m| m.plaintext),
                         verdict: summarize(snap.workspace.status, &checked),
                         chain_version: chain.version.clone(),
+                        inbound_secret,
                     });
                 }
                 Ok(Applied::Conflict) => continue,
@@ -761,6 +929,31 @@ impl Executor {
         Err(RegistryError::RegistrationFailed(format!(
             "state kept changing under {MAX_ATTEMPTS} evaluations"
         )))
+    }
+
+    /// Why a push-mode register may not store its URLs, if it may not: no
+    /// URL at all, the card's `url` refused, or the agent URL refused.
+    /// May resolve names (blocking, bounded by the policy's timeout).
+    fn push_url_refusal(
+        &self,
+        req: &RegisterRequest,
+        url: &Option<String>,
+    ) -> Option<RegistryError> {
+        if let Some(card_url) = req.agent_card_url.as_deref().filter(|u| !u.is_empty())
+            && let Err(e) = self.agent_urls.check(card_url)
+        {
+            return Some(RegistryError::CardUrlNotAllowed(e.to_string()));
+        }
+        let Some(url) = url else {
+            return Some(RegistryError::UrlRequired);
+        };
+        // The card's URL, when it is the fallback, was checked above.
+        if req.url.as_deref().is_some_and(|u| !u.is_empty())
+            && let Err(e) = self.agent_urls.check(url)
+        {
+            return Some(RegistryError::UrlNotAllowed(e.to_string()));
+        }
+        None
     }
 
     /// Submit `write` to the store and wait for its commit.
@@ -926,6 +1119,8 @@ impl Executor {
             liveness: None,
             registration: None,
             stamp_register_failure: false,
+            runtime: None,
+            agent_card_backfill: None,
             status: None,
             events: Vec::new(),
             markers: Vec::new(),
@@ -1031,6 +1226,23 @@ struct Pending {
     /// The decision log's outcome label, for the metrics.
     recorded: String,
     chain_version: String,
+    inbound_secret: Option<InboundSecret>,
+}
+
+/// The name of the policy whose step first proposed a rejection.
+fn rejecting_policy(outcome: &ChainOutcome) -> String {
+    outcome
+        .steps
+        .iter()
+        .find(|step| {
+            step.output.as_ref().is_some_and(|actions| {
+                actions
+                    .iter()
+                    .any(|a| matches!(a.effect, Effect::Reject { .. }))
+            })
+        })
+        .map(|step| step.id.policy.clone())
+        .unwrap_or_default()
 }
 
 /// `from`: the status the verdict was computed from.

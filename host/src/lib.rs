@@ -23,6 +23,7 @@
 //!   time, the contract's data on the host side, logging, Prometheus metrics.
 
 pub mod admin;
+pub mod agent_url;
 pub mod auth;
 pub mod authoring;
 pub mod chain;
@@ -84,6 +85,8 @@ pub struct ServiceOptions {
     pub module_quota: store::ModuleQuota,
     /// When silence is noticed (`[liveness]`).
     pub liveness: liveness::LivenessConfig,
+    /// Which agent URLs a push-mode register may store (`[registry]`).
+    pub agent_urls: agent_url::AgentUrlPolicy,
 }
 
 impl ServiceOptions {
@@ -105,6 +108,7 @@ impl ServiceOptions {
             min_free_bytes: store::health::DEFAULT_MIN_FREE_BYTES,
             module_quota: store::ModuleQuota::default(),
             liveness: liveness::LivenessConfig::default(),
+            agent_urls: agent_url::AgentUrlPolicy::default(),
         }
     }
 }
@@ -154,6 +158,7 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
             Arc::new(worker.handle()),
         )
         .with_open_registration(opts.open_registration)
+        .with_agent_url_policy(opts.agent_urls.clone())
         .with_metrics(metrics),
     );
     let policies = Arc::new(

@@ -245,8 +245,15 @@ enum WorkspaceCommand {
         #[arg(long, default_value = "")]
         runtime: String,
     },
-    /// Print one workspace as JSON, with the conditions in force.
+    /// Print one workspace as JSON: what `GET /workspaces/{id}` answers
+    /// (status, url, agent card, active tasks, uptime, current task, last
+    /// error rate, ...), with the conditions in force, plugins and tokens.
     Show { id: String },
+    /// Replace the workspace's platform inbound secret with a new random
+    /// one (the old one stops being handed out at once; the runtime gets
+    /// the new one in its next register or heartbeat response). The secret
+    /// is not printed.
+    RotateInboundSecret { id: String },
     /// Why the workspace is in its state: its last decisions with each
     /// policy's output, the status transitions, the reconcile runs and their
     /// outcomes, in order.
@@ -451,9 +458,28 @@ fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
             }
         }
         WorkspaceCommand::Show { id } => match store.workspace(&id)? {
-            Some(rec) => print_json(&rec)?,
+            // What `GET /workspaces/{id}` answers, and what only the
+            // operator sees (conditions, plugins, tokens, register failure).
+            Some(rec) => {
+                let mut shown = serde_json::to_value(&rec)?;
+                if let (Some(all), serde_json::Value::Object(public)) = (
+                    shown.as_object_mut(),
+                    heartgate::admin::workspace_view(&rec),
+                ) {
+                    all.extend(public);
+                }
+                print_json(&shown)?
+            }
             None => bail!("unknown workspace `{id}`"),
         },
+        WorkspaceCommand::RotateInboundSecret { id } => {
+            let secret = heartgate::auth::InboundSecret::mint()
+                .map_err(|e| anyhow::anyhow!("minting a secret: {e}"))?;
+            store.rotate_inbound_secret(&id, &secret, now)?;
+            println!(
+                "rotated the platform inbound secret of `{id}`; its runtime receives the new one with its next register or heartbeat"
+            );
+        }
         WorkspaceCommand::List => {
             for rec in store.workspaces()? {
                 print_json(&rec)?;

@@ -2,6 +2,9 @@
 //! format. Names are `heartgate_<thing>_<unit>`; counters end in `_total`.
 //!
 //! - `heartgate_http_requests_total{route,status}` (routes are fixed templates)
+//! - `heartgate_registry_rejections_total{route,reason}`: refused or failed
+//!   requests of `/registry/*`, by reason key (`invalid_json`,
+//!   `unknown_workspace`, `auth_invalid`, `url_not_allowed`, ...)
 //! - `heartgate_evaluations_total{event,outcome}`,
 //!   `heartgate_policy_failures_total{slot,kind}`
 //! - `heartgate_slot_evaluation_seconds{slot}` (histogram, fresh sandbox included)
@@ -64,6 +67,14 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// A refused registry request: its route template and reason key (both
+/// fixed strings, so clients cannot create series).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub route: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SlotLabels {
     pub slot: String,
@@ -113,6 +124,7 @@ pub struct Metrics {
     evaluations: Family<EvaluationLabels, Counter>,
     slot_failures: Family<SlotFailureLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    rejections: Family<RejectionLabels, Counter>,
     slot_seconds: HistogramFamily<SlotLabels>,
     transitions: Family<TransitionLabels, Counter>,
     reconcile_runs: Family<RunLabels, Counter>,
@@ -164,6 +176,12 @@ impl Metrics {
             "heartgate_http_requests",
             "HTTP requests answered, by route and status",
             requests.clone(),
+        );
+        let rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "heartgate_registry_rejections",
+            "Refused or failed requests of the registry routes, by route and reason key",
+            rejections.clone(),
         );
         let slot_seconds: HistogramFamily<SlotLabels> =
             Family::new_with_constructor(slot_buckets as fn() -> Histogram);
@@ -249,6 +267,7 @@ impl Metrics {
             evaluations,
             slot_failures,
             requests,
+            rejections,
             slot_seconds,
             transitions,
             reconcile_runs,
@@ -267,6 +286,13 @@ impl Metrics {
     pub fn request(&self, route: &'static str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels { route, status })
+            .inc();
+    }
+
+    /// Count a refused or failed registry request.
+    pub fn registry_rejection(&self, route: &'static str, reason: &'static str) {
+        self.rejections
+            .get_or_create(&RejectionLabels { route, reason })
             .inc();
     }
 

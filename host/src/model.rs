@@ -320,9 +320,14 @@ pub struct Workspace {
     /// The runtime's name (`workspace add --runtime`), empty if unnamed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub runtime: String,
-    /// The capabilities the runtime declared at register, sorted.
+    /// The capabilities the runtime declares, sorted: for a register or
+    /// heartbeat those of the request (absent clears them), else the stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// The idle timeout the runtime declares, in seconds (like
+    /// `capabilities`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<i64>,
     /// The last register or heartbeat before this evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_ms: Option<i64>,
@@ -332,6 +337,15 @@ pub struct Workspace {
     /// Every condition in force, sorted by owner and name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// What a runtime says about itself in `runtime_metadata` (register and
+/// heartbeat): the capabilities it sets to true, sorted, and its idle
+/// timeout. A request without it declares none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeMetadata {
+    pub capabilities: Vec<String>,
+    pub idle_timeout_seconds: Option<i64>,
 }
 
 /// A policy's durable key/value for one workspace.

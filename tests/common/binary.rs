@@ -219,12 +219,19 @@ pub async fn wait_until(what: &str, within: Duration, mut check: impl FnMut() ->
 }
 
 /// A configuration file in `dir`: config volumes and local plugins in the
-/// temp dir (never in the working directory), plus `extra`.
+/// temp dir (never in the working directory), plus `extra`. Agent URLs are
+/// checked in `dev` mode (tests register names that do not resolve here)
+/// unless `extra` has a `[registry]` section of its own.
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("heartgate.toml");
+    let registry = if extra.contains("[registry]") {
+        ""
+    } else {
+        "\n[registry]\nagent_url_mode = \"dev\"\n"
+    };
     std::fs::write(
         &path,
-        format!("configs_root = \"configs\"\nplugins_dir = \"plugins\"\n{extra}"),
+        format!("configs_root = \"configs\"\nplugins_dir = \"plugins\"\n{extra}{registry}"),
     )
     .unwrap();
     path

@@ -100,6 +100,12 @@ impl Service {
         opts.liveness.heartbeat_ttl = Duration::from_secs(365 * 86_400);
         opts.liveness.provision_timeout = Duration::from_secs(365 * 86_400);
         opts.liveness.runtime_provision_timeout.clear();
+        // Tests register agent names that do not resolve here (`http://a`,
+        // `https://example.com/...`); the strict mode has tests of its own.
+        opts.agent_urls = heartgate::agent_url::AgentUrlPolicy::new(
+            heartgate::agent_url::AgentUrlMode::Dev,
+            None,
+        );
         customize(&mut opts);
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(heartgate::run(listener, opts, async move {

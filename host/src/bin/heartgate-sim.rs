@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 300)]
     interval_ms: u64,
     /// The agent URL sent at register.
-    #[arg(long, default_value = "http://127.0.0.1:9/agent")]
+    #[arg(long, default_value = "http://localhost:9/agent")]
     url: String,
 }
 

@@ -328,6 +328,7 @@ pub(super) mod to_v2 {
                 last_register_failure_ms: ws.last_register_failure_ms,
                 runtime: ws.runtime.clone(),
                 capabilities: ws.capabilities.clone(),
+                idle_timeout_seconds: ws.idle_timeout_seconds,
                 last_heartbeat_ms: ws.last_heartbeat_ms,
                 status_since_ms: ws.status_since_ms,
                 conditions: ws

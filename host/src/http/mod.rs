@@ -35,12 +35,16 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 mod connections;
+mod registry;
 
 use self::connections::{Busy, ConnSlot, Connections};
+pub use self::registry::{
+    MAX_CAPABILITIES, MAX_CAPABILITY_NAME_BYTES, MAX_IDLE_TIMEOUT_SECONDS, decode_heartbeat,
+    decode_register,
+};
 use crate::admin::Admin;
 use crate::auth;
-use crate::executor::{Executor, HeartbeatRequest, RegisterRequest, RegistryError};
-use crate::model::{HeartbeatEvent, WorkspaceKind};
+use crate::executor::{Executor, RegistryError};
 use crate::policy_set::{PolicySetError, SlotFixtures};
 
 /// Limits of the HTTP layer.
@@ -130,6 +134,8 @@ pub struct App {
     config: ServerConfig,
     /// The reconcile worker whose state `/readyz` reports.
     worker: Option<Arc<crate::reconcile::Worker>>,
+    /// How many refusals were logged lately, by route and reason.
+    refusals: Arc<RefusalLog>,
 }
 
 impl App {
@@ -140,6 +146,7 @@ impl App {
             permits: Semaphore::new(config.max_in_flight.max(1)),
             config,
             worker: None,
+            refusals: Arc::new(RefusalLog::default()),
         }
     }
 
@@ -156,6 +163,13 @@ impl App {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// A short key saying why, e.g. `bad_delivery_mode`: logged and counted
+    /// for the registry routes, never answered.
+    reason: &'static str,
+    /// The workspace the request named, when its body named a valid id.
+    workspace_id: Option<String>,
+    /// What went wrong inside (a 5xx's cause): logged, never answered.
+    detail: Option<String>,
 }
 
 impl ApiError {
@@ -164,17 +178,62 @@ impl ApiError {
         self.status
     }
 
+    /// The message it answers with.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Its reason key.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+
     /// An error answering `message`, cut to [`MAX_ERROR_BYTES`]: a message
-    /// may quote what the client sent, and never echoes it whole.
+    /// may quote what the client sent, and never echoes it whole. Its
+    /// reason key is the status's until [`ApiError::because`] names one.
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let reason = match status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::REQUEST_TIMEOUT => "body_timeout",
+            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            _ => "internal",
+        };
         ApiError {
             status,
             message: bounded(message.into(), MAX_ERROR_BYTES),
+            reason,
+            workspace_id: None,
+            detail: None,
         }
     }
 
+    /// The same error under the reason key `reason`.
+    fn because(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    /// The same error, logged with `detail` (never answered).
+    fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(bounded(detail.into(), MAX_ERROR_BYTES));
+        self
+    }
+
+    /// The same error, logged with the workspace id the request named.
+    fn for_workspace(mut self, id: Option<String>) -> Self {
+        if self.workspace_id.is_none() {
+            self.workspace_id = id;
+        }
+        self
+    }
+
     fn invalid_body() -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid request body")
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid request body").because("invalid_json")
     }
 
     fn into_response(self) -> Response<Full<Bytes>> {
@@ -185,7 +244,8 @@ impl ApiError {
 impl From<RegistryError> for ApiError {
     fn from(err: RegistryError) -> Self {
         use RegistryError as E;
-        match err {
+        let reason = err.reason();
+        let error = match err {
             E::UnknownWorkspace => ApiError::new(StatusCode::NOT_FOUND, "unknown workspace"),
             E::MissingToken => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "missing workspace auth token")
@@ -193,40 +253,47 @@ impl From<RegistryError> for ApiError {
             E::InvalidToken => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "invalid workspace auth token")
             }
-            E::AuthUnavailable(e) => {
-                tracing::error!(error = %e, "token lookup failed; refusing the request");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "workspace auth temporarily unavailable",
-                )
-            }
-            E::StateUnavailable { what, error } => {
-                tracing::error!(error = %error, "reading a workspace failed; refusing the request");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("workspace state temporarily unavailable: reading {what} failed"),
-                )
-            }
+            E::AuthUnavailable(e) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "workspace auth temporarily unavailable",
+            )
+            .with_detail(format!("token lookup failed: {e}")),
+            E::StateUnavailable { what, error } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("workspace state temporarily unavailable: reading {what} failed"),
+            )
+            .with_detail(format!("reading a workspace failed: {error}")),
             E::PlatformKindRefused => ApiError::new(StatusCode::FORBIDDEN, err.to_string()),
             E::Rejected {
                 http_status,
                 message,
+                ..
             } => ApiError::new(
                 StatusCode::from_u16(http_status).unwrap_or(StatusCode::BAD_REQUEST),
                 message,
             ),
-            E::UrlRequired | E::BadWorkspaceId(_) => {
+            E::UrlRequired | E::BadWorkspaceId(_) | E::UrlNotAllowed(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, err.to_string())
             }
+            E::CardUrlNotAllowed(why) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "workspace agent_card URL not allowed",
+            )
+            .with_detail(why),
             E::RegistrationFailed(detail) => {
-                tracing::error!(detail, "registration failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registration failed")
+                    .with_detail(detail)
             }
             E::UpdateFailed(detail) => {
-                tracing::error!(detail, "heartbeat update failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed to update")
+                    .with_detail(detail)
             }
-        }
+            E::CardUpdateFailed(detail) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed to update card")
+                    .with_detail(detail)
+            }
+        };
+        error.because(reason)
     }
 }
 
@@ -394,13 +461,103 @@ async fn handle(
         status = tracing::field::Empty,
     );
     let route_name = route_label(req.uri().path());
+    let registry = req.uri().path().starts_with("/registry/");
     let metrics = app.executor.metrics().clone();
-    let resp = route(app, req).instrument(span.clone()).await;
-    let resp = resp.unwrap_or_else(ApiError::into_response);
+    let refusals = app.refusals.clone();
+    let resp = match route(app, req).instrument(span.clone()).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if let Some(unlogged) = refusals.admit(route_name, e.reason) {
+                span.in_scope(|| refused(&e, route_name, registry, unlogged));
+            }
+            if registry {
+                metrics.registry_rejection(route_name, e.reason);
+            }
+            e.into_response()
+        }
+    };
     span.record("status", resp.status().as_u16());
     metrics.request(route_name, resp.status().as_u16());
     span.in_scope(|| tracing::debug!("request done"));
     Ok(resp)
+}
+
+/// Log a refused request once: a registry route's at `info` (4xx) or `warn`
+/// (5xx) with its reason key and the workspace id its body named, so an
+/// operator sees a runtime knocking with a wrong id, token or body; other
+/// routes' 5xx at `warn`. Never a token, a secret or a URL: the reason key,
+/// the status and the detail of a 5xx only. `unlogged`: refusals of this
+/// route and reason not logged since the last line (see [`RefusalLog`]).
+fn refused(e: &ApiError, route: &'static str, registry: bool, unlogged: u64) {
+    let status = e.status.as_u16();
+    let workspace_id = e.workspace_id.as_deref().unwrap_or("");
+    let detail = e.detail.as_deref().unwrap_or("");
+    if e.status.is_server_error() {
+        tracing::warn!(
+            route,
+            status,
+            reason = e.reason,
+            workspace_id,
+            detail,
+            unlogged,
+            "request failed"
+        );
+    } else if registry {
+        tracing::info!(
+            route,
+            status,
+            reason = e.reason,
+            workspace_id,
+            detail,
+            unlogged,
+            "registry request refused"
+        );
+    }
+}
+
+/// The most refusals of one route and reason logged in a second: a fleet
+/// knocking with a stale token must not flood the log. The rest are only
+/// counted (the metric counts every one), and the next line logged says
+/// how many were not.
+pub const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
+
+/// Refusals logged in the current second, by route and reason (fixed
+/// strings, so the map stays small).
+#[derive(Default)]
+struct RefusalLog {
+    windows: std::sync::Mutex<std::collections::HashMap<(&'static str, &'static str), Window>>,
+}
+
+struct Window {
+    start: std::time::Instant,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Whether to log this refusal: `Some(refusals not logged since the
+    /// last line)`, or `None` past the second's budget.
+    fn admit(&self, route: &'static str, reason: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let Ok(mut windows) = self.windows.lock() else {
+            return Some(0);
+        };
+        let w = windows.entry((route, reason)).or_insert(Window {
+            start: now,
+            logged: 0,
+            unlogged: 0,
+        });
+        if now.duration_since(w.start) >= Duration::from_secs(1) {
+            w.start = now;
+            w.logged = 0;
+        }
+        if w.logged >= REFUSALS_LOGGED_PER_SECOND {
+            w.unlogged += 1;
+            return None;
+        }
+        w.logged += 1;
+        Some(std::mem::take(&mut w.unlogged))
+    }
 }
 
 /// The OpenAPI document of every route, served at `GET /openapi.json`
@@ -411,6 +568,8 @@ pub const OPENAPI: &str = include_str!("../../openapi.json");
 pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/registry/register"),
     ("POST", "/registry/heartbeat"),
+    ("POST", "/registry/update-card"),
+    ("GET", "/workspaces/{id}"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -457,8 +616,16 @@ fn route_label(path: &str) -> &'static str {
 async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
-        (&Method::POST, "/registry/register") => register(app, req).await,
-        (&Method::POST, "/registry/heartbeat") => heartbeat(app, req).await,
+        (&Method::POST, "/registry/register") => registry::register(app, req).await,
+        (&Method::POST, "/registry/heartbeat") => registry::heartbeat(app, req).await,
+        (&Method::POST, "/registry/update-card") => registry::update_card(app, req).await,
+        (_, p) if registry::other_subsystem(p).is_some() => Err(registry::not_served_here(
+            registry::other_subsystem(p).unwrap_or_default(),
+        )),
+        (&Method::GET, p) if workspace_path(p).is_some() => {
+            let id = workspace_path(p).unwrap_or_default().to_string();
+            registry::workspace(app, req, id).await
+        }
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, "/readyz") => readyz(app).await,
         (&Method::GET, "/openapi.json") => {
@@ -489,6 +656,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             _,
             "/registry/register"
             | "/registry/heartbeat"
+            | "/registry/update-card"
             | "/healthz"
             | "/readyz"
             | "/metrics"
@@ -497,8 +665,21 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method `{}` not allowed on `{path}`", req.method()),
         )),
+        (_, p) if workspace_path(p).is_some() => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "method `{}` not allowed on `/workspaces/{{id}}`",
+                req.method()
+            ),
+        )),
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
     }
+}
+
+/// The id of a `/workspaces/{id}` path.
+fn workspace_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/workspaces/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
 /// Ready to serve: the database takes a write transaction, a chain is
@@ -576,7 +757,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("request body nested deeper than {MAX_JSON_DEPTH} levels"),
-        ));
+        )
+        .because("invalid_json"));
     }
     serde_json::from_slice(body).map_err(|_| ApiError::invalid_body())
 }
@@ -887,254 +1069,22 @@ async fn admin_write(
     Ok(json_response(status, &value))
 }
 
-/// The register body. Unknown fields are ignored.
-#[derive(Deserialize)]
-struct RegisterBody {
-    id: Option<String>,
-    url: Option<String>,
-    agent_card: Option<serde_json::Value>,
-    delivery_mode: Option<String>,
-    kind: Option<String>,
-    mcp_server_present: Option<bool>,
-    loaded_mcp_tools: Option<Vec<String>>,
-    runtime_metadata: Option<serde_json::Value>,
-}
-
-async fn register(
-    app: Arc<App>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (bearer, body) = read_body(&app, req).await?;
-    let request = decode_register(bearer, &body)?;
-    tracing::Span::current().record("workspace_id", request.id.as_str());
-    let executor = app.executor.clone();
-    let registered = blocking(&app, move || executor.register(&request)).await??;
-    tracing::Span::current().record("verdict", registered.verdict.as_str());
-    tracing::Span::current().record("chain_version", registered.chain_version.as_str());
-    let mut out = json!({"status": "registered", "delivery_mode": registered.delivery_mode});
-    if let Some(token) = registered.auth_token {
-        out["auth_token"] = json!(token);
-    }
-    Ok(json_response(StatusCode::OK, &out))
-}
-
-/// The heartbeat body. Unknown fields are ignored; `null` reads as absent.
-#[derive(Deserialize)]
-struct HeartbeatBody {
-    workspace_id: Option<String>,
-    error_rate: Option<f64>,
-    sample_error: Option<String>,
-    active_tasks: Option<i64>,
-    current_task: Option<String>,
-    uptime_seconds: Option<i64>,
-    runtime_state: Option<String>,
-    mcp_server_present: Option<bool>,
-    loaded_mcp_tools: Option<Vec<String>>,
-}
-
-async fn heartbeat(
-    app: Arc<App>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (bearer, body) = read_body(&app, req).await?;
-    let request = decode_heartbeat(bearer, &body, &app.config.input)?;
-    tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
-    // Evaluated on this worker (the chain yields at every epoch tick, so a
-    // slow policy cannot hold it), and the commit is awaited here unless the
-    // verdict records only liveness: no hand-off to another thread and no
-    // thread waiting for the writer.
-    let ack = app.executor.heartbeat_acknowledged(&request).await?;
-    tracing::Span::current().record("verdict", ack.verdict.as_str());
-    tracing::Span::current().record("chain_version", ack.chain_version.as_str());
-    let mut resp = json_response(StatusCode::OK, &json!({"status": "ok"}));
-    // Runtimes read only the body; this says whether the verdict was
-    // committed before the answer or (liveness only) queued for the writer.
-    resp.headers_mut().insert(
-        DURABILITY,
-        HeaderValue::from_static(if ack.committed { "committed" } else { "queued" }),
-    );
-    Ok(resp)
-}
-
-/// Decode and validate a register body (the request decoder; no I/O).
-pub fn decode_register(bearer: Option<String>, body: &[u8]) -> Result<RegisterRequest, ApiError> {
-    let body: RegisterBody = parse_json(body)?;
-    let id = body
-        .id
-        .filter(|id| !id.is_empty())
-        .ok_or_else(ApiError::invalid_body)?;
-    let agent_card = match body.agent_card {
-        Some(card @ serde_json::Value::Object(_)) => card,
-        _ => return Err(ApiError::invalid_body()),
-    };
-    let delivery_mode = body.delivery_mode.filter(|m| !m.is_empty());
-    if let Some(mode) = &delivery_mode
-        && mode != "push"
-        && mode != "poll"
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "delivery_mode must be 'push' or 'poll'",
-        ));
-    }
-    let kind = match body.kind.as_deref() {
-        None | Some("") => None,
-        Some(k) => Some(WorkspaceKind::parse(k).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "kind must be 'workspace' or 'platform'",
-            )
-        })?),
-    };
-    if body.url.as_ref().is_some_and(|u| u.len() > MAX_URL_BYTES) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("url longer than {MAX_URL_BYTES} bytes"),
-        ));
-    }
-    let card_text = agent_card.to_string();
-    if card_text.len() > MAX_AGENT_CARD_BYTES {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("agent_card larger than {MAX_AGENT_CARD_BYTES} bytes"),
-        ));
-    }
-    let card_url = agent_card
-        .get("url")
-        .and_then(|u| u.as_str())
-        .filter(|u| u.len() <= MAX_URL_BYTES)
-        .map(str::to_string);
-    check_tools(body.loaded_mcp_tools.as_deref())?;
-    let capabilities = decode_capabilities(body.runtime_metadata.as_ref())?;
-    Ok(RegisterRequest {
-        id,
-        bearer,
-        url: body.url,
-        agent_card_url: card_url,
-        agent_card: card_text,
-        delivery_mode,
-        kind,
-        mcp_server_present: body.mcp_server_present,
-        loaded_mcp_tools: body.loaded_mcp_tools,
-        capabilities,
-    })
-}
-
-/// The most capabilities a runtime may declare, and their names' length.
-pub const MAX_CAPABILITIES: usize = 64;
-pub const MAX_CAPABILITY_NAME_BYTES: usize = 64;
-
-/// The capabilities `runtime_metadata` declares (those set to `true`),
-/// sorted; none when it is absent (a register without it clears them, as
-/// the original registry does). `idle_timeout_seconds`, if sent, must be a
-/// non-negative integer.
-fn decode_capabilities(meta: Option<&serde_json::Value>) -> Result<Vec<String>, ApiError> {
-    let bad =
-        |what: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("runtime_metadata{what}"));
-    let meta = match meta {
-        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
-        Some(serde_json::Value::Object(m)) => m,
-        Some(_) => return Err(bad(" must be an object")),
-    };
-    match meta.get("idle_timeout_seconds") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(v) if v.as_u64().is_some() => {}
-        Some(_) => return Err(bad(".idle_timeout_seconds must be a non-negative integer")),
-    }
-    let caps = match meta.get("capabilities") {
-        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
-        Some(serde_json::Value::Object(c)) => c,
-        Some(_) => return Err(bad(".capabilities must be an object of booleans")),
-    };
-    if caps.len() > MAX_CAPABILITIES {
-        return Err(bad(&format!(
-            ".capabilities has more than {MAX_CAPABILITIES} entries"
-        )));
-    }
-    let mut on = Vec::new();
-    for (name, value) in caps {
-        if name.is_empty() || name.len() > MAX_CAPABILITY_NAME_BYTES {
-            return Err(bad(&format!(
-                ".capabilities names are 1-{MAX_CAPABILITY_NAME_BYTES} bytes"
-            )));
-        }
-        match value {
-            serde_json::Value::Bool(true) => on.push(name.clone()),
-            serde_json::Value::Bool(false) => {}
-            _ => return Err(bad(".capabilities must be an object of booleans")),
-        }
-    }
-    on.sort();
-    Ok(on)
-}
-
-/// `loaded_mcp_tools` within [`MAX_TOOLS`] names of [`MAX_TOOL_NAME_BYTES`].
-fn check_tools(tools: Option<&[String]>) -> Result<(), ApiError> {
-    let tools = tools.unwrap_or_default();
-    if tools.len() > MAX_TOOLS || tools.iter().any(|t| t.len() > MAX_TOOL_NAME_BYTES) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "loaded_mcp_tools: at most {MAX_TOOLS} names of at most {MAX_TOOL_NAME_BYTES} bytes"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Decode and validate a heartbeat body (the request decoder; no I/O).
-/// Texts longer than `limits` allow are cut, never stored whole.
-pub fn decode_heartbeat(
-    bearer: Option<String>,
-    body: &[u8],
-    limits: &InputLimits,
-) -> Result<HeartbeatRequest, ApiError> {
-    let body: HeartbeatBody = parse_json(body)?;
-    let workspace_id = body
-        .workspace_id
-        .filter(|id| !id.is_empty())
-        .ok_or_else(ApiError::invalid_body)?;
-    let error_rate = body.error_rate.unwrap_or(0.0);
-    if !(0.0..=1.0).contains(&error_rate) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "error_rate must be between 0 and 1",
-        ));
-    }
-    let active_tasks = non_negative("active_tasks", body.active_tasks)?;
-    let uptime_seconds = non_negative("uptime_seconds", body.uptime_seconds)?;
-    check_tools(body.loaded_mcp_tools.as_deref())?;
-    let text = |t: String| bounded(t, limits.max_text_bytes);
-    Ok(HeartbeatRequest {
-        workspace_id,
-        bearer,
-        event: HeartbeatEvent {
-            error_rate,
-            sample_error: text(body.sample_error.unwrap_or_default()),
-            active_tasks,
-            current_task: body.current_task.map(text),
-            uptime_seconds,
-            runtime_state: text(body.runtime_state.unwrap_or_default()),
-            mcp_server_present: body.mcp_server_present,
-            loaded_mcp_tools: body.loaded_mcp_tools,
-        },
-    })
-}
-
-/// A count or a duration of a heartbeat: absent is 0, negative is refused.
-fn non_negative(field: &str, value: Option<i64>) -> Result<i64, ApiError> {
-    match value.unwrap_or(0) {
-        n if n < 0 => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{field} must not be negative"),
-        )),
-        n => Ok(n),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{json_depth, route_label};
+
+    #[test]
+    fn refusals_are_logged_within_a_budget_and_the_rest_counted() {
+        let log = super::RefusalLog::default();
+        let budget = super::REFUSALS_LOGGED_PER_SECOND as usize;
+        let admitted: Vec<_> = (0..budget + 5)
+            .map(|_| log.admit("/registry/heartbeat", "auth_invalid"))
+            .collect();
+        assert!(admitted[..budget].iter().all(|a| *a == Some(0)));
+        assert!(admitted[budget..].iter().all(Option::is_none));
+        // Another reason has its own budget.
+        assert_eq!(log.admit("/registry/heartbeat", "invalid_json"), Some(0));
+    }
 
     #[test]
     fn json_depth_counts_nesting_outside_strings() {

@@ -110,6 +110,10 @@ pub struct Snapshot {
     /// The deadline reference (last heartbeat, or start of `provisioning`)
     /// a silence verdict was last evaluated for.
     pub silence_noticed_ms: Option<i64>,
+    /// The secret the platform authenticates its calls into the workspace
+    /// with, once minted (not part of the version: a cached snapshot's is
+    /// refreshed by the read that confirms its version).
+    pub inbound_secret: Option<crate::auth::InboundSecret>,
 }
 
 /// The liveness fields of a heartbeat, stored on every accepted beat.
@@ -129,8 +133,8 @@ pub struct Registration {
     pub url: Option<String>,
     pub agent_card: String,
     pub delivery_mode: String,
-    /// The runtime's declared capabilities, sorted (replacing the stored).
-    pub capabilities: Vec<String>,
+    /// What the runtime declared (replacing the stored).
+    pub runtime: crate::model::RuntimeMetadata,
     /// A new token to store if the workspace has no live token at commit.
     pub new_token: Option<NewToken>,
 }
@@ -214,6 +218,11 @@ pub struct VerdictWrite {
     pub liveness: Option<Liveness>,
     pub registration: Option<Registration>,
     pub stamp_register_failure: bool,
+    /// A heartbeat's `runtime_metadata`, when it differs from the stored.
+    pub runtime: Option<crate::model::RuntimeMetadata>,
+    /// A heartbeat's agent card: stored if the workspace has none, and the
+    /// register-failure stamp is cleared (as the original registry does).
+    pub agent_card_backfill: Option<String>,
     pub status: Option<StatusWrite>,
     pub events: Vec<(String, String)>,
     pub markers: Vec<MarkerWrite>,
@@ -272,6 +281,8 @@ impl VerdictWrite {
             && self.reconciles.is_empty()
             && self.registration.is_none()
             && !self.stamp_register_failure
+            && self.runtime.is_none()
+            && self.agent_card_backfill.is_none()
             && self.silence.is_none()
     }
 }
@@ -335,6 +346,16 @@ pub struct WorkspaceRecord {
     pub status_since_ms: Option<i64>,
     /// The conditions in force (with their slots), by owner and name.
     pub conditions: Vec<crate::model::Condition>,
+    /// The agent card as stored (JSON text), if any; the view
+    /// (`admin::workspace_view`) shows it as JSON.
+    #[serde(skip)]
+    pub agent_card: Option<String>,
+    pub active_tasks: i64,
+    pub current_task: Option<String>,
+    pub uptime_seconds: i64,
+    /// What the runtime last declared in `runtime_metadata`.
+    pub capabilities: Vec<String>,
+    pub idle_timeout_seconds: Option<i64>,
 }
 
 /// A declared plugin.
@@ -540,6 +561,36 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Record that an authenticated register failed (for the degrade rule).
     fn stamp_register_failure(&self, workspace_id: &str, now_ms: i64) -> Result<(), StoreError>;
+
+    /// The workspace's platform inbound secret: the stored one, or `mint`
+    /// stored now if it has none (whichever host stores first wins, and
+    /// every host then answers that one). None is minted for a removed
+    /// workspace (`UnknownWorkspace`).
+    fn inbound_secret(
+        &self,
+        workspace_id: &str,
+        mint: &crate::auth::InboundSecret,
+    ) -> Result<crate::auth::InboundSecret, StoreError>;
+
+    /// Replace the workspace's platform inbound secret (the operator's
+    /// rotation); runtimes receive it with their next register or heartbeat.
+    fn rotate_inbound_secret(
+        &self,
+        workspace_id: &str,
+        new: &crate::auth::InboundSecret,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Store a runtime's new agent card with an `AGENT_CARD_UPDATED` event
+    /// (payload `event_payload`), in one transaction. A removed or unknown
+    /// workspace is `UnknownWorkspace`.
+    fn update_agent_card(
+        &self,
+        workspace_id: &str,
+        card: &str,
+        event_payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Workspaces whose silence deadline may have passed and was not
     /// evaluated yet (see [`SilenceQuery`]), read from an index: the cost is

@@ -290,10 +290,17 @@ impl Input {
         &self.workspace.conditions
     }
 
-    /// Whether the runtime declared the capability `name` at register
-    /// (e.g. `status_mgmt`).
+    /// Whether the runtime declares the capability `name` (e.g.
+    /// `status_mgmt`): in this register's or heartbeat's `runtime_metadata`,
+    /// or as stored for a silence.
     pub fn has_capability(&self, name: &str) -> bool {
         self.workspace.capabilities.iter().any(|c| c == name)
+    }
+
+    /// The idle timeout the runtime declares, in seconds (like
+    /// [`Input::has_capability`]).
+    pub fn idle_timeout_seconds(&self) -> Option<i64> {
+        self.workspace.idle_timeout_seconds
     }
 
     /// The value of this policy's marker `key`, if set.

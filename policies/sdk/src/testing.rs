@@ -22,6 +22,7 @@ fn workspace(id: &str) -> Workspace {
         last_register_failure_ms: None,
         runtime: String::new(),
         capabilities: Vec::new(),
+        idle_timeout_seconds: None,
         last_heartbeat_ms: None,
         status_since_ms: None,
         conditions: Vec::new(),
@@ -128,7 +129,8 @@ impl Input {
         self
     }
 
-    /// The runtime declared the capability `name` at register.
+    /// The runtime declares the capability `name` (in this request's
+    /// `runtime_metadata`).
     pub fn capability(mut self, name: &str) -> Self {
         self.workspace.capabilities.push(name.to_string());
         self.workspace.capabilities.sort();

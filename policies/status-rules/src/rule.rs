@@ -29,6 +29,11 @@
 //!   management MCP not known to be unloaded (the hysteresis: degrade at 0.5,
 //!   recover below 0.1).
 //!
+//! A runtime that declares the capability `status_mgmt` manages its own
+//! status (section 3.3 steps 5, 6 and 8 of the original): its error rate
+//! neither degrades it nor holds it degraded. Wedged, a register failure
+//! and the #3082 check still apply to it.
+//!
 //! Register: the runtime restarted, so these rules' conditions are cleared;
 //! the workspace comes online unless another policy holds it back.
 
@@ -48,6 +53,9 @@ pub const UNLOADED_SINCE_KEY: &str = "mcp-unloaded-since";
 pub const UNLOADED_GRACE_MS: i64 = 180 * 1000;
 /// How recent a register failure degrades an online workspace.
 pub const REGISTER_FAILURE_WINDOW_MS: i64 = 5 * 60 * 1000;
+
+/// The capability of a runtime that manages its own status.
+pub const STATUS_MGMT: &str = "status_mgmt";
 
 /// Reason code of the #3082 degrade; the recovery trigger reacts to it.
 pub const MANAGEMENT_MCP_UNLOADED: &str = "management_mcp_unloaded";
@@ -160,6 +168,10 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
     let ws = &input.workspace;
     let tools = tools_check(input, hb, out);
     let wedged = hb.runtime_state == "wedged";
+    // A runtime managing its own status is not judged by its error rate.
+    let native = input.has_capability(STATUS_MGMT);
+    let error_rate_high = !native && hb.error_rate >= 0.5;
+    let error_rate_low = native || hb.error_rate < 0.1;
     let recent_register_failure = ws
         .last_register_failure_ms
         .is_some_and(|at| input.now_ms - at < REGISTER_FAILURE_WINDOW_MS);
@@ -182,7 +194,7 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
                     ),
                     out,
                 );
-            } else if hb.error_rate >= 0.5 {
+            } else if error_rate_high {
                 degrade(
                     input,
                     ERROR_RATE,
@@ -210,8 +222,7 @@ fn heartbeat(input: &Input, hb: &HeartbeatEvent, out: &mut Vec<Action>) {
         Status::Degraded => {
             if let Some(message) = tools.past_grace {
                 degrade_unloaded(input, hb, message, out);
-            } else if hb.error_rate < 0.1 && !wedged && !recent_register_failure && !tools.unloaded
-            {
+            } else if error_rate_low && !wedged && !recent_register_failure && !tools.unloaded {
                 clear_own(input, out);
             }
         }
@@ -273,6 +284,25 @@ mod tests {
         input
             .with_status(Status::Degraded)
             .with_condition(NAME, name, Severity::Degraded, "x")
+    }
+
+    #[test]
+    fn a_runtime_managing_its_own_status_is_not_judged_by_its_error_rate() {
+        let mut hb = heartbeat("ws").capability(STATUS_MGMT);
+        if let heartgate_policy::Event::Heartbeat(h) = &mut hb.event {
+            h.error_rate = 0.8;
+        }
+        assert!(decide(&hb, vec![]).is_empty());
+        // Held degraded by its error rate before it declared it: recovers
+        // whatever the rate.
+        let out = decide(&degraded_by(hb.clone(), ERROR_RATE), vec![]);
+        assert_clears_condition(&out, ERROR_RATE);
+        // Wedged still degrades it.
+        if let heartgate_policy::Event::Heartbeat(h) = &mut hb.event {
+            h.runtime_state = "wedged".into();
+        }
+        let out = decide(&hb, vec![]);
+        assert_sets_condition(&out, WEDGED, Severity::Degraded);
     }
 
     #[test]

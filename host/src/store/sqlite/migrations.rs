@@ -344,6 +344,25 @@ CREATE TABLE sweeps (
     last_ms INTEGER NOT NULL
 ) STRICT;
 "#,
+    // 11: wire parity with the original registry. The runtime's declared
+    // idle timeout (with its capabilities, what policies see: it bumps the
+    // version), and the platform inbound secret, minted on first use and
+    // returned to the runtime (not part of the version: the read that
+    // confirms a cached snapshot's version reads it too).
+    r#"
+ALTER TABLE workspaces ADD COLUMN idle_timeout_seconds INTEGER;
+ALTER TABLE workspaces ADD COLUMN platform_inbound_secret TEXT;
+DROP TRIGGER workspaces_version;
+CREATE TRIGGER workspaces_version AFTER UPDATE OF kind, status, last_register_failure_ms,
+    delivery_mode, token_bootstrap, runtime, capabilities, idle_timeout_seconds ON workspaces
+WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
+    OR OLD.last_register_failure_ms IS NOT NEW.last_register_failure_ms
+    OR OLD.delivery_mode IS NOT NEW.delivery_mode
+    OR OLD.token_bootstrap IS NOT NEW.token_bootstrap
+    OR OLD.runtime IS NOT NEW.runtime OR OLD.capabilities IS NOT NEW.capabilities
+    OR OLD.idle_timeout_seconds IS NOT NEW.idle_timeout_seconds
+BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

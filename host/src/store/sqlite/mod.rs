@@ -19,6 +19,7 @@ use self::migrations::init;
 pub use self::read::READING_TOKENS;
 use self::read::*;
 use self::writer::{Job, Queue, WRITER_CACHE_KIB, Writer, insert_token};
+use crate::auth::InboundSecret;
 use crate::model::{SilenceKind, Status, WorkspaceKind};
 use crate::store::health::Health;
 use crate::store::*;
@@ -278,23 +279,26 @@ impl Store for SqliteStore {
             // CLI a moment ago is refused at once).
             // The last heartbeat time comes with it: liveness writes do not
             // bump the version, so the cached one may be older.
+            // So does the inbound secret, which is not part of the version.
             if let Some(mut snapshot) = cached {
-                let row: Option<(i64, Option<i64>)> = c
+                let row: Option<(i64, Option<i64>, Option<String>)> = c
                     .prepare_cached(
-                        "SELECT version, last_heartbeat_ms FROM workspaces WHERE id = ?1",
+                        "SELECT version, last_heartbeat_ms, platform_inbound_secret
+                         FROM workspaces WHERE id = ?1",
                     )
                     .and_then(|mut stmt| {
-                        stmt.query_row([workspace_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        stmt.query_row([workspace_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                             .optional()
                     })
                     .map_err(|source| StoreError::Read {
                         what: READING_ROW,
                         source,
                     })?;
-                if let Some((version, last_heartbeat_ms)) = row
+                if let Some((version, last_heartbeat_ms, secret)) = row
                     && version == snapshot.version
                 {
                     snapshot.workspace.last_heartbeat_ms = last_heartbeat_ms;
+                    snapshot.inbound_secret = secret.map(InboundSecret::from_stored);
                     return Ok((Some(snapshot), true));
                 }
             }
@@ -449,6 +453,78 @@ impl Store for SqliteStore {
                 "UPDATE workspaces SET last_register_failure_ms = ?2 WHERE id = ?1",
                 params![workspace_id, now_ms],
             )?;
+            Ok(())
+        })
+    }
+
+    fn inbound_secret(
+        &self,
+        workspace_id: &str,
+        mint: &InboundSecret,
+    ) -> Result<InboundSecret, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE workspaces SET platform_inbound_secret = ?2
+                 WHERE id = ?1 AND platform_inbound_secret IS NULL AND status != 'removed'",
+                params![workspace_id, mint.expose()],
+            )?;
+            let stored: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT platform_inbound_secret FROM workspaces WHERE id = ?1",
+                    [workspace_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.commit()?;
+            match stored {
+                Some(Some(secret)) => Ok(InboundSecret::from_stored(secret)),
+                _ => Err(StoreError::UnknownWorkspace(workspace_id.to_string())),
+            }
+        })
+    }
+
+    fn rotate_inbound_secret(
+        &self,
+        workspace_id: &str,
+        new: &InboundSecret,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let n = c.execute(
+                "UPDATE workspaces SET platform_inbound_secret = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![workspace_id, new.expose(), now_ms],
+            )?;
+            if n == 0 {
+                return Err(StoreError::UnknownWorkspace(workspace_id.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    fn update_agent_card(
+        &self,
+        workspace_id: &str,
+        card: &str,
+        event_payload: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE workspaces SET agent_card = ?2, updated_ms = ?3
+                 WHERE id = ?1 AND status != 'removed'",
+                params![workspace_id, card, now_ms],
+            )?;
+            if n == 0 {
+                return Err(StoreError::UnknownWorkspace(workspace_id.to_string()));
+            }
+            tx.execute(
+                "INSERT INTO events (workspace_id, event_type, payload, at_ms)
+                 VALUES (?1, 'AGENT_CARD_UPDATED', ?2, ?3)",
+                params![workspace_id, event_payload, now_ms],
+            )?;
+            tx.commit()?;
             Ok(())
         })
     }

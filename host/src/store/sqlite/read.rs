@@ -3,6 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
+use crate::auth::InboundSecret;
 use crate::model::{Condition, Marker, Severity, Status, Workspace, WorkspaceKind};
 use crate::store::{
     DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError, StoredChain,
@@ -173,7 +174,8 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                     EXISTS(SELECT 1 FROM workspace_secrets s
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
                     version, token_bootstrap, runtime, capabilities, last_heartbeat_ms,
-                    status_since_ms, silence_noticed_ms
+                    status_since_ms, silence_noticed_ms, idle_timeout_seconds,
+                    platform_inbound_secret
              FROM workspaces w WHERE id = ?1",
         )
         .and_then(|mut stmt| {
@@ -191,6 +193,8 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                     r.get::<_, Option<i64>>(9)?,
                     r.get::<_, Option<i64>>(10)?,
                     r.get::<_, Option<i64>>(11)?,
+                    r.get::<_, Option<i64>>(12)?,
+                    r.get::<_, Option<String>>(13)?,
                 ))
             })
             .optional()
@@ -209,6 +213,8 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         last_heartbeat_ms,
         status_since_ms,
         silence_noticed_ms,
+        idle_timeout_seconds,
+        inbound_secret,
     )) = row
     else {
         return Ok(None);
@@ -260,6 +266,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
             last_register_failure_ms,
             runtime,
             capabilities,
+            idle_timeout_seconds,
             last_heartbeat_ms,
             status_since_ms,
             conditions,
@@ -270,6 +277,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         delivery_mode,
         version,
         silence_noticed_ms,
+        inbound_secret: inbound_secret.map(InboundSecret::from_stored),
     }))
 }
 
@@ -293,7 +301,8 @@ pub(super) fn read_workspace(
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
                     (SELECT COUNT(*) FROM auth_tokens t
                      WHERE t.workspace_id = w.id AND t.revoked_ms IS NULL),
-                    token_bootstrap, runtime, status_since_ms
+                    token_bootstrap, runtime, status_since_ms, agent_card, active_tasks,
+                    current_task, uptime_seconds, capabilities, idle_timeout_seconds
              FROM workspaces w WHERE id = ?1",
             [id],
             |r| {
@@ -315,6 +324,13 @@ pub(super) fn read_workspace(
                     runtime: r.get(13)?,
                     status_since_ms: r.get(14)?,
                     conditions: Vec::new(),
+                    agent_card: r.get(15)?,
+                    active_tasks: r.get(16)?,
+                    current_task: r.get(17)?,
+                    uptime_seconds: r.get(18)?,
+                    capabilities: serde_json::from_str(&r.get::<_, String>(19)?)
+                        .unwrap_or_default(),
+                    idle_timeout_seconds: r.get(20)?,
                 })
             },
         )

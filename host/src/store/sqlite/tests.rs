@@ -74,6 +74,8 @@ fn liveness_only(id: &str, expected_version: i64) -> VerdictWrite {
         }),
         registration: None,
         stamp_register_failure: false,
+        runtime: None,
+        agent_card_backfill: None,
         status: None,
         events: Vec::new(),
         markers: Vec::new(),

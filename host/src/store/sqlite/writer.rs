@@ -679,6 +679,29 @@ pub(super) fn apply_in(
         });
     }
 
+    // A heartbeat's card fills a workspace that has none (a runtime whose
+    // register failed), and clears the register-failure stamp.
+    if let Some(card) = &w.agent_card_backfill {
+        tx.prepare_cached(
+            "UPDATE workspaces SET agent_card = COALESCE(agent_card, ?2),
+                 last_register_failure_ms = NULL
+             WHERE id = ?1 AND status != 'removed'",
+        )?
+        .execute(params![id, card])?;
+    }
+
+    if let Some(rt) = &w.runtime {
+        tx.prepare_cached(
+            "UPDATE workspaces SET capabilities = ?2, idle_timeout_seconds = ?3
+             WHERE id = ?1 AND status != 'removed'",
+        )?
+        .execute(params![
+            id,
+            serde_json::to_string(&rt.capabilities).unwrap_or_else(|_| "[]".into()),
+            rt.idle_timeout_seconds
+        ])?;
+    }
+
     if w.stamp_register_failure {
         tx.prepare_cached("UPDATE workspaces SET last_register_failure_ms = ?2 WHERE id = ?1")?
             .execute(params![id, w.now_ms])?;
@@ -689,7 +712,7 @@ pub(super) fn apply_in(
         tx.prepare_cached(
             "UPDATE workspaces SET url = ?2, agent_card = ?3, delivery_mode = ?4,
                  last_heartbeat_ms = ?5, last_register_failure_ms = NULL, updated_ms = ?5,
-                 capabilities = ?6
+                 capabilities = ?6, idle_timeout_seconds = ?7
              WHERE id = ?1 AND status != 'removed'",
         )?
         .execute(params![
@@ -698,7 +721,8 @@ pub(super) fn apply_in(
             r.agent_card,
             r.delivery_mode,
             w.now_ms,
-            serde_json::to_string(&r.capabilities).unwrap_or_else(|_| "[]".into())
+            serde_json::to_string(&r.runtime.capabilities).unwrap_or_else(|_| "[]".into()),
+            r.runtime.idle_timeout_seconds
         ])?;
         if let Some(token) = &r.new_token {
             // Bootstrap: only while the workspace has no live token and has
