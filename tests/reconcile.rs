@@ -185,6 +185,9 @@ async fn deadlock_breaks_end_to_end() {
             .unwrap();
     assert!(settings["mcpServers"]["molecule-platform"].is_object());
     assert_eq!(svc.store.installed_plugins("concierge").unwrap().len(), 1);
+    // The runtime saved the platform inbound secret it was handed.
+    let saved = std::fs::read_to_string(ws_configs.join(".platform_inbound_secret")).unwrap();
+    assert_eq!(saved.len(), 43, "{saved}");
     svc.stop().await;
 }
 

@@ -111,6 +111,19 @@ async fn post(
     ))
 }
 
+/// Save the platform inbound secret a response carries, as the runtimes do
+/// (`<configs>/.platform_inbound_secret`), when it changed.
+fn save_inbound_secret(configs: &Path, body: &Value) -> Result<()> {
+    let Some(secret) = body["platform_inbound_secret"].as_str() else {
+        return Ok(());
+    };
+    let path = configs.join(".platform_inbound_secret");
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(secret) {
+        std::fs::write(&path, secret)?;
+    }
+    Ok(())
+}
+
 fn read_token(configs: &Path) -> Option<String> {
     std::fs::read_to_string(configs.join(".auth_token"))
         .ok()
@@ -156,6 +169,7 @@ async fn boot(
                 if let Some(t) = body["auth_token"].as_str() {
                     std::fs::write(args.configs.join(".auth_token"), t)?;
                 }
+                save_inbound_secret(&args.configs, &body)?;
                 eprintln!("sim: registered");
                 break;
             }
@@ -195,8 +209,10 @@ async fn boot(
             beat["loaded_mcp_tools"] = json!([PROVISION_TOOL]);
         }
         let token = read_token(&args.configs);
-        if let Err(e) = post(client, &url, token.as_deref(), &beat).await {
-            eprintln!("sim: heartbeat failed: {e}");
+        match post(client, &url, token.as_deref(), &beat).await {
+            Ok((200, body)) => save_inbound_secret(&args.configs, &body)?,
+            Ok(_) => {}
+            Err(e) => eprintln!("sim: heartbeat failed: {e}"),
         }
     }
 }
