@@ -226,10 +226,13 @@ async fn heartbeat_backfills_agent_card_and_clears_register_failure() {
     assert_eq!(svc.workspace("ws")["last_register_failure_ms"], Value::Null);
     assert_eq!(svc.status("ws"), "online");
 
-    // Only a missing card is filled: a later one does not replace it.
+    // Only a missing card is filled: a later one does not replace it, and
+    // a heartbeat that changes nothing by its card stays liveness-only
+    // (acknowledged once queued: the fast path).
     let mut other = beat("ws");
     other["agent_card"] = json!({"name": "Other"});
-    svc.heartbeat(&token, other).await;
+    let (status, durability) = svc.heartbeat_durability(&token, other).await;
+    assert_eq!((status, durability.as_str()), (StatusCode::OK, "queued"));
     let (_, shown) = svc.get_as("/workspaces/ws", Some(&token)).await.unwrap();
     assert_eq!(shown["agent_card"], card);
     svc.stop().await;
@@ -775,7 +778,7 @@ async fn registry_rejections_are_logged_with_reason() {
         .lines()
         .filter(|l| l.contains("registry request refused"))
         .collect();
-    for (path, _, body, status, reason, workspace) in &cases {
+    for (path, _, _, status, reason, workspace) in &cases {
         let matching: Vec<&&str> = lines
             .iter()
             .filter(|l| {
@@ -799,7 +802,6 @@ async fn registry_rejections_are_logged_with_reason() {
             1,
             "{reason} counted:\n{metrics}"
         );
-        let _ = body;
     }
     for secret in [
         token.as_str(),

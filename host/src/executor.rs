@@ -493,8 +493,8 @@ impl Executor {
                 .check(url)
                 .map_err(|e| RegistryError::CardUrlNotAllowed(e.to_string()))?;
         }
-        let payload = serde_json::json!({ "agent_card": serde_json::from_str::<serde_json::Value>(card).unwrap_or_default() })
-            .to_string();
+        // `card` is JSON text the HTTP layer serialized: embedded as it is.
+        let payload = format!(r#"{{"agent_card":{card}}}"#);
         match self
             .store
             .update_agent_card(workspace_id, card, &payload, self.clock.now_ms())
@@ -743,6 +743,8 @@ impl Executor {
         }
         let chain = self.chain.load_full();
         let version = snap.version;
+        let backfill_writes =
+            !snap.has_agent_card || snap.workspace.last_register_failure_ms.is_some();
         let mut workspace = snap.workspace;
         if !workspace.conditions.is_empty() {
             chain.retain_in_force(&mut workspace.conditions);
@@ -779,7 +781,12 @@ impl Executor {
         if runtime_changed {
             write.runtime = Some(req.runtime.clone());
         }
-        write.agent_card_backfill.clone_from(&req.agent_card);
+        // The backfill writes only where it changes something, so a runtime
+        // that sends its card with every heartbeat keeps the liveness-only
+        // path (acknowledged once queued).
+        if backfill_writes {
+            write.agent_card_backfill.clone_from(&req.agent_card);
+        }
         let summary = summarize(input.workspace.status, &checked);
         let recorded = write.decision.outcome.clone();
         let chain_version = write.decision.chain_version.clone();
@@ -907,10 +914,8 @@ impl Executor {
                     }
                     self.compare_with_shadow(&input, &outcome);
                     result?;
-                    let inbound_secret = match snap.inbound_secret {
-                        Some(secret) => Some(secret),
-                        None => self.inbound_secret(&req.id),
-                    };
+                    let inbound_secret =
+                        snap.inbound_secret.or_else(|| self.inbound_secret(&req.id));
                     return Ok(Registered {
                         delivery_mode,
                         auth_token: minted.filter(|_| token_stored).map(|m| m.plaintext),

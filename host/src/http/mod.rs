@@ -465,9 +465,7 @@ async fn handle(
     let resp = match route(app, req).instrument(span.clone()).await {
         Ok(resp) => resp,
         Err(e) => {
-            if let Some(unlogged) = refusals.admit(route_name, e.reason) {
-                span.in_scope(|| refused(&e, route_name, registry, unlogged));
-            }
+            span.in_scope(|| refused(&e, route_name, registry, &refusals));
             if registry {
                 metrics.registry_rejection(route_name, e.reason);
             }
@@ -484,9 +482,16 @@ async fn handle(
 /// (5xx) with its reason key and the workspace id its body named, so an
 /// operator sees a runtime knocking with a wrong id, token or body; other
 /// routes' 5xx at `warn`. Never a token, a secret or a URL: the reason key,
-/// the status and the detail of a 5xx only. `unlogged`: refusals of this
-/// route and reason not logged since the last line (see [`RefusalLog`]).
-fn refused(e: &ApiError, route: &'static str, registry: bool, unlogged: u64) {
+/// the status and the detail of a 5xx only; within the budget of `log`,
+/// each line saying how many of its route and reason were not logged since
+/// the last (see [`RefusalLog`]).
+fn refused(e: &ApiError, route: &'static str, registry: bool, log: &RefusalLog) {
+    if !(registry || e.status.is_server_error()) {
+        return;
+    }
+    let Some(unlogged) = log.admit(route, e.reason) else {
+        return;
+    };
     let status = e.status.as_u16();
     let workspace_id = e.workspace_id.as_deref().unwrap_or("");
     let detail = e.detail.as_deref().unwrap_or("");
@@ -500,7 +505,7 @@ fn refused(e: &ApiError, route: &'static str, registry: bool, unlogged: u64) {
             unlogged,
             "request failed"
         );
-    } else if registry {
+    } else {
         tracing::info!(
             route,
             status,
@@ -617,9 +622,6 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
         (&Method::POST, "/registry/register") => registry::register(app, req).await,
         (&Method::POST, "/registry/heartbeat") => registry::heartbeat(app, req).await,
         (&Method::POST, "/registry/update-card") => registry::update_card(app, req).await,
-        (_, p) if registry::other_subsystem(p).is_some() => Err(registry::not_served_here(
-            registry::other_subsystem(p).unwrap_or_default(),
-        )),
         (&Method::GET, p) if workspace_path(p).is_some() => {
             let id = workspace_path(p).unwrap_or_default().to_string();
             registry::workspace(app, req, id).await
@@ -670,7 +672,10 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<By
                 req.method()
             ),
         )),
-        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not found")),
+        (_, p) => Err(match registry::other_subsystem(p) {
+            Some(service) => registry::not_served_here(service),
+            None => ApiError::new(StatusCode::NOT_FOUND, "not found"),
+        }),
     }
 }
 

@@ -31,7 +31,8 @@ use crate::model::{HeartbeatEvent, RuntimeMetadata, WorkspaceKind, valid_workspa
 use crate::store::Read;
 
 /// The workspace id a body names in `field`, if it is a valid id: for the
-/// diagnostics of a refused request (never anything else from the body).
+/// diagnostics of a body refused before it was decoded (never anything else
+/// from the body). Parsed again only on that error path.
 fn named_workspace(body: &[u8], field: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct Named {
@@ -45,9 +46,15 @@ fn named_workspace(body: &[u8], field: &str) -> Option<String> {
         named.workspace_id
     };
     match value? {
-        serde_json::Value::String(id) if valid_workspace_id(&id) => Some(id),
+        serde_json::Value::String(id) => logged_id(&id),
         _ => None,
     }
+}
+
+/// A decoded request's workspace id, for the diagnostics, if it is a valid
+/// id (an unknown one may be anything the client sent).
+fn logged_id(id: &str) -> Option<String> {
+    valid_workspace_id(id).then(|| id.to_string())
 }
 
 /// The register body. Unknown fields are ignored.
@@ -68,9 +75,10 @@ pub(super) async fn register(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let named = named_workspace(&body, "id");
-    let request = decode_register(bearer, &body).map_err(|e| e.for_workspace(named.clone()))?;
+    let request = decode_register(bearer, &body)
+        .map_err(|e| e.for_workspace(named_workspace(&body, "id")))?;
     tracing::Span::current().record("workspace_id", request.id.as_str());
+    let named = logged_id(&request.id);
     let executor = app.executor.clone();
     let registered = blocking(&app, move || executor.register(&request))
         .await?
@@ -108,9 +116,8 @@ pub(super) async fn heartbeat(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let named = named_workspace(&body, "workspace_id");
     let request = decode_heartbeat(bearer, &body, &app.config.input)
-        .map_err(|e| e.for_workspace(named.clone()))?;
+        .map_err(|e| e.for_workspace(named_workspace(&body, "workspace_id")))?;
     tracing::Span::current().record("workspace_id", request.workspace_id.as_str());
     // Evaluated on this worker (the chain yields at every epoch tick, so a
     // slow policy cannot hold it), and the commit is awaited here unless the
@@ -120,7 +127,7 @@ pub(super) async fn heartbeat(
         .executor
         .heartbeat_acknowledged(&request)
         .await
-        .map_err(|e| ApiError::from(e).for_workspace(named))?;
+        .map_err(|e| ApiError::from(e).for_workspace(logged_id(&request.workspace_id)))?;
     tracing::Span::current().record("verdict", ack.verdict.as_str());
     tracing::Span::current().record("chain_version", ack.chain_version.as_str());
     // Minted once per workspace (then it comes with the snapshot), on a
@@ -164,14 +171,15 @@ pub(super) async fn update_card(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (bearer, body) = read_body(&app, req).await?;
-    let named = named_workspace(&body, "workspace_id");
-    let decoded: UpdateCardBody = parse_json(&body).map_err(|e| e.for_workspace(named.clone()))?;
+    let named = || named_workspace(&body, "workspace_id");
+    let decoded: UpdateCardBody = parse_json(&body).map_err(|e| e.for_workspace(named()))?;
     let (Some(id), Some(card)) = (
         decoded.workspace_id.filter(|id| !id.is_empty()),
         decoded.agent_card,
     ) else {
-        return Err(ApiError::invalid_body().for_workspace(named));
+        return Err(ApiError::invalid_body().for_workspace(named()));
     };
+    let named = logged_id(&id);
     let card = decode_card(card).map_err(|e| e.for_workspace(named.clone()))?;
     tracing::Span::current().record("workspace_id", id.as_str());
     let executor = app.executor.clone();

@@ -114,6 +114,9 @@ pub struct Snapshot {
     /// with, once minted (not part of the version: a cached snapshot's is
     /// refreshed by the read that confirms its version).
     pub inbound_secret: Option<crate::auth::InboundSecret>,
+    /// Whether an agent card is stored (also outside the version, and
+    /// refreshed like the secret).
+    pub has_agent_card: bool,
 }
 
 /// The liveness fields of a heartbeat, stored on every accepted beat.

@@ -279,26 +279,31 @@ impl Store for SqliteStore {
             // CLI a moment ago is refused at once).
             // The last heartbeat time comes with it: liveness writes do not
             // bump the version, so the cached one may be older.
-            // So does the inbound secret, which is not part of the version.
+            // So do the inbound secret and whether a card is stored, which
+            // are not part of the version either.
             if let Some(mut snapshot) = cached {
-                let row: Option<(i64, Option<i64>, Option<String>)> = c
+                let row: Option<(i64, Option<i64>, Option<String>, bool)> = c
                     .prepare_cached(
-                        "SELECT version, last_heartbeat_ms, platform_inbound_secret
+                        "SELECT version, last_heartbeat_ms, platform_inbound_secret,
+                                agent_card IS NOT NULL
                          FROM workspaces WHERE id = ?1",
                     )
                     .and_then(|mut stmt| {
-                        stmt.query_row([workspace_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                            .optional()
+                        stmt.query_row([workspace_id], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        })
+                        .optional()
                     })
                     .map_err(|source| StoreError::Read {
                         what: READING_ROW,
                         source,
                     })?;
-                if let Some((version, last_heartbeat_ms, secret)) = row
+                if let Some((version, last_heartbeat_ms, secret, has_card)) = row
                     && version == snapshot.version
                 {
                     snapshot.workspace.last_heartbeat_ms = last_heartbeat_ms;
                     snapshot.inbound_secret = secret.map(InboundSecret::from_stored);
+                    snapshot.has_agent_card = has_card;
                     return Ok((Some(snapshot), true));
                 }
             }

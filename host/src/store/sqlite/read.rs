@@ -175,7 +175,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                            WHERE s.workspace_id = w.id AND s.name = 'MODEL'),
                     version, token_bootstrap, runtime, capabilities, last_heartbeat_ms,
                     status_since_ms, silence_noticed_ms, idle_timeout_seconds,
-                    platform_inbound_secret
+                    platform_inbound_secret, agent_card IS NOT NULL
              FROM workspaces w WHERE id = ?1",
         )
         .and_then(|mut stmt| {
@@ -195,6 +195,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
                     r.get::<_, Option<i64>>(11)?,
                     r.get::<_, Option<i64>>(12)?,
                     r.get::<_, Option<String>>(13)?,
+                    r.get::<_, bool>(14)?,
                 ))
             })
             .optional()
@@ -215,6 +216,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         silence_noticed_ms,
         idle_timeout_seconds,
         inbound_secret,
+        has_agent_card,
     )) = row
     else {
         return Ok(None);
@@ -278,6 +280,7 @@ pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot
         version,
         silence_noticed_ms,
         inbound_secret: inbound_secret.map(InboundSecret::from_stored),
+        has_agent_card,
     }))
 }
 
