@@ -36,6 +36,23 @@ pub struct ReconcileSection {
     pub max_plugin_mib: Option<u64>,
     pub max_plugin_files: Option<usize>,
     pub git_timeout_secs: Option<u64>,
+    /// Whether this host runs reconcile runs (default true): off for a host
+    /// without the workspaces' config volumes.
+    pub enabled: Option<bool>,
+    /// On PostgreSQL, how long a claimed run stays this host's without
+    /// renewal before another host may take it over.
+    pub lease_seconds: Option<u64>,
+}
+
+/// `[postgres]`: only for a `postgres://` database.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// The most connections this host opens.
+    pub pool_size: Option<usize>,
+    /// How long a request waits for a free connection, and how long opening
+    /// one may take, before it fails with 503.
+    pub timeout_ms: Option<u64>,
 }
 
 /// `[gitea]`
@@ -210,7 +227,8 @@ impl RegistrySection {
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub listen: Option<SocketAddr>,
-    /// The SQLite database file (`--db` and `HEARTGATE_DB` override it).
+    /// The SQLite database file, or a `postgres://` URL (`--db` and
+    /// `HEARTGATE_DB` override it).
     pub database: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
     /// The longest text of a runtime's request stored (longer ones are cut).
@@ -239,6 +257,8 @@ pub struct ConfigFile {
     pub liveness: LivenessSection,
     #[serde(default)]
     pub registry: RegistrySection,
+    #[serde(default)]
+    pub postgres: PostgresSection,
     pub chain: Option<ChainSpec>,
 }
 
@@ -298,6 +318,21 @@ impl ConfigFile {
                 1..=65_536,
             ),
             ("store.min_free_mib", config.store.min_free_mib, 0..=1 << 20),
+            (
+                "reconcile.lease_seconds",
+                config.reconcile.lease_seconds,
+                2..=3_600,
+            ),
+            (
+                "postgres.pool_size",
+                config.postgres.pool_size.map(|n| n as u64),
+                1..=1_000,
+            ),
+            (
+                "postgres.timeout_ms",
+                config.postgres.timeout_ms,
+                50..=60_000,
+            ),
         ] {
             if let Some(n) = value.filter(|n| !range.contains(n)) {
                 return Err(invalid(
@@ -450,6 +485,19 @@ impl ConfigFile {
             d.allow_unpinned = b;
         }
         let r = self.reconcile;
+        if let Some(enabled) = r.enabled {
+            opts.reconcile = enabled;
+        }
+        if let Some(n) = r.lease_seconds {
+            opts.postgres.lease = Duration::from_secs(n);
+        }
+        if let Some(n) = self.postgres.pool_size {
+            opts.postgres.pool_size = n;
+        }
+        if let Some(ms) = self.postgres.timeout_ms {
+            opts.postgres.wait_timeout = Duration::from_millis(ms);
+            opts.postgres.connect_timeout = Duration::from_millis(ms);
+        }
         if let Some(n) = r.concurrency {
             opts.worker.concurrency = n;
         }

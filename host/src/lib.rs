@@ -57,12 +57,91 @@ use crate::deliverer::{DelivererConfig, PluginDeliverer, Secret};
 use crate::engine::Engine;
 use crate::executor::Executor;
 use crate::reconcile::{Worker, WorkerConfig};
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::{SqliteStore, Store};
+
+/// Where the state lives: a SQLite file (the embedded default) or a
+/// PostgreSQL database shared by several hosts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` URL.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `postgres://` or `postgresql://` URL names PostgreSQL; anything
+    /// else is a SQLite file's path.
+    pub fn parse(db: &str) -> Database {
+        if store::postgres::is_postgres_url(db) {
+            Database::Postgres(db.to_string())
+        } else {
+            Database::Sqlite(PathBuf::from(db))
+        }
+    }
+
+    /// For logs and errors: the path, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(path) => path.display().to_string(),
+            Database::Postgres(url) => store::postgres::redacted(url),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Database::Postgres(_))
+    }
+}
+
+impl From<PathBuf> for Database {
+    fn from(path: PathBuf) -> Database {
+        match path.to_str() {
+            Some(s) if store::postgres::is_postgres_url(s) => Database::Postgres(s.to_string()),
+            _ => Database::Sqlite(path),
+        }
+    }
+}
+
+impl From<&Path> for Database {
+    fn from(path: &Path) -> Database {
+        Database::from(path.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Database {
+    fn from(path: &PathBuf) -> Database {
+        Database::from(path.clone())
+    }
+}
+
+impl From<&str> for Database {
+    fn from(db: &str) -> Database {
+        Database::parse(db)
+    }
+}
+
+impl From<String> for Database {
+    fn from(db: String) -> Database {
+        Database::parse(&db)
+    }
+}
+
+impl From<&Database> for Database {
+    fn from(db: &Database) -> Database {
+        db.clone()
+    }
+}
 
 /// Everything needed to run the service.
 pub struct ServiceOptions {
-    /// The SQLite database file.
-    pub db: PathBuf,
+    /// The database: a SQLite file or a PostgreSQL URL.
+    pub db: Database,
+    /// How a PostgreSQL store connects and leases (`[postgres]`,
+    /// `[reconcile] lease_seconds`).
+    pub postgres: PgOptions,
+    /// Whether this host runs reconcile runs (`[reconcile] enabled`): off
+    /// for hosts without the workspaces' config volumes.
+    pub reconcile: bool,
     /// The chain and the directory its relative module paths are under;
     /// `None` uses the built-in chain.
     pub chain: Option<(chain::ChainSpec, PathBuf)>,
@@ -93,9 +172,11 @@ impl ServiceOptions {
     /// The embedded default: built-in chain, system clock, config volumes
     /// under `./configs`, local plugins under `./plugins`, no restart hook,
     /// admin token from `HEARTGATE_ADMIN_TOKEN`.
-    pub fn new(db: impl Into<PathBuf>) -> ServiceOptions {
+    pub fn new(db: impl Into<Database>) -> ServiceOptions {
         ServiceOptions {
             db: db.into(),
+            postgres: PgOptions::default(),
+            reconcile: true,
             chain: None,
             clock: Arc::new(clock::SystemClock),
             deliverer: DelivererConfig::default(),
@@ -113,11 +194,20 @@ impl ServiceOptions {
     }
 }
 
-/// Open the store at `path`.
-pub fn open_store(path: &Path) -> anyhow::Result<Arc<dyn Store>> {
-    let store = SqliteStore::open(path)
-        .with_context(|| format!("opening the database `{}`", path.display()))?;
-    Ok(Arc::new(store))
+/// Open the store at `db` (a SQLite file or a PostgreSQL URL).
+pub fn open_store(db: impl Into<Database>) -> anyhow::Result<Arc<dyn Store>> {
+    open_store_with(&db.into(), &PgOptions::default())
+}
+
+/// [`open_store`] with PostgreSQL options.
+pub fn open_store_with(db: &Database, postgres: &PgOptions) -> anyhow::Result<Arc<dyn Store>> {
+    let opened: Result<Arc<dyn Store>, _> = match db {
+        Database::Sqlite(path) => SqliteStore::open(path).map(|s| Arc::new(s) as Arc<dyn Store>),
+        Database::Postgres(url) => {
+            PgStore::open(url, postgres).map(|s| Arc::new(s) as Arc<dyn Store>)
+        }
+    };
+    opened.with_context(|| format!("opening the database `{}`", db.describe()))
 }
 
 /// The parts of a running service.
@@ -130,7 +220,7 @@ pub struct Service {
 /// Build the engine, load the chain, open the store, create the worker.
 pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
     let engine = Engine::new().context("creating the WebAssembly engine")?;
-    let store = open_store(&opts.db)?;
+    let store = open_store_with(&opts.db, &opts.postgres)?;
     // The chain last activated wins over the configured one: activations are
     // what an operator did most recently.
     let chain = policy_set::startup_chain(&engine, store.as_ref(), || match &opts.chain {
@@ -185,7 +275,14 @@ pub async fn run(
     let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let worker = tokio::spawn(service.worker.clone().run(stop_signal(stopped.clone())));
+    // A host without the workspaces' config volumes leaves the runs to the
+    // hosts that have them.
+    let worker = opts
+        .reconcile
+        .then(|| tokio::spawn(service.worker.clone().run(stop_signal(stopped.clone()))));
+    if !opts.reconcile {
+        tracing::info!("reconcile runs are off on this host (`[reconcile] enabled = false`)");
+    }
     let retrier = tokio::spawn(
         service
             .executor
@@ -193,6 +290,10 @@ pub async fn run(
     );
     let sweeper = liveness::Sweeper::new(service.executor.clone(), opts.liveness.clone())
         .spawn(stop_signal(stopped.clone()))?;
+    if opts.watch_dir.is_some() {
+        let store = service.executor.store().clone();
+        tokio::task::block_in_place(|| store.claim_watch()).context("starting in watch mode")?;
+    }
     let watcher = opts.watch_dir.clone().map(|dir| {
         tracing::info!(dir = %dir.display(), "watching for policy modules");
         tokio::spawn(policy_set::watch(
@@ -209,17 +310,21 @@ pub async fn run(
         service.policies.clone(),
     );
     let store = service.executor.store().clone();
-    let app = Arc::new(
-        http::App::new(service.executor, admin, opts.server.clone())
-            .with_worker(service.worker.clone()),
-    );
+    let mut app = http::App::new(service.executor, admin, opts.server.clone())
+        .with_worker(service.worker.clone());
+    if !opts.reconcile {
+        app = app.without_reconcile();
+    }
+    let app = Arc::new(app);
     tracing::info!(addr = %listener.local_addr()?, "serving");
     let served = http::serve(listener, app, shutdown).await;
     let _ = stop.send(true);
     if let Some(watcher) = watcher {
         let _ = watcher.await;
     }
-    if let Err(e) = worker.await {
+    if let Some(worker) = worker
+        && let Err(e) = worker.await
+    {
         tracing::error!(error = %e, "the reconcile worker failed");
     }
     if tokio::task::spawn_blocking(move || sweeper.join())

@@ -30,8 +30,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Agent-fleet liveness decided by sandboxed WebAssembly policies"
 )]
 struct Cli {
-    /// The SQLite database file [default: `database` of the config, or
-    /// heartgate.db].
+    /// The database: a SQLite file, or a `postgres://` URL for several
+    /// hosts [default: `database` of the config, or heartgate.db].
     #[arg(long, global = true, env = "HEARTGATE_DB")]
     db: Option<PathBuf>,
     /// Log format (`RUST_LOG` sets the levels).
@@ -395,6 +395,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Db(DbCommand::Backup { file }) => {
             let db = db_or_default(cli.db);
+            if heartgate::Database::from(&db).is_postgres() {
+                bail!(
+                    "`heartgate db backup` copies a SQLite file; back up a PostgreSQL database with its own tools (pg_dump, or continuous archiving)"
+                );
+            }
             if !db.is_file() {
                 bail!("no database at {}", db.display());
             }
@@ -539,12 +544,15 @@ fn serve(
         }
         let base = config_base(path);
         if let Some(database) = &file.database {
-            opts.db = base.join(database);
+            opts.db = match heartgate::Database::from(database) {
+                url @ heartgate::Database::Postgres(_) => url,
+                heartgate::Database::Sqlite(path) => heartgate::Database::Sqlite(base.join(path)),
+            };
         }
         file.apply(&mut opts, &base);
     }
     if let Some(db) = db {
-        opts.db = db;
+        opts.db = db.into();
     }
     opts.watch_dir = watch;
     if let Some(a) = listen {
@@ -891,7 +899,7 @@ fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
             json,
             fail_on_change,
         } => {
-            if !db.is_file() {
+            if !heartgate::Database::from(db).is_postgres() && !db.is_file() {
                 bail!(
                     "no database at {}; pass the service's with --db",
                     db.display()

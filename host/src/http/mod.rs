@@ -132,6 +132,8 @@ pub struct App {
     config: ServerConfig,
     /// The reconcile worker whose state `/readyz` reports.
     worker: Option<Arc<crate::reconcile::Worker>>,
+    /// Whether this host runs reconcile runs at all.
+    reconcile_enabled: bool,
     /// How many refusals were logged lately, by route and reason.
     refusals: Arc<RefusalLog>,
 }
@@ -144,6 +146,7 @@ impl App {
             permits: Semaphore::new(config.max_in_flight.max(1)),
             config,
             worker: None,
+            reconcile_enabled: true,
             refusals: Arc::new(RefusalLog::default()),
         }
     }
@@ -152,6 +155,13 @@ impl App {
     /// the reconcile worker is not running).
     pub fn with_worker(mut self, worker: Arc<crate::reconcile::Worker>) -> App {
         self.worker = Some(worker);
+        self
+    }
+
+    /// This host runs no reconcile runs (`[reconcile] enabled = false`):
+    /// `/readyz` says so and does not wait for a worker.
+    pub fn without_reconcile(mut self) -> App {
+        self.reconcile_enabled = false;
         self
     }
 }
@@ -699,7 +709,9 @@ async fn readyz(app: Arc<App>) -> Result<Response<Full<Bytes>>, ApiError> {
     } else {
         json!({"ok": true, "version": chain.version})
     };
-    let worker = if app.worker.as_ref().is_some_and(|w| w.is_running()) {
+    let worker = if !app.reconcile_enabled {
+        json!({"ok": true, "enabled": false})
+    } else if app.worker.as_ref().is_some_and(|w| w.is_running()) {
         json!({"ok": true})
     } else {
         json!({"ok": false, "error": "the reconcile worker is not running"})

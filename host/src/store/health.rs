@@ -91,6 +91,14 @@ impl Health {
         }
     }
 
+    /// The health of a database on another machine (PostgreSQL): no local
+    /// file system to watch, only whether writes succeed.
+    pub fn remote() -> Health {
+        let health = Health::new(Path::new("."));
+        health.disk.min_free.store(0, Ordering::Relaxed);
+        health
+    }
+
     /// Count into `metrics` (once; later calls are ignored).
     pub fn instrument(&self, metrics: StoreMetrics) {
         metrics

@@ -27,11 +27,16 @@
 //!   pruning and checkpoints (`writer.rs`), the reads (`read.rs`), and the
 //!   schema's migrations (`migrations.rs`).
 
+mod cache;
 pub mod health;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 pub use health::StoreMetrics;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use std::sync::Arc;
@@ -48,6 +53,12 @@ pub const MANAGEMENT_PLUGIN: &str = "molecule-ai-plugin-molecule-platform-mcp";
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(tokio_postgres::Error),
+    /// The database cannot be reached (no connection within the pool's
+    /// wait, or the server is down): the request may be retried.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("unknown workspace `{0}`")]
     UnknownWorkspace(String),
     #[error("workspace `{0}` already exists")]
@@ -67,7 +78,7 @@ pub enum StoreError {
     #[error("reading {what} failed: {source}")]
     Read {
         what: &'static str,
-        source: rusqlite::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The module store is full.
     #[error("{0}")]
@@ -88,9 +99,15 @@ impl StoreError {
     }
 }
 
+/// The part of a snapshot a failed read was reading, for the error
+/// ([`StoreError::reading`]).
+pub const READING_ROW: &str = "the workspace";
+pub const READING_PLUGINS: &str = "its declared plugins";
+pub const READING_MARKERS: &str = "its policy markers";
 /// What [`StoreError::reading`] says when a snapshot read failed at the
 /// workspace's tokens.
-pub use sqlite::READING_TOKENS;
+pub const READING_TOKENS: &str = "its tokens";
+pub const READING_CONDITIONS: &str = "its conditions";
 
 /// Everything the request path needs about one workspace, read at once.
 #[derive(Clone, Debug)]
@@ -326,6 +343,33 @@ pub struct NewWorkspace {
     pub runtime: String,
 }
 
+/// Refuse a workspace id or runtime name no store may keep.
+pub(crate) fn validate_new(new: &NewWorkspace) -> Result<(), StoreError> {
+    if !crate::model::valid_workspace_id(&new.id) {
+        let shown: String = new.id.chars().take(64).collect();
+        return Err(StoreError::Refused(format!(
+            "a workspace id must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.` or `-`; `{shown}` is not"
+        )));
+    }
+    if !new.runtime.is_empty() && !crate::model::valid_runtime_name(&new.runtime) {
+        let shown: String = new.runtime.chars().take(64).collect();
+        return Err(StoreError::Refused(format!(
+            "a runtime name is at most 64 of A-Z, a-z, 0-9, `-`, `_`, `.`; `{shown}` is not"
+        )));
+    }
+    Ok(())
+}
+
+/// The delivery mode a new workspace starts with: an agent outside the
+/// platform cannot be pushed to.
+pub(crate) fn initial_delivery_mode(new: &NewWorkspace) -> &'static str {
+    if new.runtime == crate::liveness::EXTERNAL_RUNTIME {
+        "poll"
+    } else {
+        "push"
+    }
+}
+
 /// A workspace as an operator sees it.
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkspaceRecord {
@@ -468,6 +512,23 @@ impl Default for ModuleQuota {
         }
     }
 }
+
+/// The refusal of a module that would take the store past `quota`, which
+/// holds `count` modules of `total` bytes.
+pub(crate) fn quota_exceeded(count: u64, total: u64, quota: ModuleQuota) -> StoreError {
+    StoreError::QuotaExceeded(format!(
+        "the module store is full: {count} modules of {} MiB stored, at most {} modules \
+         and {} MiB (`[policy] max_stored_modules`, `max_stored_module_mib`); \
+         `heartgate policy prune` deletes the modules no chain uses",
+        total >> 20,
+        quota.max_modules,
+        quota.max_bytes >> 20
+    ))
+}
+
+/// The cause recorded for a run failed because it was interrupted too
+/// often (SQL: the attempts are concatenated in).
+pub(crate) const INTERRUPTED_CAUSE_SQL: &str = "'interrupted ' || attempts || ' times (the service crashed or was stopped during this run); not retried automatically, the next trigger runs it again'";
 
 /// A stored policy module, without its bytes.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -724,6 +785,13 @@ pub trait Store: Send + Sync + 'static {
     fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError>;
     /// The newest stored chain with content version `version`.
     fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError>;
+
+    /// Take the one watch-mode place of this database for as long as the
+    /// store lives: a chain activated from a watched directory must come
+    /// from one host only. Refused, saying so, if another host has it.
+    fn claim_watch(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Copy the whole database, consistent as of one moment, to a new file
     /// `dest` (refused if it exists), while the service keeps running.

@@ -16,11 +16,11 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use self::migrations::init;
-pub use self::read::READING_TOKENS;
 use self::read::*;
 use self::writer::{Job, Queue, WRITER_CACHE_KIB, Writer, insert_token};
 use crate::auth::InboundSecret;
 use crate::model::{SilenceKind, Status, WorkspaceKind};
+use crate::store::cache::SnapshotCache;
 use crate::store::health::Health;
 use crate::store::*;
 
@@ -37,36 +37,6 @@ pub struct SqliteStore {
     /// Whether writes succeed, shared with the writer.
     health: Arc<Health>,
     path: std::path::PathBuf,
-}
-
-/// The snapshot cache. A snapshot here may be stale (another process or
-/// host changed the workspace); the writer's version check catches that.
-#[derive(Default)]
-struct SnapshotCache {
-    entries: Mutex<std::collections::HashMap<String, Snapshot>>,
-}
-
-impl SnapshotCache {
-    fn get(&self, id: &str) -> Option<Snapshot> {
-        self.entries.lock().ok()?.get(id).cloned()
-    }
-
-    fn put(&self, snapshot: &Snapshot) {
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= SNAPSHOT_CACHE_ENTRIES
-                && !entries.contains_key(&snapshot.workspace.id)
-            {
-                entries.clear();
-            }
-            entries.insert(snapshot.workspace.id.clone(), snapshot.clone());
-        }
-    }
-
-    fn forget(&self, id: &str) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries.remove(id);
-        }
-    }
 }
 
 const MAX_IDLE_READERS: usize = 8;
@@ -296,7 +266,7 @@ impl Store for SqliteStore {
                     })
                     .map_err(|source| StoreError::Read {
                         what: READING_ROW,
-                        source,
+                        source: source.into(),
                     })?;
                 if let Some((version, last_heartbeat_ms, secret, has_card)) = row
                     && version == snapshot.version
@@ -577,18 +547,7 @@ impl Store for SqliteStore {
     }
 
     fn add_workspace(&self, new: &NewWorkspace, now_ms: i64) -> Result<(), StoreError> {
-        if !crate::model::valid_workspace_id(&new.id) {
-            let shown: String = new.id.chars().take(64).collect();
-            return Err(StoreError::Refused(format!(
-                "a workspace id must be 1-128 of A-Z, a-z, 0-9, `-`, `_`, `.`, not starting with `.` or `-`; `{shown}` is not"
-            )));
-        }
-        if !new.runtime.is_empty() && !crate::model::valid_runtime_name(&new.runtime) {
-            let shown: String = new.runtime.chars().take(64).collect();
-            return Err(StoreError::Refused(format!(
-                "a runtime name is at most 64 of A-Z, a-z, 0-9, `-`, `_`, `.`; `{shown}` is not"
-            )));
-        }
+        validate_new(new)?;
         self.with_writer(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let inserted = tx.execute(
@@ -601,12 +560,7 @@ impl Store for SqliteStore {
                     new.kind.as_str(),
                     now_ms,
                     new.runtime,
-                    // An agent outside the platform cannot be pushed to.
-                    if new.runtime == crate::liveness::EXTERNAL_RUNTIME {
-                        "poll"
-                    } else {
-                        "push"
-                    }
+                    initial_delivery_mode(new)
                 ],
             )?;
             if inserted == 0 {
@@ -760,9 +714,9 @@ impl Store for SqliteStore {
         self.with_writer(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let failed = tx.execute(
-                "UPDATE reconcile_runs SET state = 'failed', finished_ms = ?2,
-                     cause = 'interrupted ' || attempts || ' times (the service crashed or was stopped during this run); not retried automatically, the next trigger runs it again'
-                 WHERE state = 'running' AND attempts >= ?1",
+                &format!("UPDATE reconcile_runs SET state = 'failed', finished_ms = ?2,
+                     cause = {INTERRUPTED_CAUSE_SQL}
+                 WHERE state = 'running' AND attempts >= ?1"),
                 params![MAX_RUN_ATTEMPTS, now_ms],
             )?;
             let requeued = tx.execute(
@@ -966,14 +920,7 @@ impl Store for SqliteStore {
             let (count, total) = (count.unsigned_abs(), total.unsigned_abs());
             let size = bytes.len() as u64;
             if count + 1 > quota.max_modules || total + size > quota.max_bytes {
-                return Err(StoreError::QuotaExceeded(format!(
-                    "the module store is full: {count} modules of {} MiB stored, at most {} modules \
-                     and {} MiB (`[policy] max_stored_modules`, `max_stored_module_mib`); \
-                     `heartgate policy prune` deletes the modules no chain uses",
-                    total >> 20,
-                    quota.max_modules,
-                    quota.max_bytes >> 20
-                )));
+                return Err(quota_exceeded(count, total, quota));
             }
             tx.execute(
                 "INSERT INTO policy_modules (digest, bytes, name, version, uploaded_ms, uploaded_by)

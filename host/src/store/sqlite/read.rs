@@ -129,12 +129,9 @@ pub(super) fn load_snapshot(
     Ok(snapshot)
 }
 
-/// The part of a snapshot a failed read was reading, for the error.
-pub const READING_ROW: &str = "the workspace";
-pub const READING_PLUGINS: &str = "its declared plugins";
-pub const READING_MARKERS: &str = "its policy markers";
-pub const READING_TOKENS: &str = "its tokens";
-pub const READING_CONDITIONS: &str = "its conditions";
+pub(super) use crate::store::{
+    READING_CONDITIONS, READING_MARKERS, READING_PLUGINS, READING_ROW, READING_TOKENS,
+};
 
 /// The conditions in force on workspace `id`, by owner and name.
 pub(super) fn read_conditions(
@@ -167,7 +164,12 @@ pub(super) fn read_conditions(
 }
 
 pub(super) fn read_snapshot(tx: &Connection, id: &str) -> Result<Option<Snapshot>, StoreError> {
-    let failed = |what: &'static str| move |source| StoreError::Read { what, source };
+    let failed = |what: &'static str| {
+        move |source: rusqlite::Error| StoreError::Read {
+            what,
+            source: source.into(),
+        }
+    };
     let row = tx
         .prepare_cached(
             "SELECT kind, status, last_register_failure_ms, delivery_mode,

@@ -1,8 +1,21 @@
-//! The SQLite store's own tests: versions, conflicts, the WAL bound,
-//! coalescing and pruning.
+//! The SQLite store's own tests: opening, the marker migration, the WAL
+//! bound, coalescing, pruning and the silence indexes. What every store
+//! must do is in the shared suite (`store/suite.rs`).
 
 use super::*;
+use crate::store::suite::{beat_at, liveness_only, platform};
 use crate::store::*;
+
+fn store_with(id: &str) -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("v.db")).unwrap();
+    store.add_workspace(&platform(id), 1).unwrap();
+    (dir, store)
+}
+
+fn version(store: &SqliteStore, id: &str) -> i64 {
+    store.load(id, Read::Fresh).unwrap().unwrap().version
+}
 
 #[test]
 fn a_fresh_file_opened_by_many_at_once_opens_for_all() {
@@ -19,266 +32,6 @@ fn a_fresh_file_opened_by_many_at_once_opens_for_all() {
             o.join().unwrap().unwrap();
         }
     }
-}
-
-fn store_with(id: &str) -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("v.db")).unwrap();
-    store
-        .add_workspace(
-            &NewWorkspace {
-                id: id.into(),
-                name: String::new(),
-                kind: WorkspaceKind::Platform,
-                model_configured: false,
-                runtime: String::new(),
-            },
-            1,
-        )
-        .unwrap();
-    (dir, store)
-}
-
-fn version(store: &SqliteStore, id: &str) -> i64 {
-    store.load(id, Read::Fresh).unwrap().unwrap().version
-}
-
-/// A decision row with a fixed input and no steps or actions.
-#[derive(Debug)]
-struct Fixed(String);
-
-impl DecisionDetail for Fixed {
-    fn input_json(&self) -> String {
-        self.0.clone()
-    }
-    fn steps_json(&self) -> String {
-        "[]".into()
-    }
-    fn final_actions_json(&self) -> String {
-        "[]".into()
-    }
-}
-
-fn liveness_only(id: &str, expected_version: i64) -> VerdictWrite {
-    VerdictWrite {
-        workspace_id: id.into(),
-        expected_version: Some(expected_version),
-        now_ms: 2,
-        liveness: Some(Liveness {
-            error_rate: 0.0,
-            sample_error: String::new(),
-            active_tasks: 0,
-            uptime_seconds: 1,
-            current_task: None,
-            loaded_mcp_tools: None,
-        }),
-        registration: None,
-        stamp_register_failure: false,
-        runtime: None,
-        agent_card_backfill: None,
-        status: None,
-        events: Vec::new(),
-        markers: Vec::new(),
-        conditions: Vec::new(),
-        reconciles: Vec::new(),
-        silence: None,
-        decision: DecisionRecord {
-            event_kind: "heartbeat".into(),
-            chain_version: "test".into(),
-            outcome: "applied".into(),
-            detail: Arc::new(Fixed("{}".into())),
-            attempts: 1,
-        },
-    }
-}
-
-#[test]
-fn every_change_a_verdict_reads_bumps_the_version_whoever_makes_it() {
-    let (dir, store) = store_with("ws");
-    let raw = Connection::open(dir.path().join("v.db")).unwrap();
-    let mut seen = version(&store, "ws");
-    let mut bumped = |what: &str, store: &SqliteStore| {
-        let now = version(store, "ws");
-        assert!(
-            now > seen,
-            "{what} did not bump the version ({seen} -> {now})"
-        );
-        seen = now;
-    };
-    store.set_status("ws", Status::Online, 2).unwrap();
-    bumped("a status change", &store);
-    raw.execute(
-        "UPDATE workspaces SET status = 'offline' WHERE id = 'ws'",
-        [],
-    )
-    .unwrap();
-    bumped("a status change by raw SQL from another connection", &store);
-    store.set_secret("ws", "MODEL", 3).unwrap();
-    bumped("a secret", &store);
-    store
-        .declare_plugin("ws", MANAGEMENT_PLUGIN, "local://mcp", 4)
-        .unwrap();
-    bumped("a declared plugin", &store);
-    let token = crate::auth::mint().unwrap();
-    store.issue_token("ws", &token.stored, 5).unwrap();
-    bumped("a token", &store);
-    store.revoke_tokens("ws", 6, false).unwrap();
-    bumped("a revocation", &store);
-    raw.execute(
-        "INSERT INTO policy_markers (workspace_id, slot, owner, key, value, updated_ms)
-         VALUES ('ws', 's', 'p', 'k', 'v', 7)",
-        [],
-    )
-    .unwrap();
-    bumped("a marker", &store);
-    store.stamp_register_failure("ws", 8).unwrap();
-    bumped("a register failure", &store);
-}
-
-#[test]
-fn liveness_and_same_value_writes_keep_the_version() {
-    let (_dir, store) = store_with("ws");
-    store.set_status("ws", Status::Online, 2).unwrap();
-    let v = version(&store, "ws");
-    let applied = store.apply(liveness_only("ws", v)).unwrap();
-    assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
-    store.set_status("ws", Status::Online, 3).unwrap();
-    assert_eq!(version(&store, "ws"), v);
-}
-
-#[test]
-fn a_verdict_from_a_stale_snapshot_is_a_conflict_and_writes_nothing() {
-    let (dir, store) = store_with("ws");
-    let before = store.load("ws", Read::Cached).unwrap().unwrap();
-    // Another process changes the workspace after the snapshot was read.
-    Connection::open(dir.path().join("v.db"))
-        .unwrap()
-        .execute(
-            "UPDATE workspaces SET status = 'paused' WHERE id = 'ws'",
-            [],
-        )
-        .unwrap();
-    assert_eq!(
-        store.apply(liveness_only("ws", before.version)).unwrap(),
-        Applied::Conflict
-    );
-    assert!(store.decisions("ws", 10).unwrap().is_empty());
-    let fresh = store.load("ws", Read::Fresh).unwrap().unwrap();
-    assert_eq!(fresh.workspace.status, Status::Paused);
-    assert!(matches!(
-        store.apply(liveness_only("ws", fresh.version)).unwrap(),
-        Applied::Done { .. }
-    ));
-}
-
-#[test]
-fn the_cache_never_answers_with_state_older_than_the_last_commit() {
-    let (dir, store) = store_with("ws");
-    let token = crate::auth::mint().unwrap();
-    store.issue_token("ws", &token.stored, 2).unwrap();
-    let cached = store.load("ws", Read::Cached).unwrap().unwrap();
-    assert_eq!(cached.live_token_hashes.len(), 1);
-    // Another process (the CLI) revokes the token: this store's cache is
-    // not told, but the next cached read confirms the version first.
-    let other = SqliteStore::open(&dir.path().join("v.db")).unwrap();
-    other.revoke_tokens("ws", 3, false).unwrap();
-    let again = store.load("ws", Read::Cached).unwrap().unwrap();
-    assert!(
-        again.live_token_hashes.is_empty(),
-        "a revoked token served from the cache"
-    );
-    assert!(!again.token_bootstrap);
-    assert_ne!(again.version, cached.version);
-    // Unchanged, it is served from the cache (same version, one read).
-    let hit = store.load("ws", Read::Cached).unwrap().unwrap();
-    assert_eq!(hit.version, again.version);
-}
-
-#[test]
-fn revoking_every_token_closes_bootstrap_until_reopened() {
-    let (dir, store) = store_with("ws");
-    let bootstrap = |store: &SqliteStore| {
-        store
-            .load("ws", Read::Fresh)
-            .unwrap()
-            .unwrap()
-            .token_bootstrap
-    };
-    assert!(
-        bootstrap(&store),
-        "a workspace that never had a token bootstraps"
-    );
-    let token = crate::auth::mint().unwrap();
-    store.issue_token("ws", &token.stored, 2).unwrap();
-    assert!(!bootstrap(&store));
-    store.revoke_tokens("ws", 3, false).unwrap();
-    assert!(!bootstrap(&store), "revoked, it stays closed");
-    store.revoke_tokens("ws", 4, true).unwrap();
-    assert!(bootstrap(&store), "reopened by the operator");
-    // Any token written, by whoever, closes it (a trigger).
-    Connection::open(dir.path().join("v.db"))
-        .unwrap()
-        .execute(
-            "INSERT INTO auth_tokens (workspace_id, token_hash, prefix, created_ms)
-             VALUES ('ws', x'00', 'x', 5)",
-            [],
-        )
-        .unwrap();
-    assert!(!bootstrap(&store));
-}
-
-#[test]
-fn modules_are_kept_within_the_quota_and_pruned_when_no_chain_uses_them() {
-    let (_dir, store) = store_with("ws");
-    let meta = |name: &str| crate::model::Metadata {
-        name: name.into(),
-        version: "1".into(),
-    };
-    let quota = ModuleQuota {
-        max_modules: 2,
-        max_bytes: 100,
-    };
-    let digest = |c: char| c.to_string().repeat(64);
-    store
-        .put_module(&digest('a'), &[0; 40], &meta("a"), "t", 1, quota)
-        .unwrap();
-    store
-        .put_module(&digest('b'), &[0; 40], &meta("b"), "t", 2, quota)
-        .unwrap();
-    // The same module again is no new module.
-    store
-        .put_module(&digest('a'), &[0; 40], &meta("a"), "t", 3, quota)
-        .unwrap();
-    let full = store.put_module(&digest('c'), &[0; 10], &meta("c"), "t", 4, quota);
-    assert!(
-        matches!(full, Err(StoreError::QuotaExceeded(_))),
-        "{full:?}"
-    );
-    let bytes = ModuleQuota {
-        max_modules: 10,
-        max_bytes: 100,
-    };
-    let over = store.put_module(&digest('c'), &[0; 21], &meta("c"), "t", 4, bytes);
-    assert!(
-        matches!(over, Err(StoreError::QuotaExceeded(_))),
-        "{over:?}"
-    );
-
-    let spec = format!(
-        r#"{{"slot":[{{"name":"x","module":"sha256:{}"}}]}}"#,
-        digest('b')
-    );
-    let chain = store.stage_chain("v1", &spec, "t", 5).unwrap();
-    let used = store.delete_module(&digest('b'));
-    assert!(
-        matches!(&used, Err(StoreError::InUse(why)) if why.contains(&format!("chain {}", chain.id))),
-        "{used:?}"
-    );
-    let pruned = store.prune_modules().unwrap();
-    assert_eq!(pruned.len(), 1);
-    assert_eq!(pruned[0].module, format!("sha256:{}", digest('a')));
-    assert_eq!(store.modules().unwrap().len(), 1);
-    assert!(store.delete_module(&digest('a')).unwrap().is_none());
 }
 
 #[test]
@@ -358,16 +111,6 @@ fn submit_held(
         }),
     );
     rx
-}
-
-fn beat_at(id: &str, version: i64, now_ms: i64, task: &str) -> VerdictWrite {
-    let mut w = liveness_only(id, version);
-    w.now_ms = now_ms;
-    if let Some(l) = w.liveness.as_mut() {
-        l.current_task = Some(task.into());
-    }
-    w.decision.detail = Arc::new(Fixed(format!(r#"{{"task":"{task}"}}"#)));
-    w
 }
 
 #[test]
@@ -514,33 +257,6 @@ fn the_decision_log_is_pruned_oldest_first_within_its_retention() {
     assert_eq!(rows[0].input["task"], "late");
 }
 
-/// A silence verdict seen at `since_ms`, writing nothing else.
-fn silence_at(id: &str, version: i64, now_ms: i64, since_ms: Option<i64>) -> VerdictWrite {
-    let mut w = liveness_only(id, version);
-    w.now_ms = now_ms;
-    w.liveness = None;
-    w.decision.event_kind = "silence".into();
-    w.silence = Some(SilenceSeen {
-        kind: SilenceKind::HeartbeatExpired,
-        since_ms,
-    });
-    w
-}
-
-fn silent(store: &SqliteStore, kind: SilenceKind, before_ms: i64) -> Vec<String> {
-    store
-        .silent_workspaces(&SilenceQuery {
-            kind,
-            before_ms,
-            after: None,
-            limit: 100,
-        })
-        .unwrap()
-        .into_iter()
-        .map(|w| w.id)
-        .collect()
-}
-
 #[test]
 fn the_silence_queries_read_their_partial_indexes() {
     let (_dir, store) = store_with("ws");
@@ -568,68 +284,4 @@ fn the_silence_queries_read_their_partial_indexes() {
             "{kind:?}: {plan:?}"
         );
     }
-}
-
-#[test]
-fn each_deadline_is_found_once_and_a_heartbeat_moves_it() {
-    let (_dir, store) = store_with("ws");
-    // Provisioning since 1: a provision timeout candidate, not a heartbeat one.
-    assert_eq!(silent(&store, SilenceKind::ProvisionTimeout, 10), ["ws"]);
-    assert!(silent(&store, SilenceKind::HeartbeatExpired, 10).is_empty());
-    store.set_status("ws", Status::Online, 2).unwrap();
-    let v = version(&store, "ws");
-    assert!(matches!(
-        store.apply(beat_at("ws", v, 5, "a")).unwrap(),
-        Applied::Done { .. }
-    ));
-    assert!(silent(&store, SilenceKind::HeartbeatExpired, 4).is_empty());
-    assert_eq!(silent(&store, SilenceKind::HeartbeatExpired, 5), ["ws"]);
-
-    // A silence verdict computed before a heartbeat that landed first loses.
-    let v = version(&store, "ws");
-    store.apply(beat_at("ws", v, 7, "b")).unwrap();
-    assert_eq!(
-        store.apply(silence_at("ws", v, 9, Some(5))).unwrap(),
-        Applied::Conflict
-    );
-    // One computed from the last heartbeat stands, and that deadline is not
-    // found again ...
-    assert!(matches!(
-        store.apply(silence_at("ws", v, 9, Some(7))).unwrap(),
-        Applied::Done { .. }
-    ));
-    assert!(silent(&store, SilenceKind::HeartbeatExpired, 100).is_empty());
-    // Another host's evaluation of the same deadline, written second, loses.
-    assert_eq!(
-        store.apply(silence_at("ws", v, 9, Some(7))).unwrap(),
-        Applied::Conflict
-    );
-    assert_eq!(
-        store
-            .load("ws", Read::Fresh)
-            .unwrap()
-            .unwrap()
-            .silence_noticed_ms,
-        Some(7)
-    );
-    // ... until the next heartbeat sets a new one.
-    store.apply(beat_at("ws", v, 20, "c")).unwrap();
-    assert_eq!(silent(&store, SilenceKind::HeartbeatExpired, 100), ["ws"]);
-    // Frozen statuses are never candidates.
-    store.set_status("ws", Status::Paused, 21).unwrap();
-    assert!(silent(&store, SilenceKind::HeartbeatExpired, 100).is_empty());
-}
-
-#[test]
-fn a_starting_host_after_a_gap_records_an_outage() {
-    let (_dir, store) = store_with("ws");
-    // The first sweep ever: an outage ending now.
-    assert_eq!(store.sweep_started(1_000, Some(500)).unwrap(), 1_000);
-    // A running host's sweeps keep it, however far apart.
-    assert_eq!(store.sweep_started(1_200, None).unwrap(), 1_000);
-    assert_eq!(store.sweep_started(9_000, None).unwrap(), 1_000);
-    // A host starting while the others ran: no outage.
-    assert_eq!(store.sweep_started(9_300, Some(500)).unwrap(), 1_000);
-    // A host starting after nobody swept for longer than the gap: an outage.
-    assert_eq!(store.sweep_started(20_000, Some(500)).unwrap(), 20_000);
 }

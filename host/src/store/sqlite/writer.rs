@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::SnapshotCache;
 use crate::model::SilenceKind;
+use crate::store::cache::{SnapshotCache, changes_snapshot};
 use crate::store::health::Health;
 use crate::store::{
     Applied, Done, LIVENESS_HOLD, NewToken, QueuedRun, Retention, StoreError, VerdictWrite,
@@ -452,23 +452,6 @@ pub(super) fn apply_batch(
                 .map(|_| Err(StoreError::Failed(message.clone())))
                 .collect()
         }
-    }
-}
-
-/// Whether a verdict's outcome makes a cached snapshot of its workspace
-/// stale: it wrote more than liveness and its decision, or it found the
-/// workspace changed.
-pub(super) fn changes_snapshot(w: &VerdictWrite, result: &Result<Applied, StoreError>) -> bool {
-    match result {
-        Ok(Applied::Done { .. }) => {
-            w.status.is_some()
-                || !w.markers.is_empty()
-                || !w.conditions.is_empty()
-                || w.registration.is_some()
-                || w.stamp_register_failure
-        }
-        Ok(Applied::Coalesced) => false,
-        Ok(Applied::Conflict) | Err(_) => true,
     }
 }
 

@@ -1,0 +1,266 @@
+//! Several real `heartgate serve` processes on one PostgreSQL database (a
+//! throwaway cluster from the distribution's binaries, a fresh database per
+//! test): the guarantees that must hold across hosts, each shown from
+//! outside, over HTTP and the CLI.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::binary::{self, Serve, cli, http_client, post_heartbeat, request, write_config};
+use heartgate_test_pg::PgCluster;
+use serde_json::{Value, json};
+
+/// Hosts on one database, and the operator's CLI on it.
+struct Fleet {
+    dir: tempfile::TempDir,
+    url: String,
+    hosts: Vec<Serve>,
+}
+
+impl Fleet {
+    /// `n` hosts with the same config (`extra` appended).
+    async fn start(n: usize, extra: &str) -> Fleet {
+        let url = PgCluster::shared().fresh_database().unwrap();
+        Fleet::start_on(url, n, extra).await
+    }
+
+    async fn start_on(url: String, n: usize, extra: &str) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), extra);
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let log = dir.path().join(format!("host-{i}.log"));
+            hosts.push(Serve::start(Path::new(&url), &config, &log));
+        }
+        for host in &hosts {
+            host.wait_healthy().await;
+        }
+        Fleet { dir, url, hosts }
+    }
+
+    fn db(&self) -> &Path {
+        Path::new(&self.url)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        cli(self.db(), args)
+    }
+
+    /// Provision a workspace with the CLI; its token.
+    fn provision(&self, id: &str, platform: bool) -> String {
+        binary::provision(self.db(), id, platform)
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        let name = self.url.rsplit('/').next().unwrap();
+        PgCluster::shared().psql(name, sql).unwrap()
+    }
+
+    fn workspace(&self, id: &str) -> Value {
+        serde_json::from_str(&self.cli(&["workspace", "show", id])).unwrap()
+    }
+
+    fn runs(&self, id: &str) -> Vec<Value> {
+        self.cli(&["reconcile", "list", "--workspace", id])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| format!("--- host {i}\n{}", h.log_text()))
+            .collect()
+    }
+}
+
+fn beat(id: &str) -> Value {
+    json!({"workspace_id": id, "error_rate": 0.0, "sample_error": "", "active_tasks": 0,
+           "uptime_seconds": 60})
+}
+
+fn mcp_missing(id: &str) -> Value {
+    json!({"workspace_id": id, "error_rate": 0.0, "sample_error": "", "active_tasks": 0,
+           "uptime_seconds": 60, "mcp_server_present": false})
+}
+
+/// 20 concurrent MCP-missing heartbeats of one platform workspace, spread
+/// over 3 hosts: the workspace fails closed and exactly one `mcp-recovery`
+/// run is queued (the cooldown's marker and the workspace's version are
+/// checked in the database, under the workspace's row lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_cooldown_holds() {
+    let fleet = Fleet::start(3, "[reconcile]\nenabled = false\n").await;
+    let token = fleet.provision("concierge", true);
+    fleet.sql("UPDATE workspaces SET status = 'online' WHERE id = 'concierge'");
+    let client = http_client();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (client, base, token) = (client.clone(), fleet.hosts[i % 3].url(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            post_heartbeat(&client, &base, &token, &mcp_missing("concierge")).await
+        }));
+    }
+    for t in tasks {
+        let answer = t.await.unwrap().unwrap();
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    let runs = fleet.runs("concierge");
+    let recoveries = runs
+        .iter()
+        .filter(|r| r["trigger"] == "mcp-recovery")
+        .count();
+    assert_eq!(recoveries, 1, "{runs:?}\n{}", fleet.logs());
+    assert_eq!(fleet.workspace("concierge")["status"], "failed");
+    let provision_failed = fleet.sql(
+        "SELECT COUNT(*) FROM events WHERE workspace_id = 'concierge'
+         AND event_type = 'WORKSPACE_PROVISION_FAILED'",
+    );
+    assert_eq!(provision_failed, "20");
+}
+
+/// A token revoked with the CLI is refused by the next heartbeat on every
+/// host: each cached snapshot is used only after one read has confirmed
+/// its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_revoke_takes_effect_everywhere() {
+    let fleet = Fleet::start(3, "[reconcile]\nenabled = false\n").await;
+    let token = fleet.provision("ws", false);
+    let client = http_client();
+    // Every host has the workspace's snapshot cached.
+    for _ in 0..3 {
+        for host in &fleet.hosts {
+            let answer = post_heartbeat(&client, &host.url(), &token, &beat("ws"))
+                .await
+                .unwrap();
+            assert_eq!(answer.status, 200);
+        }
+    }
+    let revoked = Instant::now();
+    fleet.cli(&["token", "revoke", "ws"]);
+    for host in &fleet.hosts {
+        let answer = post_heartbeat(&client, &host.url(), &token, &beat("ws"))
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status,
+            401,
+            "a revoked token accepted by {}",
+            host.url()
+        );
+    }
+    eprintln!(
+        "revoked on every host within {:?} of the CLI's commit",
+        revoked.elapsed()
+    );
+    // A new token works everywhere at once, too.
+    let fresh = fleet.cli(&["token", "issue", "ws"]).trim().to_string();
+    for host in &fleet.hosts {
+        let answer = post_heartbeat(&client, &host.url(), &fresh, &beat("ws"))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+    }
+}
+
+/// Three hosts sweep for silence at once: every silent workspace goes
+/// offline once, with one `WORKSPACE_OFFLINE` event, whichever host
+/// noticed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_silence_sweep_transitions_once() {
+    let fleet = Fleet::start(
+        3,
+        "[reconcile]\nenabled = false\n\n[liveness]\nheartbeat_ttl = \"2s\"\nsweep_interval = \"100ms\"\n",
+    )
+    .await;
+    let client = http_client();
+    let ids: Vec<String> = (0..30).map(|i| format!("ws-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let token = fleet.provision(id, false);
+        let answer = post_heartbeat(&client, &fleet.hosts[i % 3].url(), &token, &beat(id))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let offline = fleet.sql("SELECT COUNT(*) FROM workspaces WHERE status = 'offline'");
+        if offline == "30" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{offline} of 30 offline\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give the other hosts' sweeps time to (wrongly) act again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let per_workspace = fleet.sql(
+        "SELECT COUNT(*) FROM events WHERE event_type = 'WORKSPACE_OFFLINE'
+         GROUP BY workspace_id HAVING COUNT(*) != 1",
+    );
+    assert_eq!(per_workspace, "", "a workspace with other than one event");
+    let events = fleet.sql("SELECT COUNT(*) FROM events WHERE event_type = 'WORKSPACE_OFFLINE'");
+    assert_eq!(events, "30");
+    let silences = fleet.sql("SELECT COUNT(*) FROM decisions WHERE event_kind = 'silence'");
+    assert_eq!(silences, "30", "one silence verdict per deadline");
+}
+
+/// A host started in watch mode while another has it is refused, saying
+/// why; `/readyz` of a running host reports its database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_watch_mode_runs_on_one_host_only() {
+    let fleet = Fleet::start(1, "[reconcile]\nenabled = false\n").await;
+    let watched = fleet.dir.path().join("watched");
+    std::fs::create_dir(&watched).unwrap();
+    let config = fleet.dir.path().join("heartgate.toml");
+    let watching = |log: &str| {
+        let mut cmd = std::process::Command::new(binary::heartgate());
+        cmd.arg("--db")
+            .arg(&fleet.url)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--watch")
+            .arg(&watched);
+        Serve::spawn(cmd, &fleet.dir.path().join(log))
+    };
+    // The first is up (it answers /healthz once it holds the place) before
+    // the second starts.
+    let first = watching("watch-1.log");
+    first.wait_healthy().await;
+    let mut second = watching("watch-2.log");
+    let status = second.exit_within(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(
+        log.contains("another host of this database runs in watch mode"),
+        "{log}"
+    );
+    drop(first);
+    let ready = request(
+        &http_client(),
+        "GET",
+        &format!("{}/readyz", fleet.hosts[0].url()),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ready.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&ready.body)
+    );
+}
