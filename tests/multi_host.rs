@@ -31,8 +31,7 @@ impl Fleet {
         let config = write_config(dir.path(), extra);
         let mut hosts = Vec::new();
         for i in 0..n {
-            let log = dir.path().join(format!("host-{i}.log"));
-            hosts.push(Serve::start(Path::new(&url), &config, &log));
+            hosts.push(start_host(&url, &config, &dir.path().join(format!("host-{i}.log"))));
         }
         for host in &hosts {
             host.wait_healthy().await;
@@ -75,6 +74,56 @@ impl Fleet {
             .enumerate()
             .map(|(i, h)| format!("--- host {i}\n{}", h.log_text()))
             .collect()
+    }
+}
+
+/// The admin API's token on every host of a fleet.
+const ADMIN: &str = "fleet-admin-token";
+
+/// One `heartgate serve` on `url`, with the fleet's admin token.
+fn start_host(url: &str, config: &Path, log: &Path) -> Serve {
+    let mut cmd = std::process::Command::new(binary::heartgate());
+    cmd.arg("--db")
+        .arg(url)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("HEARTGATE_ADMIN_TOKEN", ADMIN);
+    Serve::spawn(cmd, log)
+}
+
+/// An admin API request to `host`; the status and the JSON answer.
+async fn admin(host: &Serve, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let answer = request(
+        &http_client(),
+        method,
+        &format!("{}{path}", host.url()),
+        Some(ADMIN),
+        body.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap();
+    (answer.status, answer.json())
+}
+
+/// Wait until every host serves chain version `version`; how long it took.
+async fn served_everywhere(fleet: &Fleet, version: &Value, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut all = true;
+        for host in &fleet.hosts {
+            let (status, chain) = admin(host, "GET", "/admin/chain", "").await;
+            assert_eq!(status, 200, "{chain}");
+            all &= chain["version"] == *version;
+        }
+        if all {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "not every host serves {version} after {within:?}\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -263,4 +312,78 @@ async fn multi_host_watch_mode_runs_on_one_host_only() {
         "{}",
         String::from_utf8_lossy(&ready.body)
     );
+}
+
+/// A chain activated on host A is served by B and C within 1 s (each is
+/// notified, and polls besides), also when B's notification connection was
+/// killed; a rollback on C likewise; `/admin/chain` and `/readyz` of each
+/// host say which stored chain it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_chain_activation_propagates() {
+    let fleet = Fleet::start(3, "[reconcile]\nenabled = false\n").await;
+    let (a, b, c) = (&fleet.hosts[0], &fleet.hosts[1], &fleet.hosts[2]);
+    let (_, builtin) = admin(a, "GET", "/admin/chain", "").await;
+    // A variant of the built-in chain: without its last slot.
+    let mut spec = builtin["spec"].clone();
+    spec["slot"].as_array_mut().unwrap().pop();
+    let (status, staged) = admin(a, "POST", "/admin/chains", &spec.to_string()).await;
+    assert_eq!(status, 201, "{staged}");
+    let id = staged["id"].as_i64().unwrap();
+    let (status, activated) = admin(a, "POST", &format!("/admin/chains/{id}/activate"), "").await;
+    assert_eq!(status, 200, "{activated}");
+    let took = served_everywhere(&fleet, &staged["version"], Duration::from_secs(1)).await;
+    eprintln!("activation served by every host after {took:?}");
+    for host in [b, c] {
+        let (_, chain) = admin(host, "GET", "/admin/chain", "").await;
+        assert_eq!(chain["serving"]["chain"], id, "{chain}");
+        let ready = request(&http_client(), "GET", &format!("{}/readyz", host.url()), None, Vec::new())
+            .await
+            .unwrap()
+            .json();
+        assert_eq!(ready["checks"]["chain"]["chain"], id, "{ready}");
+    }
+
+    // B's notification connection is killed: B still follows, by polling
+    // and by the notification after it reconnects.
+    let name = fleet.url.rsplit('/').next().unwrap();
+    let killed = PgCluster::shared()
+        .terminate(name, &format!("heartgate-listener-{}", b.child.id()))
+        .unwrap();
+    assert_eq!(killed, 1, "B's listener");
+    let (status, rolled) = admin(c, "POST", "/admin/chains/rollback", "").await;
+    assert_eq!(status, 200, "{rolled}");
+    assert_eq!(rolled["version"], builtin["version"]);
+    let took = served_everywhere(&fleet, &builtin["version"], Duration::from_secs(1)).await;
+    eprintln!("rollback with B's listener killed served by every host after {took:?}");
+    let (_, chain) = admin(b, "GET", "/admin/chain", "").await;
+    assert!(
+        chain["serving"]["activation"].as_i64().unwrap()
+            > activated["activation"].as_i64().unwrap(),
+        "{chain}"
+    );
+
+    // Shadow mode is stored: set on A, every host runs the shadow chain.
+    let (status, shadow) = admin(a, "POST", "/admin/shadow", &json!({"chain": id}).to_string()).await;
+    assert_eq!(status, 200, "{shadow}");
+    let started = Instant::now();
+    for host in [b, c] {
+        loop {
+            let (_, shadow) = admin(host, "GET", "/admin/shadow", "").await;
+            if shadow["chain"] == id {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(1), "{shadow}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (status, _) = admin(b, "DELETE", "/admin/shadow", "").await;
+    assert_eq!(status, 200);
+    loop {
+        let (_, shadow) = admin(a, "GET", "/admin/shadow", "").await;
+        if shadow["chain"].is_null() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "{shadow}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

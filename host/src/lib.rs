@@ -255,6 +255,10 @@ pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
         policy_set::PolicySet::new(engine, store.clone(), executor.clone(), opts.clock.clone())
             .with_quota(opts.module_quota),
     );
+    // A shadow chain set before this start (or on another host) runs here too.
+    if let Err(e) = policies.catch_up_shadow() {
+        tracing::warn!(error = %e, "could not start the stored shadow chain");
+    }
     Ok(Service {
         executor,
         worker,
@@ -303,6 +307,14 @@ pub async fn run(
             stop_signal(stopped.clone()),
         ))
     });
+    // Hosts sharing a database serve what any of them activates.
+    let follower = opts.db.is_postgres().then(|| {
+        tokio::spawn(policy_set::follow(
+            service.policies.clone(),
+            policy_set::FOLLOW_EVERY,
+            stop_signal(stopped.clone()),
+        ))
+    });
     let admin = admin::Admin::new(
         service.executor.store().clone(),
         opts.deliverer.configs_root.clone(),
@@ -321,6 +333,9 @@ pub async fn run(
     let _ = stop.send(true);
     if let Some(watcher) = watcher {
         let _ = watcher.await;
+    }
+    if let Some(follower) = follower {
+        let _ = follower.await;
     }
     if let Some(worker) = worker
         && let Err(e) = worker.await

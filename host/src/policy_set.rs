@@ -10,9 +10,12 @@
 //! without any slot failing. Activation swaps the whole chain at once (an
 //! evaluation that started on the old chain finishes on it); a failure at any
 //! step leaves the active chain untouched and says why.
+//!
+//! Hosts sharing a database follow each other's activations ([`follow`]):
+//! each activation has a number, and a host only ever moves to a higher one.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +94,8 @@ pub struct ActiveView {
     /// The stored chain, `None` while the service runs the chain it started
     /// with (built-in or from its configuration) and nothing was activated.
     pub stored: Option<StoredChain>,
+    /// What this host serves (hosts of one database each say theirs).
+    pub serving: Serving,
 }
 
 /// The result of an evaluation without effects.
@@ -121,6 +126,19 @@ pub struct PolicySet {
     clock: Arc<dyn Clock>,
     /// How many pushed modules (and bytes of them) are kept.
     quota: ModuleQuota,
+    /// The stored chain this host serves, with its activation number (0
+    /// while it serves the chain it started with and nothing was
+    /// activated).
+    served: Mutex<Serving>,
+}
+
+/// The stored chain a host serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Serving {
+    /// The stored chain's id (`None`: the chain the service started with).
+    pub chain: Option<i64>,
+    /// Its activation number: a host only moves to a higher one.
+    pub activation: i64,
 }
 
 /// What `policy prune` deleted.
@@ -307,13 +325,68 @@ impl PolicySet {
         executor: Arc<Executor>,
         clock: Arc<dyn Clock>,
     ) -> PolicySet {
+        // The chain the executor runs is the stored active one if their
+        // versions agree (`startup_chain`).
+        let running = executor.chain().version.clone();
+        let served = match store.active_chain() {
+            Ok(Some(stored)) if stored.version == running => Serving {
+                chain: Some(stored.id),
+                activation: stored.activation.unwrap_or(0),
+            },
+            _ => Serving::default(),
+        };
         PolicySet {
             engine,
             store,
             executor,
             clock,
             quota: ModuleQuota::default(),
+            served: Mutex::new(served),
         }
+    }
+
+    /// What this host serves.
+    pub fn serving(&self) -> Serving {
+        self.served.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Swap in `chain`, stored chain `stored`, unless this host already
+    /// serves that activation or a later one (an activation on another
+    /// host may have been followed meanwhile). Whether it swapped.
+    fn serve(&self, chain: Chain, stored: &StoredChain, by: &str) -> bool {
+        let activation = stored.activation.unwrap_or(0);
+        let Ok(mut served) = self.served.lock() else {
+            return false;
+        };
+        if served.chain.is_some() && activation <= served.activation {
+            return false;
+        }
+        let old = self.executor.swap_chain(chain);
+        *served = Serving {
+            chain: Some(stored.id),
+            activation,
+        };
+        tracing::info!(chain = stored.id, activation, from = %old.version, to = %stored.version, by, "chain activated");
+        true
+    }
+
+    /// Serve the active stored chain if it was activated after the one this
+    /// host serves (by another host): what [`follow`] does. The stored chain
+    /// now served, if it changed.
+    pub fn catch_up(&self) -> Result<Option<StoredChain>, PolicySetError> {
+        let Some(stored) = self.store.active_chain()? else {
+            return Ok(None);
+        };
+        let served = self.serving();
+        if served.chain.is_some() && stored.activation.unwrap_or(0) <= served.activation {
+            return Ok(None);
+        }
+        let chain = self.load_chain(stored.id)?;
+        let by = format!(
+            "{} (on another host)",
+            stored.activated_by.as_deref().unwrap_or("unknown")
+        );
+        Ok(self.serve(chain, &stored, &by).then_some(stored))
     }
 
     /// Keep at most `quota` of pushed modules.
@@ -422,8 +495,7 @@ impl PolicySet {
         let chain = self.load_chain(id)?;
         self.remember_startup_chain(by)?;
         let activated = self.store.activate_chain(id, by, self.clock.now_ms())?;
-        let old = self.executor.swap_chain(chain);
-        tracing::info!(chain = id, from = %old.version, to = %activated.version, by, "chain activated");
+        self.serve(chain, &activated, by);
         Ok(activated)
     }
 
@@ -493,17 +565,44 @@ impl PolicySet {
 
     /// Run stored chain `id` beside the active one on live traffic, without
     /// effects, counting and logging every difference in the final actions.
-    pub fn shadow(&self, id: i64) -> Result<ShadowReport, PolicySetError> {
+    /// It is stored, so every host of the database runs it (each counts
+    /// what it sees).
+    pub fn shadow(&self, id: i64, by: &str) -> Result<ShadowReport, PolicySetError> {
         let chain = self.load_chain(id)?;
+        self.store
+            .set_shadow_chain(Some(id), by, self.clock.now_ms())?;
         self.executor.set_shadow(Some(Shadow::new(id, chain)));
         Ok(self.shadow_report())
     }
 
-    /// Stop the shadow chain; returns what it saw.
-    pub fn clear_shadow(&self) -> ShadowReport {
+    /// Stop the shadow chain (on every host); returns what it saw here.
+    pub fn clear_shadow(&self, by: &str) -> Result<ShadowReport, PolicySetError> {
+        self.store.set_shadow_chain(None, by, self.clock.now_ms())?;
         let report = self.shadow_report();
         self.executor.set_shadow(None);
-        report
+        Ok(report)
+    }
+
+    /// Run in shadow what the database says runs in shadow (set on another
+    /// host, or before this one started).
+    pub fn catch_up_shadow(&self) -> Result<(), PolicySetError> {
+        let stored = self.store.shadow_chain()?;
+        let running = self.executor.shadow().map(|s| s.chain_id);
+        if stored == running {
+            return Ok(());
+        }
+        match stored {
+            Some(id) => {
+                let chain = self.load_chain(id)?;
+                self.executor.set_shadow(Some(Shadow::new(id, chain)));
+                tracing::info!(chain = id, "running a chain in shadow (set on another host)");
+            }
+            None => {
+                self.executor.set_shadow(None);
+                tracing::info!("stopped the shadow chain (on another host)");
+            }
+        }
+        Ok(())
     }
 
     /// What the shadow chain has seen so far.
@@ -544,6 +643,7 @@ impl PolicySet {
                 })
                 .collect(),
             stored,
+            serving: self.serving(),
         })
     }
 
@@ -691,6 +791,47 @@ pub async fn watch(
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = &mut shutdown => return,
+        }
+    }
+}
+
+/// How often a host that shares its database looks at the active chain
+/// when no notification came: the bound on how late it follows an
+/// activation made on another host whose notification it missed.
+pub const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Serve every activation and rollback made on any host of the database:
+/// woken by the store's notification of a change, and looking anyway every
+/// `every` (a notification can be missed while the listener reconnects).
+/// Runs until `shutdown` resolves.
+pub async fn follow(
+    policies: Arc<PolicySet>,
+    every: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let changes = policies.store.chain_changes();
+    loop {
+        let woken = async {
+            match &changes {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = woken => {}
+            () = tokio::time::sleep(every) => {}
+            () = &mut shutdown => return,
+        }
+        let p = policies.clone();
+        match tokio::task::spawn_blocking(move || p.catch_up().and_then(|_| p.catch_up_shadow()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not serve the chain activated on another host; serving the current one")
+            }
+            Err(e) => tracing::error!(error = %e, "following the active chain failed"),
         }
     }
 }

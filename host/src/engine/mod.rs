@@ -156,7 +156,14 @@ pub struct Engine {
     inner: wasmtime::Engine,
     linker: Arc<Linker<StoreState>>,
     _ticker: Arc<Ticker>,
+    /// Compiled components by digest: a chain built again from modules
+    /// this engine already compiled (a host following an activation made
+    /// on another host, a rollback) compiles nothing.
+    compiled: Arc<std::sync::Mutex<std::collections::HashMap<String, Component>>>,
 }
+
+/// The most compiled components an engine keeps; when full it starts over.
+const COMPILED_CACHE_ENTRIES: usize = 64;
 
 struct Ticker {
     stop: Arc<AtomicBool>,
@@ -257,6 +264,7 @@ impl Engine {
             inner,
             linker,
             _ticker: Arc::new(Ticker { stop }),
+            compiled: Arc::default(),
         })
     }
 
@@ -264,8 +272,25 @@ impl Engine {
     /// `policy` world, import nothing, and report its metadata.
     pub fn load(&self, bytes: &[u8]) -> Result<PolicyModule, LoadError> {
         let digest = hex(&Sha256::digest(bytes));
-        let component =
-            Component::new(&self.inner, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let cached = self
+            .compiled
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&digest).cloned());
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = Component::new(&self.inner, bytes)
+                    .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+                if let Ok(mut compiled) = self.compiled.lock() {
+                    if compiled.len() >= COMPILED_CACHE_ENTRIES {
+                        compiled.clear();
+                    }
+                    compiled.insert(digest.clone(), component.clone());
+                }
+                component
+            }
+        };
         let ty = component.component_type();
         // A contract's types-only interface is the one import allowed: it
         // carries no functions, only the types the world `use`s. Which one

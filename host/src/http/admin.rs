@@ -266,14 +266,14 @@ pub(super) async fn admin_write(
                 chain: i64,
             }
             let shadow: ShadowBody = parse_json(&body)?;
-            let view = blocking(&app, move || admin.policies().shadow(shadow.chain)).await??;
+            let view = blocking(&app, move || admin.policies().shadow(shadow.chain, &by)).await??;
             (
                 StatusCode::OK,
                 serde_json::to_value(view).unwrap_or_default(),
             )
         }
         (Method::DELETE, ["shadow"]) => {
-            let view = blocking(&app, move || admin.policies().clear_shadow()).await?;
+            let view = blocking(&app, move || admin.policies().clear_shadow(&by)).await??;
             (
                 StatusCode::OK,
                 serde_json::to_value(view).unwrap_or_default(),

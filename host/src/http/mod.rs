@@ -707,7 +707,9 @@ async fn readyz(app: Arc<App>) -> Result<Response<Full<Bytes>>, ApiError> {
     let chain = if chain.slots.is_empty() {
         json!({"ok": false, "error": "no chain is loaded"})
     } else {
-        json!({"ok": true, "version": chain.version})
+        let serving = app.admin.policies().serving();
+        json!({"ok": true, "version": chain.version, "chain": serving.chain,
+               "activation": serving.activation})
     };
     let worker = if !app.reconcile_enabled {
         json!({"ok": true, "enabled": false})

@@ -554,6 +554,9 @@ pub struct StoredChain {
     pub created_by: String,
     pub activated_ms: Option<i64>,
     pub activated_by: Option<String>,
+    /// The order of activations (and rollbacks), across hosts: each
+    /// activation gets a higher one, and a host only moves to a higher one.
+    pub activation: Option<i64>,
 }
 
 /// The store's interface. Blocking; every method is atomic (one transaction,
@@ -791,6 +794,21 @@ pub trait Store: Send + Sync + 'static {
     /// from one host only. Refused, saying so, if another host has it.
     fn claim_watch(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Record which stored chain runs in shadow (`None`: none), for every
+    /// host of the database.
+    fn set_shadow_chain(&self, chain: Option<i64>, by: &str, now_ms: i64)
+    -> Result<(), StoreError>;
+    /// The stored chain that runs in shadow, if any.
+    fn shadow_chain(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Something a host wakes on to look at the active chain again (an
+    /// activation on another host; a reconnect, after which one may have
+    /// been missed), for a database several hosts share. Hosts poll as well:
+    /// a missed wake-up only delays.
+    fn chain_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
     }
 
     /// Copy the whole database, consistent as of one moment, to a new file

@@ -121,6 +121,11 @@ struct Inner {
     closed: std::sync::atomic::AtomicBool,
     /// Whether this host prunes the decision log.
     pruning: std::sync::atomic::AtomicBool,
+    /// Woken by a chain activation on any host (`LISTEN heartgate_chains`),
+    /// once something asked for it.
+    chains: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    /// How to open the listener's connection.
+    config: tokio_postgres::Config,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -248,6 +253,8 @@ impl PgStore {
             answered_cv: Condvar::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             pruning: std::sync::atomic::AtomicBool::new(false),
+            chains: std::sync::OnceLock::new(),
+            config: config.clone(),
         });
         let store = PgStore {
             inner,
@@ -380,6 +387,53 @@ impl PgStore {
     /// The name this host holds reconcile leases under.
     pub fn host_name(&self) -> &str {
         &self.inner.host
+    }
+}
+
+/// The application name of the connection that listens for chain
+/// activations (what an operator sees in `pg_stat_activity`), followed by
+/// `-<process id>`.
+pub const LISTENER_NAME: &str = "heartgate-listener";
+
+/// Listen for chain activations on a connection of its own, for as long as
+/// the runtime runs: every notification wakes `notify`, and so does every
+/// (re)connection, since one may have been missed while it was down.
+async fn listen_for_chains(mut config: tokio_postgres::Config, notify: Arc<tokio::sync::Notify>) {
+    config.application_name(&format!("{LISTENER_NAME}-{}", std::process::id()));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+                let woken = notify.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                woken.notify_one();
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        }
+                    }
+                    let _ = closed_tx.send(());
+                });
+                match client.batch_execute("LISTEN heartgate_chains").await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        notify.notify_one();
+                        let _ = closed.await;
+                        tracing::warn!("the chain listener's connection closed; reconnecting");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not listen for chain activations")
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "the chain listener could not connect"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -1443,6 +1497,37 @@ impl Store for PgStore {
         })
     }
 
+    fn set_shadow_chain(
+        &self,
+        chain: Option<i64>,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let by = by.to_string();
+        self.write(move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO shadow (id, chain_id, set_ms, set_by) VALUES (1, $1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET chain_id = excluded.chain_id,
+                     set_ms = excluded.set_ms, set_by = excluded.set_by",
+                &[&chain, &now_ms, &by],
+            )
+            .await?;
+            tx.execute("SELECT pg_notify('heartgate_chains', 'shadow')", &[])
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn shadow_chain(&self) -> Result<Option<i64>, StoreError> {
+        self.read(move |c| async move {
+            Ok(c.query_opt("SELECT chain_id FROM shadow WHERE id = 1", &[])
+                .await?
+                .and_then(|r| r.get::<_, Option<i64>>(0)))
+        })
+    }
+
     fn active_chain(&self) -> Result<Option<StoredChain>, StoreError> {
         self.read(move |c| async move {
             Ok(
@@ -1521,6 +1606,20 @@ impl Store for PgStore {
             }
         });
         rx.recv().unwrap_or(Err(StoreError::WriterStopped))
+    }
+
+    fn chain_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        let handle = self.handle()?;
+        Some(
+            self.inner
+                .chains
+                .get_or_init(|| {
+                    let notify = Arc::new(tokio::sync::Notify::new());
+                    handle.spawn(listen_for_chains(self.inner.config.clone(), notify.clone()));
+                    notify
+                })
+                .clone(),
+        )
     }
 
     fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError> {

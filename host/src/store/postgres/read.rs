@@ -37,7 +37,7 @@ fn failed(what: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
 }
 
 pub(super) const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, created_by,
-    activated_ms, activated_by FROM chains";
+    activated_ms, activated_by, activation FROM chains";
 
 pub(super) fn chain_from_row(r: &Row) -> StoredChain {
     StoredChain {
@@ -49,6 +49,7 @@ pub(super) fn chain_from_row(r: &Row) -> StoredChain {
         created_by: r.get(5),
         activated_ms: r.get(6),
         activated_by: r.get(7),
+        activation: r.get(8),
     }
 }
 

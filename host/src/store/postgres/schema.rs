@@ -190,6 +190,14 @@ CREATE TABLE chains (
 CREATE UNIQUE INDEX chains_one_active ON chains (state) WHERE state = 'active';
 CREATE SEQUENCE chain_activations;
 
+-- The chain that runs in shadow on every host (`chain_id` NULL: none).
+CREATE TABLE shadow (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    chain_id BIGINT REFERENCES chains(id),
+    set_ms BIGINT NOT NULL,
+    set_by TEXT NOT NULL
+);
+
 CREATE TABLE sweeps (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     up_since_ms BIGINT NOT NULL,

@@ -363,6 +363,18 @@ WHEN OLD.kind IS NOT NEW.kind OR OLD.status IS NOT NEW.status
     OR OLD.idle_timeout_seconds IS NOT NEW.idle_timeout_seconds
 BEGIN UPDATE workspaces SET version = version + 1 WHERE id = NEW.id; END;
 "#,
+    // 12: activations in order (as on PostgreSQL, where several hosts follow
+    // them): each activation gets the next number.
+    r#"
+ALTER TABLE chains ADD COLUMN activation INTEGER;
+UPDATE chains SET activation = id WHERE activated_ms IS NOT NULL;
+CREATE TABLE shadow (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    chain_id INTEGER REFERENCES chains(id),
+    set_ms INTEGER NOT NULL,
+    set_by TEXT NOT NULL
+) STRICT;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

@@ -1041,7 +1041,8 @@ impl Store for SqliteStore {
                 [id],
             )?;
             tx.execute(
-                "UPDATE chains SET state = 'active', activated_ms = ?2, activated_by = ?3
+                "UPDATE chains SET state = 'active', activated_ms = ?2, activated_by = ?3,
+                     activation = (SELECT COALESCE(MAX(activation), 0) + 1 FROM chains)
                  WHERE id = ?1",
                 params![id, now_ms, by],
             )?;
@@ -1052,6 +1053,33 @@ impl Store for SqliteStore {
             )?;
             tx.commit()?;
             Ok(chain)
+        })
+    }
+
+    fn set_shadow_chain(
+        &self,
+        chain: Option<i64>,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|c| {
+            c.execute(
+                "INSERT INTO shadow (id, chain_id, set_ms, set_by) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET chain_id = excluded.chain_id,
+                     set_ms = excluded.set_ms, set_by = excluded.set_by",
+                params![chain, now_ms, by],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn shadow_chain(&self) -> Result<Option<i64>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row("SELECT chain_id FROM shadow WHERE id = 1", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .optional()?
+            .flatten())
         })
     }
 

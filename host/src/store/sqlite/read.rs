@@ -31,7 +31,7 @@ pub(super) fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
 }
 
 pub(super) const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, created_by,
-    activated_ms, activated_by FROM chains";
+    activated_ms, activated_by, activation FROM chains";
 
 pub(super) const DECISION_COLUMNS: &str =
     "SELECT id, workspace_id, at_ms, event_kind, chain_version,
@@ -64,6 +64,7 @@ pub(super) fn chain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCh
         created_by: r.get(5)?,
         activated_ms: r.get(6)?,
         activated_by: r.get(7)?,
+        activation: r.get(8)?,
     })
 }
 
