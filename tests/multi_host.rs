@@ -387,3 +387,174 @@ async fn multi_host_chain_activation_propagates() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A fleet whose hosts run reconcile runs, with the local plugin `tools`.
+async fn reconciling_fleet(n: usize, extra: &str) -> Fleet {
+    let fleet = Fleet::start(
+        0,
+        &format!("[reconcile]\nconcurrency = 2\ndeadline_secs = 60\n{extra}"),
+    )
+    .await;
+    let source = fleet.dir.path().join("plugins/tools");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("plugin.yaml"), "name: tools\n").unwrap();
+    let mut fleet = fleet;
+    for _ in 0..n {
+        fleet.add_host().await;
+    }
+    fleet
+}
+
+impl Fleet {
+    /// One more host, with the fleet's config.
+    async fn add_host(&mut self) -> &Serve {
+        let log = self
+            .dir
+            .path()
+            .join(format!("host-{}.log", self.hosts.len()));
+        let host = start_host(&self.url, &self.dir.path().join("heartgate.toml"), &log);
+        host.wait_healthy().await;
+        self.hosts.push(host);
+        self.hosts.last().unwrap()
+    }
+
+    /// Queue `n` `online` runs of `id` (as verdicts would).
+    fn queue_runs(&self, id: &str, n: usize) {
+        for _ in 0..n {
+            self.sql(&format!(
+                "INSERT INTO reconcile_runs (workspace_id, trigger, state, requested_ms)
+                 VALUES ('{id}', 'online', 'queued', 1)"
+            ));
+        }
+    }
+
+    /// Wait until no run is queued or running; the runs.
+    async fn settled(&self, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let open = self.sql(
+                "SELECT COUNT(*) FROM reconcile_runs WHERE state IN ('queued', 'running')",
+            );
+            // Never two runs of one workspace running at once, whichever
+            // hosts claimed them.
+            let doubled = self.sql(
+                "SELECT workspace_id FROM reconcile_runs WHERE state = 'running'
+                 GROUP BY workspace_id HAVING COUNT(*) > 1",
+            );
+            assert_eq!(doubled, "", "two runs running at once");
+            if open == "0" {
+                return self
+                    .cli(&["reconcile", "list"])
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{open} runs still open\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// 20 workspaces with 3 queued runs each, claimed by 3 hosts at once: each
+/// run ran once (one attempt), they all succeeded, and no workspace was
+/// ever seen with two runs running (sampled while they ran; the database
+/// refuses it with a unique index besides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_reconcile_claimed_once() {
+    let fleet = reconciling_fleet(3, "\n[restart]\ncommand = [\"sleep\", \"0.5\"]\n").await;
+    let ids: Vec<String> = (0..20).map(|i| format!("ws-{i}")).collect();
+    for id in &ids {
+        fleet.provision(id, false);
+        fleet.cli(&["workspace", "declare-plugin", id, "tools", "local://tools"]);
+    }
+    for id in &ids {
+        fleet.queue_runs(id, 3);
+    }
+    let runs = fleet.settled(Duration::from_secs(90)).await;
+    assert_eq!(runs.len(), 60);
+    for run in &runs {
+        assert_eq!(run["state"], "succeeded", "{run}\n{}", fleet.logs());
+        assert_eq!(run["attempts"], 1, "{run}");
+    }
+    for id in &ids {
+        assert!(
+            fleet
+                .dir
+                .path()
+                .join(format!("configs/{id}/plugins/tools/plugin.yaml"))
+                .is_file(),
+            "{id} did not get its plugin"
+        );
+    }
+    // More than one host took part.
+    let claimed_by: std::collections::HashSet<usize> = fleet
+        .hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.log_text().contains("reconcile succeeded"))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(claimed_by.len() > 1, "only hosts {claimed_by:?} ran runs");
+}
+
+/// A host killed (SIGKILL) in the middle of a run: the other host takes
+/// the run over only once its lease has passed, runs it again (a second
+/// attempt), and records it; the dead host never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_host_run_is_reclaimed_after_lease() {
+    let dir_marker = tempfile::tempdir().unwrap();
+    let marker = dir_marker.path().join("first-run");
+    let hook = dir_marker.path().join("hook.sh");
+    // The first run's restart hook hangs; any later one returns at once.
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nif [ ! -e {m} ]; then touch {m}; sleep 60; fi\n",
+            m = marker.display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&hook)
+        .status()
+        .unwrap();
+    let mut fleet = reconciling_fleet(
+        1,
+        &format!(
+            "lease_seconds = 2\n\n[restart]\ncommand = [\"{}\"]\n",
+            hook.display()
+        ),
+    )
+    .await;
+    fleet.provision("ws", false);
+    fleet.cli(&["workspace", "declare-plugin", "ws", "tools", "local://tools"]);
+    fleet.queue_runs("ws", 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the run never reached its hook\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fleet.hosts[0].sigkill();
+    let killed = Instant::now();
+    fleet.add_host().await;
+    // Not taken over while the dead host's lease lasts ...
+    let started = fleet.sql("SELECT started_ms FROM reconcile_runs");
+    let runs = fleet.settled(Duration::from_secs(30)).await;
+    let took = killed.elapsed();
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!(run["state"], "succeeded", "{run}\n{}", fleet.logs());
+    assert_eq!(run["attempts"], 2, "{run}");
+    assert_ne!(run["started_ms"].to_string(), started, "it was started again");
+    assert!(
+        took >= Duration::from_millis(1_000),
+        "taken over {took:?} after the kill, inside the lease"
+    );
+    eprintln!("the run was taken over and finished {took:?} after its host was killed");
+    assert!(fleet.hosts[1].log_text().contains("reconcile succeeded"));
+}

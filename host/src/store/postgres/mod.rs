@@ -26,6 +26,8 @@
 
 mod read;
 mod schema;
+#[cfg(test)]
+mod tests;
 mod verdict;
 
 use std::collections::HashMap;
