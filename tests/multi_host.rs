@@ -17,6 +17,8 @@ struct Fleet {
     dir: tempfile::TempDir,
     url: String,
     hosts: Vec<Serve>,
+    /// A cluster of the test's own (one it restarts); else the shared one.
+    own: Option<PgCluster>,
 }
 
 impl Fleet {
@@ -31,12 +33,21 @@ impl Fleet {
         let config = write_config(dir.path(), extra);
         let mut hosts = Vec::new();
         for i in 0..n {
-            hosts.push(start_host(&url, &config, &dir.path().join(format!("host-{i}.log"))));
+            hosts.push(start_host(
+                &url,
+                &config,
+                &dir.path().join(format!("host-{i}.log")),
+            ));
         }
         for host in &hosts {
             host.wait_healthy().await;
         }
-        Fleet { dir, url, hosts }
+        Fleet {
+            dir,
+            url,
+            hosts,
+            own: None,
+        }
     }
 
     fn db(&self) -> &Path {
@@ -54,7 +65,11 @@ impl Fleet {
 
     fn sql(&self, sql: &str) -> String {
         let name = self.url.rsplit('/').next().unwrap();
-        PgCluster::shared().psql(name, sql).unwrap()
+        self.own
+            .as_ref()
+            .unwrap_or_else(|| PgCluster::shared())
+            .psql(name, sql)
+            .unwrap()
     }
 
     fn workspace(&self, id: &str) -> Value {
@@ -336,10 +351,16 @@ async fn multi_host_chain_activation_propagates() {
     for host in [b, c] {
         let (_, chain) = admin(host, "GET", "/admin/chain", "").await;
         assert_eq!(chain["serving"]["chain"], id, "{chain}");
-        let ready = request(&http_client(), "GET", &format!("{}/readyz", host.url()), None, Vec::new())
-            .await
-            .unwrap()
-            .json();
+        let ready = request(
+            &http_client(),
+            "GET",
+            &format!("{}/readyz", host.url()),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap()
+        .json();
         assert_eq!(ready["checks"]["chain"]["chain"], id, "{ready}");
     }
 
@@ -363,7 +384,13 @@ async fn multi_host_chain_activation_propagates() {
     );
 
     // Shadow mode is stored: set on A, every host runs the shadow chain.
-    let (status, shadow) = admin(a, "POST", "/admin/shadow", &json!({"chain": id}).to_string()).await;
+    let (status, shadow) = admin(
+        a,
+        "POST",
+        "/admin/shadow",
+        &json!({"chain": id}).to_string(),
+    )
+    .await;
     assert_eq!(status, 200, "{shadow}");
     let started = Instant::now();
     for host in [b, c] {
@@ -432,9 +459,8 @@ impl Fleet {
     async fn settled(&self, within: Duration) -> Vec<Value> {
         let deadline = Instant::now() + within;
         loop {
-            let open = self.sql(
-                "SELECT COUNT(*) FROM reconcile_runs WHERE state IN ('queued', 'running')",
-            );
+            let open = self
+                .sql("SELECT COUNT(*) FROM reconcile_runs WHERE state IN ('queued', 'running')");
             // Never two runs of one workspace running at once, whichever
             // hosts claimed them.
             let doubled = self.sql(
@@ -532,11 +558,21 @@ async fn killed_host_run_is_reclaimed_after_lease() {
     )
     .await;
     fleet.provision("ws", false);
-    fleet.cli(&["workspace", "declare-plugin", "ws", "tools", "local://tools"]);
+    fleet.cli(&[
+        "workspace",
+        "declare-plugin",
+        "ws",
+        "tools",
+        "local://tools",
+    ]);
     fleet.queue_runs("ws", 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !marker.exists() {
-        assert!(Instant::now() < deadline, "the run never reached its hook\n{}", fleet.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the run never reached its hook\n{}",
+            fleet.logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     fleet.hosts[0].sigkill();
@@ -550,11 +586,247 @@ async fn killed_host_run_is_reclaimed_after_lease() {
     let run = &runs[0];
     assert_eq!(run["state"], "succeeded", "{run}\n{}", fleet.logs());
     assert_eq!(run["attempts"], 2, "{run}");
-    assert_ne!(run["started_ms"].to_string(), started, "it was started again");
+    assert_ne!(
+        run["started_ms"].to_string(),
+        started,
+        "it was started again"
+    );
     assert!(
         took >= Duration::from_millis(1_000),
         "taken over {took:?} after the kill, inside the lease"
     );
     eprintln!("the run was taken over and finished {took:?} after its host was killed");
     assert!(fleet.hosts[1].log_text().contains("reconcile succeeded"));
+}
+
+/// What one heartbeat of a load got back.
+#[derive(Debug)]
+struct Sent {
+    host: usize,
+    task: String,
+    status: Option<u16>,
+    committed: bool,
+    took: Duration,
+    at: Instant,
+}
+
+/// Heartbeats of `tokens` (workspace id, token) to every host, round robin,
+/// one at a time per workspace, until `stop`; each with a unique
+/// `current_task`, so that the decision log shows which were written.
+async fn load(
+    hosts: Vec<String>,
+    tokens: Vec<(String, String)>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Sent> {
+    let mut tasks = Vec::new();
+    for (w, (id, token)) in tokens.into_iter().enumerate() {
+        let (hosts, stop) = (hosts.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut sent = Vec::new();
+            let mut n = 0usize;
+            while !*stop.borrow() {
+                let host = (n + w) % hosts.len();
+                let task = format!("{id}-beat-{n}");
+                let mut body = beat(&id);
+                body["current_task"] = json!(task);
+                let at = Instant::now();
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    post_heartbeat(&client, &hosts[host], &token, &body),
+                )
+                .await;
+                let (status, committed) = match answer {
+                    Ok(Ok(a)) => (Some(a.status), a.status == 200 && a.committed()),
+                    _ => (None, false),
+                };
+                sent.push(Sent {
+                    host,
+                    task,
+                    status,
+                    committed,
+                    took: at.elapsed(),
+                    at,
+                });
+                n += 1;
+                if status != Some(200) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            sent
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// Every heartbeat acknowledged as committed is in the decision log, and
+/// so is every one acknowledged (once queued) before `settled`: the loss
+/// window of liveness is bounded.
+fn assert_committed_kept(fleet: &Fleet, sent: &[Sent], settled: Instant) {
+    let written = fleet.sql("SELECT input FROM decisions");
+    let early_lost: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| s.status == Some(200) && s.at + s.took < settled)
+        .filter(|s| !written.contains(&format!("\"{}\"", s.task)))
+        .collect();
+    assert!(
+        early_lost.is_empty(),
+        "acknowledged well before the fault and lost: {early_lost:?}"
+    );
+    let committed: Vec<&Sent> = sent.iter().filter(|s| s.committed).collect();
+    assert!(
+        !committed.is_empty(),
+        "no heartbeat was acknowledged as committed"
+    );
+    let lost: Vec<&&Sent> = committed
+        .iter()
+        .filter(|s| !written.contains(&format!("\"{}\"", s.task)))
+        .collect();
+    assert!(lost.is_empty(), "committed and lost: {lost:?}");
+}
+
+/// Provision `n` workspaces; their ids and tokens.
+fn workspaces(fleet: &Fleet, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("load-{i}");
+            let token = fleet.provision(&id, false);
+            (id, token)
+        })
+        .collect()
+}
+
+/// PostgreSQL restarted under load: while it is down requests fail fast
+/// with 503 (not hang) and `/readyz` says unready; once it is back the host
+/// serves again by itself, and nothing acknowledged as committed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_under_load_recovers() {
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.fresh_database().unwrap();
+    let mut fleet = Fleet::start_on(
+        url,
+        2,
+        "[reconcile]\nenabled = false\n\n[postgres]\ntimeout_ms = 500\n",
+    )
+    .await;
+    fleet.own = Some(cluster);
+    let cluster = fleet.own.as_ref().unwrap();
+    let tokens = workspaces(&fleet, 4);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let hosts: Vec<String> = fleet.hosts.iter().map(Serve::url).collect();
+    let load = tokio::spawn(load(hosts.clone(), tokens, stopped));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.stop().unwrap();
+    let down = Instant::now();
+    // Unready while it is down.
+    let client = http_client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = request(
+            &client,
+            "GET",
+            &format!("{}/readyz", hosts[0]),
+            None,
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        if ready.status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed ready with the database down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_again().unwrap();
+    let up = Instant::now();
+    // Back by itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for host in &hosts {
+        loop {
+            let ready = request(&client, "GET", &format!("{host}/readyz"), None, Vec::new())
+                .await
+                .unwrap();
+            if ready.status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{host} stayed unready\n{}",
+                fleet.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let recovered = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    let sent = load.await.unwrap();
+    let during: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| s.at > down + Duration::from_millis(200) && s.at + s.took < up)
+        .collect();
+    assert!(!during.is_empty());
+    for s in &during {
+        assert!(
+            matches!(s.status, Some(200 | 503)),
+            "while the database was down: {s:?}"
+        );
+        assert!(s.took < Duration::from_secs(3), "a request hung: {s:?}");
+    }
+    assert!(during.iter().any(|s| s.status == Some(503)));
+    let after: Vec<&Sent> = sent.iter().filter(|s| s.at > recovered).collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|s| s.status == Some(200)),
+        "{after:?}"
+    );
+    eprintln!(
+        "{} heartbeats, {} while the database was down (slowest {:?}); ready again {:?} after it was",
+        sent.len(),
+        during.len(),
+        during.iter().map(|s| s.took).max().unwrap(),
+        recovered - up
+    );
+    assert_committed_kept(&fleet, &sent, down - Duration::from_secs(1));
+}
+
+/// One of two hosts is killed (SIGKILL) under load: the other keeps
+/// serving, nothing acknowledged as committed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_host_under_load_loses_nothing_committed() {
+    let mut fleet = Fleet::start(2, "[reconcile]\nenabled = false\n").await;
+    let tokens = workspaces(&fleet, 6);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let hosts: Vec<String> = fleet.hosts.iter().map(Serve::url).collect();
+    let load = tokio::spawn(load(hosts, tokens, stopped));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.hosts[0].sigkill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.send(true).unwrap();
+    let sent = load.await.unwrap();
+    let survivor: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| s.host == 1 && s.at > killed)
+        .collect();
+    assert!(!survivor.is_empty());
+    assert!(
+        survivor.iter().all(|s| s.status == Some(200)),
+        "the surviving host failed requests: {:?}",
+        survivor.iter().find(|s| s.status != Some(200))
+    );
+    eprintln!(
+        "{} heartbeats, {} committed, {} to the survivor after the kill",
+        sent.len(),
+        sent.iter().filter(|s| s.committed).count(),
+        survivor.len()
+    );
+    assert_committed_kept(&fleet, &sent, killed - Duration::from_secs(1));
 }

@@ -99,6 +99,10 @@ pub enum RegistryError {
     RegistrationFailed(String),
     #[error("failed to update: {0}")]
     UpdateFailed(String),
+    /// The database cannot be reached: nothing was written, the request
+    /// may be retried.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("failed to update card: {0}")]
     CardUpdateFailed(String),
 }
@@ -123,6 +127,7 @@ impl RegistryError {
             E::BadWorkspaceId(_) => "bad_workspace_id",
             E::RegistrationFailed(_) => "registration_failed",
             E::UpdateFailed(_) => "update_failed",
+            E::Unavailable(_) => "database_unavailable",
             E::CardUpdateFailed(_) => "update_card_failed",
         }
     }
@@ -715,6 +720,7 @@ impl Executor {
                 Ok(Applied::Coalesced) => {
                     return Err(RegistryError::UpdateFailed(NOT_WRITTEN.into()));
                 }
+                Err(StoreError::Unavailable(e)) => return Err(RegistryError::Unavailable(e)),
                 Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
             }
         }
@@ -928,6 +934,7 @@ impl Executor {
                 Ok(Applied::Coalesced) => {
                     return Err(RegistryError::RegistrationFailed(NOT_WRITTEN.into()));
                 }
+                Err(StoreError::Unavailable(e)) => return Err(RegistryError::Unavailable(e)),
                 Err(e) => return Err(RegistryError::RegistrationFailed(e.to_string())),
             }
         }
@@ -1077,6 +1084,7 @@ impl Executor {
                 Ok(Applied::Coalesced) => {
                     return Err(RegistryError::UpdateFailed(NOT_WRITTEN.into()));
                 }
+                Err(StoreError::Unavailable(e)) => return Err(RegistryError::Unavailable(e)),
                 Err(e) => return Err(RegistryError::UpdateFailed(e.to_string())),
             }
         }

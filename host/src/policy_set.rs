@@ -595,7 +595,10 @@ impl PolicySet {
             Some(id) => {
                 let chain = self.load_chain(id)?;
                 self.executor.set_shadow(Some(Shadow::new(id, chain)));
-                tracing::info!(chain = id, "running a chain in shadow (set on another host)");
+                tracing::info!(
+                    chain = id,
+                    "running a chain in shadow (set on another host)"
+                );
             }
             None => {
                 self.executor.set_shadow(None);

@@ -296,6 +296,11 @@ impl From<RegistryError> for ApiError {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed to update")
                     .with_detail(detail)
             }
+            E::Unavailable(detail) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is temporarily unavailable",
+            )
+            .with_detail(detail),
             E::CardUpdateFailed(detail) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "failed to update card")
                     .with_detail(detail)

@@ -19,15 +19,33 @@ fn a_host_presumed_dead_cannot_record_a_run_taken_over() {
     assert_eq!(b.requeue_interrupted(21).unwrap(), Requeued::default());
     assert!(b.claim_run(21).unwrap().is_none());
     // A stops renewing (paused, partitioned): its lease passes.
-    f.sql("", "UPDATE reconcile_runs SET lease_until = now() - interval '1 second'");
+    f.sql(
+        "",
+        "UPDATE reconcile_runs SET lease_until = now() - interval '1 second'",
+    );
     let taken = b.claim_run(30).unwrap().unwrap();
     assert_eq!((taken.id, taken.attempts), (run.id, 2));
-    let late = a.finish_run(run.id, RunOutcome::Failed, 40, Some("late"), &serde_json::json!({}));
+    let late = a.finish_run(
+        run.id,
+        RunOutcome::Failed,
+        40,
+        Some("late"),
+        &serde_json::json!({}),
+    );
     assert!(matches!(late, Err(StoreError::Refused(_))), "{late:?}");
-    b.finish_run(run.id, RunOutcome::Succeeded, 41, None, &serde_json::json!({}))
-        .unwrap();
+    b.finish_run(
+        run.id,
+        RunOutcome::Succeeded,
+        41,
+        None,
+        &serde_json::json!({}),
+    )
+    .unwrap();
     let done = a.reconcile_run(run.id).unwrap().unwrap();
-    assert_eq!((done.state.as_str(), done.finished_ms), ("succeeded", Some(41)));
+    assert_eq!(
+        (done.state.as_str(), done.finished_ms),
+        ("succeeded", Some(41))
+    );
     // A run interrupted MAX_RUN_ATTEMPTS times is failed when its lease
     // passes, not started again.
     let v = f.version("ws");
@@ -35,9 +53,15 @@ fn a_host_presumed_dead_cannot_record_a_run_taken_over() {
     w.reconciles.push(crate::model::ReconcileTrigger::Online);
     f.store.apply(w).unwrap();
     let first = a.claim_run(51).unwrap().unwrap();
-    f.sql("", "UPDATE reconcile_runs SET lease_until = now() - interval '1 second'");
+    f.sql(
+        "",
+        "UPDATE reconcile_runs SET lease_until = now() - interval '1 second'",
+    );
     b.claim_run(52).unwrap().unwrap();
-    f.sql("", "UPDATE reconcile_runs SET lease_until = now() - interval '1 second'");
+    f.sql(
+        "",
+        "UPDATE reconcile_runs SET lease_until = now() - interval '1 second'",
+    );
     assert!(a.claim_run(53).unwrap().is_none());
     let failed = a.reconcile_run(first.id).unwrap().unwrap();
     assert_eq!(failed.state, "failed");
@@ -56,7 +80,10 @@ fn leases_are_renewed_while_the_host_lives() {
     let until = || {
         let name = f.db.rsplit('/').next().unwrap();
         heartgate_test_pg::PgCluster::shared()
-            .psql(name, "SELECT extract(epoch FROM lease_until - now()) FROM reconcile_runs")
+            .psql(
+                name,
+                "SELECT extract(epoch FROM lease_until - now()) FROM reconcile_runs",
+            )
             .unwrap()
             .parse::<f64>()
             .unwrap()

@@ -1075,11 +1075,13 @@ impl Store for SqliteStore {
 
     fn shadow_chain(&self) -> Result<Option<i64>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.query_row("SELECT chain_id FROM shadow WHERE id = 1", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .optional()?
-            .flatten())
+            Ok(
+                c.query_row("SELECT chain_id FROM shadow WHERE id = 1", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .optional()?
+                .flatten(),
+            )
         })
     }
 
