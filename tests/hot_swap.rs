@@ -255,7 +255,22 @@ async fn shadow_shows_cooldown_difference() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hot_swap_under_load_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let svc = Arc::new(start(&dir.path().join("heartgate.db"), ManualClock::at(T0_MS)).await);
+    let svc = start(&dir.path().join("heartgate.db"), ManualClock::at(T0_MS)).await;
+    hot_swap_under_load(svc, "hot_swap_under_load_loses_nothing").await;
+}
+
+/// The same with the state in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_loses_nothing_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc =
+        Service::start_admin_on_postgres(&dir.path().join("heartgate.db"), ManualClock::at(T0_MS))
+            .await;
+    hot_swap_under_load(svc, "hot_swap_under_load_loses_nothing_on_postgres").await;
+}
+
+async fn hot_swap_under_load(svc: Service, name: &str) {
+    let svc = Arc::new(svc);
     let startup = active(&svc).await;
     let a = stage_with(&svc, "cooldown", guest("cooldown_1m")).await;
     let b = stage_with(&svc, "cooldown", guest("cooldown")).await;
@@ -390,9 +405,7 @@ async fn hot_swap_under_load_loses_nothing() {
             && versions.contains(b["version"].as_str().unwrap()),
         "decisions by both chains: {versions:?}"
     );
-    println!(
-        "hot_swap_under_load_loses_nothing: {total} heartbeats, {decisions} decisions, 20 swaps, 0 failed"
-    );
+    println!("{name}: {total} heartbeats, {decisions} decisions, 20 swaps, 0 failed");
     Arc::try_unwrap(svc).ok().unwrap().stop().await;
 }
 

@@ -129,6 +129,16 @@ fn booting_concierge(svc: &Service) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlock_breaks_end_to_end() {
+    deadlock_breaks(None).await;
+}
+
+/// The same story with the state in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlock_breaks_end_to_end_on_postgres() {
+    deadlock_breaks(Some(common::postgres_database())).await;
+}
+
+async fn deadlock_breaks(database: Option<heartgate::Database>) {
     let dir = tempfile::tempdir().unwrap();
     let configs = dir.path().join("configs");
     management_plugin(&dir.path().join("plugins"));
@@ -138,6 +148,9 @@ async fn deadlock_breaks_end_to_end() {
         "127.0.0.1:0",
         |o| {
             o.deliverer.restart = sim_restart_hook(&configs);
+            if let Some(database) = database {
+                o.db = database;
+            }
         },
     )
     .await;

@@ -70,6 +70,18 @@ impl Service {
         .await
     }
 
+    /// [`Service::start_admin`] on a fresh PostgreSQL database instead of
+    /// the SQLite file `db` (whose directory still holds the scratch).
+    #[allow(dead_code, reason = "not every test binary runs on PostgreSQL")]
+    pub async fn start_admin_on_postgres(db: &Path, clock: ManualClock) -> Service {
+        let database = postgres_database();
+        Service::start_with(db, clock, "127.0.0.1:0", move |o| {
+            o.admin_token = Some(heartgate::deliverer::Secret::Value(ADMIN.into()));
+            o.db = database;
+        })
+        .await
+    }
+
     /// A call of the admin API with [`ADMIN`].
     pub async fn admin(
         &self,
@@ -107,11 +119,14 @@ impl Service {
             None,
         );
         customize(&mut opts);
+        // The store the test reads: the service's own database (a customized
+        // one may be PostgreSQL).
+        let database = opts.db.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(heartgate::run(listener, opts, async move {
             let _ = rx.await;
         }));
-        let store = open_store(db).unwrap();
+        let store = open_store(database).unwrap();
         let client = Client::builder(TokioExecutor::new()).build_http();
         let svc = Service {
             addr,
@@ -365,6 +380,16 @@ impl Service {
         )
         .unwrap();
     }
+}
+
+/// A fresh database on the throwaway PostgreSQL cluster the tests share.
+#[allow(dead_code, reason = "not every test binary runs on PostgreSQL")]
+pub fn postgres_database() -> heartgate::Database {
+    heartgate::Database::Postgres(
+        heartgate_test_pg::PgCluster::shared()
+            .fresh_database()
+            .unwrap(),
+    )
 }
 
 /// Every row of every table, as text: compare before and after to prove that
