@@ -618,6 +618,19 @@ mod tests {
     }
 
     #[test]
+    fn the_several_hosts_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/several-hosts/heartgate.toml");
+        let config = ConfigFile::load(&path).unwrap();
+        let mut opts = ServiceOptions::new("postgres://h/db");
+        config.apply(&mut opts, Path::new("/srv/heartgate"));
+        assert!(opts.db.is_postgres());
+        assert_eq!(opts.postgres.pool_size, 16);
+        assert_eq!(opts.postgres.lease, Duration::from_secs(30));
+        assert!(opts.reconcile);
+    }
+
+    #[test]
     fn errors_name_the_key_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");

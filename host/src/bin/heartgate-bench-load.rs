@@ -11,6 +11,11 @@
 //! `heartbeats_per_s=<n> ceiling_per_s=<n> ratio=<r> p50_ms=<x> p99_ms=<x>`
 //! where the rates are the full-speed phases and the latencies the paced one.
 //!
+//! `--db postgres://...` runs the service on that PostgreSQL database (an
+//! empty one: the workspaces are provisioned into it) instead of a SQLite
+//! file, and `--hosts N` runs N services on it in this process, the
+//! connections spread over them.
+//!
 //! `--silent N` adds a phase: N more workspaces heartbeat once each and then
 //! go silent together (with `[liveness] heartbeat_ttl` = `--silent-ttl`),
 //! while the first ones keep heartbeating at half the full-speed rate. It
@@ -66,6 +71,13 @@ struct Args {
     /// The heartbeat TTL while `--silent` is given.
     #[arg(long, default_value = "10s")]
     silent_ttl: String,
+    /// A PostgreSQL URL to run on (an empty database) [default: a SQLite
+    /// file in a temporary directory].
+    #[arg(long)]
+    db: Option<String>,
+    /// Services on the database (more than one only on PostgreSQL).
+    #[arg(long, default_value_t = 1)]
+    hosts: usize,
 }
 
 /// Latencies of one phase, in microseconds.
@@ -113,7 +125,7 @@ type Shot = (String, Option<String>, Bytes);
 /// connections together send at most that many requests a second.
 async fn drive(
     name: &'static str,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     shots: Arc<Vec<Shot>>,
     connections: usize,
     duration: Duration,
@@ -126,6 +138,7 @@ async fn drive(
     for c in 0..connections {
         let shots = shots.clone();
         let stop = stop.clone();
+        let addr = addrs[c % addrs.len()];
         // Each connection sends at an even share of the paced rate.
         let interval = per_second.map(|r| Duration::from_secs_f64(connections as f64 / r));
         tasks.push(tokio::spawn(async move {
@@ -227,8 +240,21 @@ async fn ceiling_server(stop: Arc<AtomicBool>) -> Result<SocketAddr> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.seconds == 0 || args.connections == 0 || args.workspaces == 0 {
-        bail!("--seconds, --connections and --workspaces must be at least 1");
+    if args.seconds == 0 || args.connections == 0 || args.workspaces == 0 || args.hosts == 0 {
+        bail!("--seconds, --connections, --workspaces and --hosts must be at least 1");
+    }
+    let postgres = args
+        .db
+        .as_deref()
+        .is_some_and(heartgate::store::postgres::is_postgres_url);
+    if args.db.is_some() && !postgres {
+        bail!("--db takes a postgres:// URL (without it, a temporary SQLite file is used)");
+    }
+    if args.hosts > 1 && !postgres {
+        bail!("--hosts above 1 needs --db postgres://...: hosts share one database");
+    }
+    if args.hosts > 1 && args.silent > 0 {
+        bail!("--silent runs with one host");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -239,7 +265,10 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let db = dir.path().join("bench.db");
+    let db = match &args.db {
+        Some(url) => heartgate::Database::Postgres(url.clone()),
+        None => heartgate::Database::Sqlite(dir.path().join("bench.db")),
+    };
     let duration = Duration::from_secs(args.seconds);
 
     // Workspaces online with a token each, as after their first heartbeat.
@@ -272,7 +301,7 @@ async fn run(args: Args) -> Result<()> {
     let ceiling_addr = ceiling_server(stop.clone()).await?;
     let ceiling = drive(
         "hyper ceiling",
-        ceiling_addr,
+        vec![ceiling_addr],
         shots.clone(),
         args.connections,
         duration,
@@ -283,27 +312,37 @@ async fn run(args: Args) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     ceiling.report();
 
-    // The service, with its embedded defaults, on loopback.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let mut opts = ServiceOptions::new(&db);
-    opts.deliverer.configs_root = dir.path().join("configs");
-    opts.deliverer.plugins_dir = dir.path().join("plugins");
-    if let Some(rows) = args.decision_log_rows {
-        opts.retention.max_rows = rows;
+    // The services, with their embedded defaults, on loopback.
+    let mut addrs = Vec::with_capacity(args.hosts);
+    let mut servers = Vec::with_capacity(args.hosts);
+    for _ in 0..args.hosts {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(listener.local_addr()?);
+        let mut opts = ServiceOptions::new(&db);
+        opts.deliverer.configs_root = dir.path().join("configs");
+        opts.deliverer.plugins_dir = dir.path().join("plugins");
+        if let Some(rows) = args.decision_log_rows {
+            opts.retention.max_rows = rows;
+        }
+        if args.silent > 0 {
+            opts.liveness.heartbeat_ttl = silent_ttl;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        servers.push((
+            tx,
+            tokio::spawn(heartgate::run(listener, opts, async move {
+                let _ = rx.await;
+            })),
+        ));
     }
-    if args.silent > 0 {
-        opts.liveness.heartbeat_ttl = silent_ttl;
+    for addr in &addrs {
+        wait_healthy(*addr).await?;
     }
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(heartgate::run(listener, opts, async move {
-        let _ = rx.await;
-    }));
-    wait_healthy(addr).await?;
+    let addr = addrs[0];
     let rss_start = rss_kib();
     let full = drive(
         "heartgate full speed",
-        addr,
+        addrs.clone(),
         shots.clone(),
         args.connections,
         duration,
@@ -315,7 +354,7 @@ async fn run(args: Args) -> Result<()> {
     let rss_warm = rss_kib();
     let paced = drive(
         "heartgate at half rate",
-        addr,
+        addrs.clone(),
         shots.clone(),
         args.connections,
         duration,
@@ -342,12 +381,14 @@ async fn run(args: Args) -> Result<()> {
     let size_mib = |name: &str| {
         std::fs::metadata(dir.path().join(name)).map_or(0.0, |m| m.len() as f64 / 1048576.0)
     };
-    println!(
-        "disk: database {:.1} MiB, WAL {:.1} MiB after {} heartbeats",
-        size_mib("bench.db"),
-        size_mib("bench.db-wal"),
-        full.requests + paced.requests
-    );
+    if !db.is_postgres() {
+        println!(
+            "disk: database {:.1} MiB, WAL {:.1} MiB after {} heartbeats",
+            size_mib("bench.db"),
+            size_mib("bench.db-wal"),
+            full.requests + paced.requests
+        );
+    }
     let silence = if args.silent > 0 {
         Some(
             silent_phase(
@@ -363,8 +404,10 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let _ = tx.send(());
-    server.await??;
+    for (tx, server) in servers {
+        let _ = tx.send(());
+        server.await??;
+    }
 
     if full.errors + paced.errors > 0 {
         bail!("{} requests failed", full.errors + paced.errors);
@@ -411,7 +454,7 @@ async fn silent_phase(
     let stop = Arc::new(AtomicBool::new(false));
     let live = tokio::spawn(drive(
         "heartgate live, silence",
-        addr,
+        vec![addr],
         live,
         connections,
         ttl + Duration::from_secs(600),
