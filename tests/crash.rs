@@ -21,6 +21,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
+#[path = "multi_host.rs"]
+mod multi_host;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};

@@ -2,13 +2,14 @@
 //! throwaway cluster from the distribution's binaries, a fresh database per
 //! test): the guarantees that must hold across hosts, each shown from
 //! outside, over HTTP and the CLI.
-
-mod common;
+//!
+//! A module of the `crash` test binary (one binary less to link in CI):
+//! `cargo test --release --test crash multi_host::`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::binary::{self, Serve, cli, http_client, post_heartbeat, request, write_config};
+use crate::common::binary::{self, Serve, cli, http_client, post_heartbeat, request, write_config};
 use heartgate_test_pg::PgCluster;
 use serde_json::{Value, json};
 
@@ -829,4 +830,46 @@ async fn sigkill_host_under_load_loses_nothing_committed() {
         survivor.len()
     );
     assert_committed_kept(&fleet, &sent, killed - Duration::from_secs(1));
+}
+
+/// 200 requests at once to a host with `pool_size = 4`: the host never
+/// opens more than 4 connections for them, and every request is answered
+/// (200, or 503 if it waited longer than `timeout_ms` for a connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_connection_storm_is_bounded_by_the_pool() {
+    let fleet = Fleet::start(
+        1,
+        "[reconcile]\nenabled = false\n\n[postgres]\npool_size = 4\ntimeout_ms = 5000\n",
+    )
+    .await;
+    let tokens = workspaces(&fleet, 20);
+    let client = http_client();
+    let base = fleet.hosts[0].url();
+    let mut storm = Vec::new();
+    for i in 0..200 {
+        let (client, base) = (client.clone(), base.clone());
+        let (id, token) = tokens[i % tokens.len()].clone();
+        storm.push(tokio::spawn(async move {
+            post_heartbeat(&client, &base, &token, &beat(&id)).await
+        }));
+    }
+    let mut most = 0usize;
+    while storm.iter().any(|t| !t.is_finished()) {
+        let open: usize = fleet
+            .sql(&format!(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'heartgate'
+                 AND pid != pg_backend_pid() AND datname = '{}'",
+                fleet.url.rsplit('/').next().unwrap()
+            ))
+            .parse()
+            .unwrap();
+        most = most.max(open);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in storm {
+        let answer = t.await.unwrap().unwrap();
+        assert!(matches!(answer.status, 200 | 503), "{}", answer.status);
+    }
+    assert!(most <= 4, "{most} connections for a pool of 4");
+    eprintln!("200 concurrent heartbeats on a pool of 4: at most {most} connections seen");
 }

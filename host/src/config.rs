@@ -619,8 +619,8 @@ mod tests {
 
     #[test]
     fn the_several_hosts_example_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/several-hosts/heartgate.toml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/several-hosts/heartgate.toml");
         let config = ConfigFile::load(&path).unwrap();
         let mut opts = ServiceOptions::new("postgres://h/db");
         config.apply(&mut opts, Path::new("/srv/heartgate"));

@@ -364,11 +364,11 @@ fn run(cli: Cli) -> Result<()> {
             Local::Remote(command) => policy(&server, command),
         },
         Command::Workspace(cmd) => {
-            let store = open_store(&db_or_default(cli.db))?;
+            let store = open_store(db_or_default(cli.db))?;
             workspace(store.as_ref(), cmd, now)
         }
         Command::Token(cmd) => {
-            let store = open_store(&db_or_default(cli.db))?;
+            let store = open_store(db_or_default(cli.db))?;
             match cmd {
                 TokenCommand::Issue { id } => {
                     let token = auth::mint().context("minting a token")?;
@@ -411,7 +411,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Reconcile(cmd) => {
-            let store = open_store(&db_or_default(cli.db))?;
+            let store = open_store(db_or_default(cli.db))?;
             match cmd {
                 ReconcileCommand::List { workspace } => {
                     for run in store.reconcile_runs(workspace.as_deref())? {

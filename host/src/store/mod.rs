@@ -2,12 +2,13 @@
 //!
 //! [`Store`] is the interface the rest of the host uses; [`SqliteStore`] is the
 //! embedded implementation (rusqlite, bundled SQLite, WAL, migrations embedded
-//! in the binary). Every method is blocking: callers run it on a blocking
+//! in the binary) and [`PgStore`] the one for several hosts on one PostgreSQL
+//! database. Every method is blocking: callers run it on a blocking
 //! thread, never on an async worker; the exceptions are [`Store::load`], a
 //! short read the heartbeat path makes on its own thread, and
 //! [`Store::submit`], which only queues.
 //!
-//! Verdicts are written by one writer thread (group commit): everything
+//! On SQLite, verdicts are written by one writer thread (group commit): everything
 //! queued while it was committing goes into its next transaction, a savepoint
 //! per verdict, and each verdict's caller hears of it only after the commit.
 //!
@@ -26,6 +27,11 @@
 //!   cache (`mod.rs`), the writer thread with group commit, coalescing,
 //!   pruning and checkpoints (`writer.rs`), the reads (`read.rs`), and the
 //!   schema's migrations (`migrations.rs`).
+//! - [`postgres`]: the PostgreSQL store: its pool and runtime, leases and
+//!   pruning (`mod.rs`), verdicts under the workspace's row lock
+//!   (`verdict.rs`), the reads (`read.rs`), and its schema (`schema.rs`);
+//! - `cache.rs`: the snapshot cache both keep;
+//! - `suite.rs` (tests): the behaviour both must have, one suite run on each.
 
 mod cache;
 pub mod health;

@@ -401,7 +401,7 @@ pub const LISTENER_NAME: &str = "heartgate-listener";
 /// the runtime runs: every notification wakes `notify`, and so does every
 /// (re)connection, since one may have been missed while it was down.
 async fn listen_for_chains(mut config: tokio_postgres::Config, notify: Arc<tokio::sync::Notify>) {
-    config.application_name(&format!("{LISTENER_NAME}-{}", std::process::id()));
+    config.application_name(format!("{LISTENER_NAME}-{}", std::process::id()));
     let mut backoff = Duration::from_millis(100);
     loop {
         match config.connect(NoTls).await {
@@ -731,20 +731,19 @@ impl Store for PgStore {
         let id = workspace_id.to_string();
         let mint = mint.expose().to_string();
         self.write(move |_, c| async move {
-            // One statement: whichever host stores first wins, and every
-            // other reads that one back.
+            // Stored only where none is, then read back by a statement of
+            // its own (which sees a secret another host committed
+            // meanwhile): whichever host stores first wins.
+            c.execute(
+                "UPDATE workspaces SET platform_inbound_secret = $2
+                 WHERE id = $1 AND platform_inbound_secret IS NULL AND status != 'removed'",
+                &[&id, &mint],
+            )
+            .await?;
             let row = c
                 .query_opt(
-                    "WITH minted AS (
-                         UPDATE workspaces SET platform_inbound_secret = $2
-                         WHERE id = $1 AND platform_inbound_secret IS NULL
-                             AND status != 'removed'
-                         RETURNING platform_inbound_secret)
-                     SELECT platform_inbound_secret FROM minted
-                     UNION ALL
-                     SELECT platform_inbound_secret FROM workspaces
-                     WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM minted)",
-                    &[&id, &mint],
+                    "SELECT platform_inbound_secret FROM workspaces WHERE id = $1",
+                    &[&id],
                 )
                 .await?;
             match row.and_then(|r| r.get::<_, Option<String>>(0)) {
