@@ -299,8 +299,11 @@ pub(super) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), S
         .await?;
     let result = async {
         let tx = client.transaction().await?;
+        // `IF NOT EXISTS` would say NOTICE at every start of every host and
+        // CLI command.
         tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS heartgate_schema (
+            "SET LOCAL client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS heartgate_schema (
                  id INTEGER PRIMARY KEY CHECK (id = 1),
                  version BIGINT NOT NULL)",
         )
