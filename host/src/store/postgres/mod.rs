@@ -521,8 +521,24 @@ async fn prune(inner: &Inner) -> Result<u64, StoreError> {
     Ok(n)
 }
 
-/// Apply one verdict in a transaction of its own.
+/// Apply one verdict in a transaction of its own. A connection found
+/// broken (the server restarted since it was pooled) drops every idle
+/// connection of the pool, which were opened to the same server, and the
+/// verdict is tried once more on a fresh one: a verdict acknowledged once
+/// queued is not lost to a stale connection. (A liveness verdict whose
+/// commit was lost with its connection is written twice at worst; any
+/// other carries its version, so a second write is a conflict.)
 async fn apply(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
+    match apply_once(inner, w).await {
+        Err(StoreError::Unavailable(_)) => {
+            inner.pool.retain(|_, _| false);
+            apply_once(inner, w).await
+        }
+        other => other,
+    }
+}
+
+async fn apply_once(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
     let mut client = inner.client().await?;
     let tx = client.transaction().await?;
     if w.records_only_liveness() {
