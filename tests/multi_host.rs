@@ -143,6 +143,17 @@ async fn served_everywhere(fleet: &Fleet, version: &Value, within: Duration) -> 
     }
 }
 
+/// The system clock in ms since the epoch.
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
 fn beat(id: &str) -> Value {
     json!({"workspace_id": id, "error_rate": 0.0, "sample_error": "", "active_tasks": 0,
            "uptime_seconds": 60})
@@ -256,19 +267,10 @@ async fn multi_host_silence_sweep_transitions_once() {
             .unwrap();
         assert_eq!(answer.status, 200);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let offline = fleet.sql("SELECT COUNT(*) FROM workspaces WHERE status = 'offline'");
-        if offline == "30" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{offline} of 30 offline\n{}",
-            fleet.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    binary::wait_until("all 30 offline", Duration::from_secs(30), || {
+        fleet.sql("SELECT COUNT(*) FROM workspaces WHERE status = 'offline'") == "30"
+    })
+    .await;
     // Give the other hosts' sweeps time to (wrongly) act again.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let per_workspace = fleet.sql(
@@ -369,7 +371,14 @@ async fn multi_host_chain_activation_propagates() {
     // and by the notification after it reconnects.
     let name = fleet.url.rsplit('/').next().unwrap();
     let killed = PgCluster::shared()
-        .terminate(name, &format!("heartgate-listener-{}", b.child.id()))
+        .terminate(
+            name,
+            &format!(
+                "{}-{}",
+                heartgate::store::postgres::LISTENER_NAME,
+                b.child.id()
+            ),
+        )
         .unwrap();
     assert_eq!(killed, 1, "B's listener");
     let (status, rolled) = admin(c, "POST", "/admin/chains/rollback", "").await;
@@ -567,19 +576,24 @@ async fn killed_host_run_is_reclaimed_after_lease() {
         "local://tools",
     ]);
     fleet.queue_runs("ws", 1);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the run never reached its hook\n{}",
-            fleet.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    binary::wait_until("the run to reach its hook", Duration::from_secs(30), || {
+        marker.exists()
+    })
+    .await;
     fleet.hosts[0].sigkill();
     let killed = Instant::now();
+    let killed_ms = now_ms();
+    // The dead host's last lease (on the database's clock, which is this
+    // machine's): still running when it was killed.
+    let lease_until_ms: i64 = fleet
+        .sql("SELECT (extract(epoch FROM lease_until) * 1000)::BIGINT FROM reconcile_runs")
+        .parse()
+        .unwrap();
+    assert!(
+        lease_until_ms > killed_ms,
+        "the lease had passed before the kill"
+    );
     fleet.add_host().await;
-    // Not taken over while the dead host's lease lasts ...
     let started = fleet.sql("SELECT started_ms FROM reconcile_runs");
     let runs = fleet.settled(Duration::from_secs(30)).await;
     let took = killed.elapsed();
@@ -592,9 +606,12 @@ async fn killed_host_run_is_reclaimed_after_lease() {
         started,
         "it was started again"
     );
+    // Not taken over while the dead host's lease lasted (the new host reads
+    // its clock just before it claims).
+    let restarted_ms = run["started_ms"].as_i64().unwrap();
     assert!(
-        took >= Duration::from_millis(1_000),
-        "taken over {took:?} after the kill, inside the lease"
+        restarted_ms + 50 >= lease_until_ms,
+        "taken over at {restarted_ms}, inside the lease (until {lease_until_ms})"
     );
     eprintln!("the run was taken over and finished {took:?} after its host was killed");
     assert!(fleet.hosts[1].log_text().contains("reconcile succeeded"));

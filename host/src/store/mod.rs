@@ -366,6 +366,27 @@ pub(crate) fn validate_new(new: &NewWorkspace) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Refuse the management plugin on a workspace that is not a platform
+/// workspace (`what`: `declare` or `record`), whichever store is asked.
+pub(crate) fn refuse_privileged(
+    what: &str,
+    plugin: &str,
+    kind: WorkspaceKind,
+    workspace_id: &str,
+) -> Result<(), StoreError> {
+    if plugin == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
+        return Err(StoreError::Refused(format!(
+            "refusing to {what} privileged plugin `{plugin}` on non-platform workspace `{workspace_id}`"
+        )));
+    }
+    Ok(())
+}
+
+/// A JSON column's value; text that is not JSON is kept as a string.
+pub(crate) fn json_or_null(s: String) -> serde_json::Value {
+    serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))
+}
+
 /// The delivery mode a new workspace starts with: an agent outside the
 /// platform cannot be pushed to.
 pub(crate) fn initial_delivery_mode(new: &NewWorkspace) -> &'static str {

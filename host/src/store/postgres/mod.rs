@@ -120,7 +120,6 @@ struct Inner {
     submitted: AtomicU64,
     answered: Mutex<u64>,
     answered_cv: Condvar,
-    closed: std::sync::atomic::AtomicBool,
     /// Whether this host prunes the decision log.
     pruning: std::sync::atomic::AtomicBool,
     /// Woken by a chain activation on any host (`LISTEN heartgate_chains`),
@@ -179,8 +178,19 @@ impl Inner {
         }
     }
 
-    /// Record a write's outcome in the health (and the cache).
+    /// A connection found broken (the server restarted since it was
+    /// pooled) means the idle ones, opened to the same server, are too:
+    /// they are dropped, so the next request opens a fresh one instead of
+    /// failing on each of them in turn.
+    fn saw<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(StoreError::Unavailable(_)) = result {
+            self.pool.retain(|_, _| false);
+        }
+    }
+
+    /// Record a write's outcome in the health (and the pool).
     fn wrote<T>(&self, result: &Result<T, StoreError>) {
+        self.saw(result);
         match result {
             Ok(_) => self.health.succeeded(),
             Err(e) if cannot_write(e) => self.health.failed(&e.to_string()),
@@ -253,7 +263,6 @@ impl PgStore {
             submitted: AtomicU64::new(0),
             answered: Mutex::new(0),
             answered_cv: Condvar::new(),
-            closed: std::sync::atomic::AtomicBool::new(false),
             pruning: std::sync::atomic::AtomicBool::new(false),
             chains: std::sync::OnceLock::new(),
             config: config.clone(),
@@ -337,7 +346,14 @@ impl PgStore {
         Fut: Future<Output = Result<T, StoreError>> + Send,
     {
         let inner = self.inner.clone();
-        self.run(async move { f(inner.client().await?).await })
+        self.run(async move {
+            let result = match inner.client().await {
+                Ok(client) => f(client).await,
+                Err(e) => Err(e),
+            };
+            inner.saw(&result);
+            result
+        })
     }
 
     /// Renew the leases of the runs this host holds, in the background.
@@ -384,11 +400,6 @@ impl PgStore {
                 tokio::time::sleep(pause).await;
             }
         });
-    }
-
-    /// The name this host holds reconcile leases under.
-    pub fn host_name(&self) -> &str {
-        &self.inner.host
     }
 }
 
@@ -521,19 +532,17 @@ async fn prune(inner: &Inner) -> Result<u64, StoreError> {
     Ok(n)
 }
 
-/// Apply one verdict in a transaction of its own. A connection found
-/// broken (the server restarted since it was pooled) drops every idle
-/// connection of the pool, which were opened to the same server, and the
-/// verdict is tried once more on a fresh one: a verdict acknowledged once
-/// queued is not lost to a stale connection. (A liveness verdict whose
-/// commit was lost with its connection is written twice at worst; any
-/// other carries its version, so a second write is a conflict.)
+/// Apply one verdict in a transaction of its own. A verdict that finds its
+/// connection broken is tried once more, on a fresh one ([`Inner::saw`]
+/// dropped the stale idle ones): a verdict acknowledged once queued is not
+/// lost to a stale connection. (A liveness verdict whose commit was lost
+/// with its connection is written twice at worst; any other carries its
+/// version, so a second write is a conflict.)
 async fn apply(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
-    match apply_once(inner, w).await {
-        Err(StoreError::Unavailable(_)) => {
-            inner.pool.retain(|_, _| false);
-            apply_once(inner, w).await
-        }
+    let first = apply_once(inner, w).await;
+    inner.saw(&first);
+    match first {
+        Err(StoreError::Unavailable(_)) => apply_once(inner, w).await,
         other => other,
     }
 }
@@ -541,11 +550,6 @@ async fn apply(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
 async fn apply_once(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
     let mut client = inner.client().await?;
     let tx = client.transaction().await?;
-    if w.records_only_liveness() {
-        // Acknowledged once queued anyway: no wait for the WAL flush.
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await?;
-    }
     match verdict::apply_in(&tx, w).await {
         Ok(done @ Applied::Done { .. }) => {
             tx.commit().await?;
@@ -566,7 +570,6 @@ impl Drop for PgStore {
     /// Answer what is queued, give up this host's leases (another host may
     /// take its runs at once), and stop the runtime.
     fn drop(&mut self) {
-        self.inner.closed.store(true, Ordering::SeqCst);
         self.flush();
         let inner = self.inner.clone();
         let held: Vec<i64> = inner
@@ -693,9 +696,6 @@ impl Store for PgStore {
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::WriterStopped);
-        }
         self.inner.health.check().map_err(StoreError::Failed)?;
         // A write transaction can be begun: the server is up and is not a
         // read-only standby.
@@ -992,11 +992,7 @@ impl Store for PgStore {
         self.write_workspace(id, move |_, mut c| async move {
             let tx = c.transaction().await?;
             let kind = lock_workspace(&tx, &id_owned).await?;
-            if name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
-                return Err(StoreError::Refused(format!(
-                    "refusing to declare privileged plugin `{name}` on non-platform workspace `{id_owned}`"
-                )));
-            }
+            refuse_privileged("declare", &name, kind, &id_owned)?;
             tx.execute(
                 "INSERT INTO declared_plugins (workspace_id, plugin_name, source, created_ms,
                      updated_ms)
@@ -1119,9 +1115,7 @@ impl Store for PgStore {
                                      OR (r.state = 'running' AND r.lease_until < now())
                                  ORDER BY r.id LIMIT 1 FOR UPDATE SKIP LOCKED)
                              RETURNING {}, claim",
-                            RUN_COLUMNS
-                                .trim_start_matches("SELECT ")
-                                .trim_end_matches(" FROM reconcile_runs")
+                            returning(RUN_COLUMNS)
                         ),
                         &[&now_ms, &inner.host, &lease],
                     )
@@ -1228,12 +1222,7 @@ impl Store for PgStore {
         self.write(move |_, mut c| async move {
             let tx = c.transaction().await?;
             let kind = require_workspace(&tx, &id).await?;
-            if plugin.name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
-                return Err(StoreError::Refused(format!(
-                    "refusing to record privileged plugin `{}` on non-platform workspace `{id}`",
-                    plugin.name
-                )));
-            }
+            refuse_privileged("record", &plugin.name, kind, &id)?;
             tx.execute(
                 "INSERT INTO installed_plugins
                      (workspace_id, plugin_name, source, tracked_ref, installed_sha, installed_ms)
@@ -1464,7 +1453,7 @@ impl Store for PgStore {
                         "INSERT INTO chains (version, spec, state, created_ms, created_by)
                          VALUES ($1, $2, 'staged', $3, $4)
                          RETURNING {}",
-                        chain_columns()
+                        returning(CHAIN_COLUMNS)
                     ),
                     &[&version, &spec, &now_ms, &by],
                 )
@@ -1498,7 +1487,7 @@ impl Store for PgStore {
                         "UPDATE chains SET state = 'active', activated_ms = $2, activated_by = $3,
                              activation = nextval('chain_activations')
                          WHERE id = $1 RETURNING {}",
-                        chain_columns()
+                        returning(CHAIN_COLUMNS)
                     ),
                     &[&id, &now_ms, &by],
                 )
@@ -1653,11 +1642,11 @@ impl Store for PgStore {
     }
 }
 
-/// The chain columns, for a `RETURNING` clause.
-fn chain_columns() -> &'static str {
-    CHAIN_COLUMNS
-        .trim_start_matches("SELECT ")
-        .trim_end_matches(" FROM chains")
+/// The columns of a `SELECT <columns> FROM <table>` constant, for a
+/// `RETURNING` clause of the same rows.
+fn returning(select: &'static str) -> &'static str {
+    let columns = select.trim_start_matches("SELECT ");
+    columns.rfind(" FROM ").map_or(columns, |at| &columns[..at])
 }
 
 fn read_failed(what: &'static str, e: tokio_postgres::Error) -> StoreError {

@@ -7,6 +7,7 @@ use tokio_postgres::Row;
 
 use crate::auth::InboundSecret;
 use crate::model::{Condition, Marker, Severity, Status, Workspace, WorkspaceKind};
+pub(super) use crate::store::json_or_null;
 use crate::store::{
     DecisionRow, DeclaredPlugin, InstalledPlugin, READING_CONDITIONS, READING_MARKERS,
     READING_PLUGINS, READING_ROW, READING_TOKENS, ReconcileRun, Snapshot, StoreError, StoredChain,
@@ -23,10 +24,6 @@ pub(super) fn parse_status(s: &str) -> Result<Status, StoreError> {
 
 pub(super) fn parse_kind(s: &str) -> Result<WorkspaceKind, StoreError> {
     WorkspaceKind::parse(s).ok_or_else(|| bad("kind", s))
-}
-
-pub(super) fn json_or_null(s: String) -> serde_json::Value {
-    serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))
 }
 
 fn failed(what: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {

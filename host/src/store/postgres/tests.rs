@@ -122,6 +122,7 @@ fn the_decision_log_is_pruned_to_its_cap_by_one_host() {
     let held = other.inner.clone();
     let (locked_tx, locked) = std::sync::mpsc::channel();
     let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
+    let (released_tx, released) = std::sync::mpsc::channel();
     other.handle().unwrap().spawn(async move {
         let mut c = held.client().await.unwrap();
         let tx = c.transaction().await.unwrap();
@@ -131,11 +132,76 @@ fn the_decision_log_is_pruned_to_its_cap_by_one_host() {
         locked_tx.send(()).unwrap();
         let _ = release.await;
         tx.commit().await.unwrap();
+        released_tx.send(()).unwrap();
     });
     locked.recv().unwrap();
     let inner = store.inner.clone();
     assert_eq!(store.run(async move { prune(&inner).await }).unwrap(), 0);
     release_tx.send(()).unwrap();
+    released.recv().unwrap();
     let inner = store.inner.clone();
     assert_eq!(store.run(async move { prune(&inner).await }).unwrap(), 10);
+}
+
+/// Liveness-only verdicts commit without waiting for the WAL flush (what
+/// makes them cheap), every other verdict waits: counted in the server's
+/// WAL syncs (`pg_stat_wal`), on a cluster of this test's own.
+#[test]
+fn liveness_verdicts_commit_without_waiting_for_the_wal_flush() {
+    let cluster = heartgate_test_pg::PgCluster::start().unwrap();
+    let url = cluster.fresh_database().unwrap();
+    let syncs = || {
+        cluster
+            .psql("postgres", "SELECT wal_sync FROM pg_stat_wal")
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let store = PgStore::open(&url, &pg_options()).unwrap();
+    store
+        .add_workspace(&crate::store::suite::platform("ws"), 1)
+        .unwrap();
+    let v = store.load("ws", Read::Fresh).unwrap().unwrap().version;
+    // A backend reports its WAL statistics when it exits: each phase closes
+    // its store's connections before the count is read.
+    drop(store);
+    let before = syncs();
+    let store = PgStore::open(&url, &pg_options()).unwrap();
+    for i in 0..200 {
+        let applied = store.apply(beat_at("ws", v, 10 + i, "t")).unwrap();
+        assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+    }
+    drop(store);
+    let liveness = syncs() - before;
+    let before = syncs();
+    let store = PgStore::open(&url, &pg_options()).unwrap();
+    for i in 0..200 {
+        // A register-failure stamp is more than liveness: committed in full.
+        let mut w = beat_at("ws", v, 1_000 + i, "t");
+        w.expected_version = None;
+        w.stamp_register_failure = true;
+        let applied = store.apply(w).unwrap();
+        assert!(matches!(applied, Applied::Done { .. }), "{applied:?}");
+    }
+    drop(store);
+    let full = syncs() - before;
+    eprintln!("WAL syncs: {liveness} for 200 liveness verdicts, {full} for 200 others");
+    assert!(
+        liveness * 4 < full,
+        "WAL syncs: {liveness} for 200 liveness verdicts, {full} for 200 others"
+    );
+}
+
+#[test]
+fn urls_are_shown_without_their_password() {
+    assert_eq!(
+        redacted("postgres://heartgate:s3cret@db.internal:5432/hg"),
+        "postgres://heartgate:***@db.internal:5432/hg"
+    );
+    assert_eq!(
+        redacted("postgres://heartgate@db/hg"),
+        "postgres://heartgate@db/hg"
+    );
+    assert_eq!(redacted("postgresql://db/hg"), "postgresql://db/hg");
+    assert!(is_postgres_url("postgresql://db/hg") && !is_postgres_url("hg.db"));
 }

@@ -19,7 +19,7 @@ use self::migrations::init;
 use self::read::*;
 use self::writer::{Job, Queue, WRITER_CACHE_KIB, Writer, insert_token};
 use crate::auth::InboundSecret;
-use crate::model::{SilenceKind, Status, WorkspaceKind};
+use crate::model::{SilenceKind, Status};
 use crate::store::cache::SnapshotCache;
 use crate::store::health::Health;
 use crate::store::*;
@@ -639,12 +639,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let kind = require_workspace(&tx, id)?;
-            if name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
-                return Err(StoreError::Refused(format!(
-                    "refusing to declare privileged plugin `{name}` on non-platform workspace `{id}`"
-                )));
-            }
+            refuse_privileged("declare", name, require_workspace(&tx, id)?, id)?;
             tx.execute(
                 "INSERT INTO declared_plugins (workspace_id, plugin_name, source, created_ms, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?4)
@@ -814,12 +809,7 @@ impl Store for SqliteStore {
         self.with_writer(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let kind = require_workspace(&tx, workspace_id)?;
-            if plugin.name == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
-                return Err(StoreError::Refused(format!(
-                    "refusing to record privileged plugin `{}` on non-platform workspace `{workspace_id}`",
-                    plugin.name
-                )));
-            }
+            refuse_privileged("record", &plugin.name, kind, workspace_id)?;
             tx.execute(
                 "INSERT INTO installed_plugins
                      (workspace_id, plugin_name, source, tracked_ref, installed_sha, installed_ms)

@@ -5,6 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use crate::auth::InboundSecret;
 use crate::model::{Condition, Marker, Severity, Status, Workspace, WorkspaceKind};
+pub(super) use crate::store::json_or_null;
 use crate::store::{
     DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError, StoredChain,
     StoredModule, WorkspaceRecord,
@@ -108,10 +109,6 @@ pub(super) fn read_installed(
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
-}
-
-pub(super) fn json_or_null(s: String) -> serde_json::Value {
-    serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))
 }
 
 pub(super) fn load_snapshot(
