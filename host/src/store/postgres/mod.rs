@@ -305,6 +305,36 @@ impl PgStore {
         rx.recv().unwrap_or(Err(StoreError::WriterStopped))
     }
 
+    /// Submit `write`; `queued`: its caller was answered before its commit
+    /// (it is retried through an outage, [`apply_queued`]).
+    fn submit_with(&self, write: VerdictWrite, done: Done, queued: bool) {
+        let Some(handle) = self.handle() else {
+            done(Err(StoreError::WriterStopped));
+            return;
+        };
+        self.inner.submitted.fetch_add(1, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        handle.spawn(async move {
+            let started = Instant::now();
+            let result = if queued {
+                apply_queued(&inner, &write).await
+            } else {
+                apply(&inner, &write).await
+            };
+            inner.wrote(&result);
+            if result.is_ok()
+                && let Some(h) = inner.health.commit_seconds()
+            {
+                h.observe(started.elapsed().as_secs_f64());
+            }
+            if changes_snapshot(&write, &result) {
+                inner.cache.forget(&write.workspace_id);
+            }
+            done(result);
+            inner.answer();
+        });
+    }
+
     /// [`PgStore::run`] with a client of the pool, for a write: its outcome
     /// counts in the health.
     fn write<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
@@ -547,6 +577,33 @@ async fn apply(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
     }
 }
 
+/// How long a verdict acknowledged before its commit keeps being tried
+/// while the database cannot be reached (a restart, a failover): an outage
+/// shorter than this loses none of them. Nobody waits for these verdicts,
+/// and while the database is down no new ones are acknowledged (their
+/// snapshot cannot be read), so what waits is what was in flight.
+pub const QUEUED_OUTAGE_RETRY: Duration = Duration::from_secs(15);
+
+/// [`apply`] for a verdict acknowledged once queued: tried again, backing
+/// off, until it is written or [`QUEUED_OUTAGE_RETRY`] has passed.
+async fn apply_queued(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
+    let deadline = Instant::now() + QUEUED_OUTAGE_RETRY;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let result = apply_once(inner, w).await;
+        inner.saw(&result);
+        match result {
+            Err(StoreError::Unavailable(e)) if Instant::now() + backoff < deadline => {
+                tracing::debug!(workspace_id = %w.workspace_id, error = %e,
+                    "a queued verdict waits for the database");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn apply_once(inner: &Inner, w: &VerdictWrite) -> Result<Applied, StoreError> {
     let mut client = inner.client().await?;
     let tx = client.transaction().await?;
@@ -649,27 +706,11 @@ impl Store for PgStore {
     }
 
     fn submit(&self, write: VerdictWrite, done: Done) {
-        let Some(handle) = self.handle() else {
-            done(Err(StoreError::WriterStopped));
-            return;
-        };
-        self.inner.submitted.fetch_add(1, Ordering::SeqCst);
-        let inner = self.inner.clone();
-        handle.spawn(async move {
-            let started = Instant::now();
-            let result = apply(&inner, &write).await;
-            inner.wrote(&result);
-            if result.is_ok()
-                && let Some(h) = inner.health.commit_seconds()
-            {
-                h.observe(started.elapsed().as_secs_f64());
-            }
-            if changes_snapshot(&write, &result) {
-                inner.cache.forget(&write.workspace_id);
-            }
-            done(result);
-            inner.answer();
-        });
+        self.submit_with(write, done, false);
+    }
+
+    fn submit_liveness(&self, write: VerdictWrite, done: Done) {
+        self.submit_with(write, done, true);
     }
 
     fn backlog(&self) -> u64 {

@@ -205,3 +205,47 @@ fn urls_are_shown_without_their_password() {
     assert_eq!(redacted("postgresql://db/hg"), "postgresql://db/hg");
     assert!(is_postgres_url("postgresql://db/hg") && !is_postgres_url("hg.db"));
 }
+
+#[test]
+fn a_queued_verdict_waits_out_a_database_restart() {
+    // A server of its own: this test stops it.
+    let cluster = heartgate_test_pg::PgCluster::start().unwrap();
+    let url = cluster.fresh_database().unwrap();
+    let store = PgStore::open(&url, &pg_options()).unwrap();
+    store
+        .add_workspace(&crate::store::suite::platform("ws"), 1)
+        .unwrap();
+    let v = store.load("ws", Read::Fresh).unwrap().unwrap().version;
+    cluster.stop().unwrap();
+    // One whose caller waits fails (fast: no hanging request) ...
+    let waited = store.apply(beat_at("ws", v, 10, "waited"));
+    assert!(
+        matches!(waited, Err(StoreError::Unavailable(_))),
+        "{waited:?}"
+    );
+    // ... one acknowledged once queued waits for the database.
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.submit_liveness(
+        beat_at("ws", v, 20, "queued"),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        rx.try_recv().is_err(),
+        "answered while the database was down"
+    );
+    cluster.start_again().unwrap();
+    let applied = rx.recv_timeout(QUEUED_OUTAGE_RETRY).unwrap();
+    assert!(matches!(applied, Ok(Applied::Done { .. })), "{applied:?}");
+    let db = url.rsplit('/').next().unwrap();
+    let written = cluster
+        .psql(
+            db,
+            "SELECT count(*) FROM decisions WHERE input LIKE '%queued%'",
+        )
+        .unwrap();
+    assert_eq!(written, "1");
+    drop(store);
+}
