@@ -1,0 +1,298 @@
+//! The command line: every command, argument and its help.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use heartgate::telemetry::LogFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "heartgate",
+    version,
+    about = "Agent-fleet liveness decided by sandboxed WebAssembly policies"
+)]
+pub(crate) struct Cli {
+    /// The database: a SQLite file, or a `postgres://` URL for several
+    /// hosts [default: `database` of the config, or heartgate.db].
+    #[arg(long, global = true, env = "HEARTGATE_DB")]
+    pub db: Option<PathBuf>,
+    /// Log format (`RUST_LOG` sets the levels).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "HEARTGATE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Export spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, default
+    /// http://localhost:4318).
+    #[cfg(feature = "otel")]
+    #[arg(long, global = true)]
+    pub otel: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run the service.
+    Serve {
+        /// Address to listen on [default: `listen` of the config, or
+        /// 127.0.0.1:8080].
+        #[arg(long, env = "HEARTGATE_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Configuration file (TOML); flags and their environment variables
+        /// override its keys.
+        #[arg(long, env = "HEARTGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Watch a directory for `<slot>.wasm` files and activate each new or
+        /// changed one in its slot, after the same validation as a push.
+        #[arg(long)]
+        watch: Option<PathBuf>,
+    },
+    /// Validate configuration files without starting anything.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Provision and inspect workspaces.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+    /// Issue and revoke workspace tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Inspect reconcile runs.
+    #[command(subcommand)]
+    Reconcile(ReconcileCommand),
+    /// The database itself.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Write, build, test and replay policies locally (new, build, test,
+    /// eval MODULE, replay), and change the policy chain of a running service
+    /// (list, push, stage, activate, rollback, eval, shadow: admin API, the
+    /// token comes from `HEARTGATE_ADMIN_TOKEN`).
+    Policy {
+        /// The running service.
+        #[arg(
+            long,
+            global = true,
+            env = "HEARTGATE_SERVER",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        server: String,
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Create a policy crate NAME (in the current directory) on the guest SDK:
+    /// a sample rule, native tests and fixtures.
+    New {
+        name: String,
+        /// The directory to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The guest SDK crate (`policies/sdk` of a Heartgate checkout)
+        /// [default: the checkout this binary was built from].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build the policy crate in DIR (default: the current directory) into a
+    /// component, validated as the service would: `<package>.wasm`.
+    Build {
+        dir: Option<PathBuf>,
+        /// Where to write the component.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run fixture files through a module (or `builtin:NAME`), or a whole
+    /// chain, in the service's sandbox and limits; exits 1 on a failure.
+    Test {
+        /// The module; optional with `--chain`.
+        #[arg(required_unless_present = "chain")]
+        module: Option<String>,
+        /// The fixtures directory (*.json, *.yaml).
+        #[arg(long, default_value = "fixtures")]
+        fixtures: PathBuf,
+        /// Run the fixtures through the chain of this file (a chain or a
+        /// config file); MODULE, if given, runs in `--slot`.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// The slot of `--chain` MODULE replaces.
+        #[arg(long, requires = "chain")]
+        slot: Option<String>,
+    },
+    /// Replay recorded decisions of `--db` with a candidate module in one
+    /// slot of the chain that made them; report every decision that would
+    /// change.
+    Replay {
+        /// The candidate module.
+        #[arg(long)]
+        candidate: String,
+        /// The slot the candidate replaces.
+        #[arg(long)]
+        slot: String,
+        /// Only decisions of the last DURATION (e.g. 30m, 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Replay through this chain file instead of the recorded chain.
+        #[arg(long)]
+        chain: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when a decision would change (for CI gates).
+        #[arg(long)]
+        fail_on_change: bool,
+    },
+    /// Show the active chain.
+    List,
+    /// Upload a module; with `--slot`, stage the active chain with that slot
+    /// running it (and `--activate` it).
+    Push {
+        module: PathBuf,
+        #[arg(long)]
+        slot: Option<String>,
+        /// Add `--slot` as a new slot after this one (instead of replacing
+        /// an existing slot).
+        #[arg(long, requires = "slot")]
+        after: Option<String>,
+        /// What the slot may do (repeat): conditions, record_event,
+        /// request_reconcile, markers, reject, set_status, drop [default: a
+        /// replaced slot keeps its grants; a new one gets none].
+        #[arg(long = "grant", requires = "slot", value_parser = ["conditions", "record_event", "request_reconcile", "markers", "reject", "set_status", "drop"])]
+        grants: Vec<String>,
+        #[arg(long, requires = "slot")]
+        activate: bool,
+    },
+    /// Stage a chain from a JSON file: `{"slot": [...], "fixtures": [...]}`.
+    Stage { file: PathBuf },
+    /// Delete every pushed module that no stored chain uses (the module
+    /// store has a quota: `[policy] max_stored_modules`).
+    Prune,
+    /// Activate a staged chain.
+    Activate { id: i64 },
+    /// Go back to the chain active before the current one.
+    Rollback,
+    /// Evaluate an input (JSON file, or a fixture) without effects: with
+    /// MODULE or a chain file, locally; otherwise by the running service.
+    Eval {
+        /// A module (or `builtin:NAME`) to evaluate locally.
+        module: Option<String>,
+        #[arg(long)]
+        input: PathBuf,
+        /// A chain file to evaluate locally (MODULE runs in `--slot`), or the
+        /// id of a chain stored in the running service.
+        #[arg(long)]
+        chain: Option<String>,
+        /// The slot of `--chain` MODULE replaces.
+        #[arg(long, requires = "chain")]
+        slot: Option<String>,
+        /// Show each policy's input, proposed actions and output.
+        #[arg(long)]
+        trace: bool,
+    },
+    /// Run a stored chain beside the active one (no effects), show what it
+    /// saw, or stop it.
+    Shadow {
+        id: Option<i64>,
+        #[arg(long, conflicts_with = "id")]
+        stop: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Check FILE: its syntax, every key and value, and the chain it names
+    /// (each module loaded and checked). Prints `ok: FILE` or the first error
+    /// with its key and line, and exits 1.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum WorkspaceCommand {
+    /// Provision a workspace (status `provisioning`).
+    Add {
+        id: String,
+        #[arg(long, value_parser = ["workspace", "platform"], default_value = "workspace")]
+        kind: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// A `MODEL` secret is configured for it.
+        #[arg(long)]
+        model_configured: bool,
+        /// The runtime it runs (`external` is an agent outside the platform;
+        /// policies see the name).
+        #[arg(long, default_value = "")]
+        runtime: String,
+    },
+    /// Print one workspace as JSON: what `GET /workspaces/{id}` answers
+    /// (status, url, agent card, active tasks, uptime, current task, last
+    /// error rate, ...), with the conditions in force, plugins and tokens.
+    Show { id: String },
+    /// Replace the workspace's platform inbound secret with a new random
+    /// one (the old one stops being handed out at once; the runtime gets
+    /// the new one in its next register or heartbeat response). The secret
+    /// is not printed.
+    RotateInboundSecret { id: String },
+    /// Why the workspace is in its state: its last decisions with each
+    /// policy's output, the status transitions, the reconcile runs and their
+    /// outcomes, in order.
+    Explain {
+        id: String,
+        /// How many decisions (1-1000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// The history as JSON (what `GET /admin/workspaces/{id}/history` answers).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every workspace, one JSON object a line.
+    List,
+    /// Declare a plugin the workspace must have.
+    DeclarePlugin {
+        id: String,
+        name: String,
+        source: String,
+    },
+    /// Mark a workspace removed: heartbeats and registers never change it again.
+    Remove { id: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Issue a token and print it (shown once).
+    Issue { id: String },
+    /// Revoke every live token of a workspace. It then refuses every
+    /// request (401) until a token is issued; with `--allow-bootstrap`, the
+    /// next register without a token mints one instead, as for a workspace
+    /// that never had a token.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        allow_bootstrap: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DbCommand {
+    /// Copy the database to FILE (which must not exist), consistent as of one
+    /// moment, with SQLite's online backup API: safe while the service runs
+    /// and writes. The copy is checked (`PRAGMA quick_check`) before it takes
+    /// its name.
+    Backup { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ReconcileCommand {
+    /// Print reconcile runs, one JSON object a line.
+    List {
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// Print one run: times, per-plugin results, the cause of a failure.
+    Show { id: i64 },
+}

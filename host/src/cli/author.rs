@@ -1,0 +1,173 @@
+//! The author's `policy` commands, run here: `new`, `build`, `test`, a local
+//! `eval`, `replay`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use heartgate::clock::{Clock, SystemClock};
+use heartgate::open_store;
+
+use super::args::PolicyCommand;
+
+/// A `policy` subcommand run here, or one for the running service.
+pub(crate) enum Local {
+    /// Run here; the process's exit code.
+    Done(i32),
+    Remote(PolicyCommand),
+}
+
+/// Run the author's commands (new, build, test, local eval, replay) here;
+/// hand the others back for the admin API.
+pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
+    use heartgate::authoring::{self, compile, fixtures, replay, template, trace};
+    use heartgate::engine::Engine;
+
+    match command {
+        PolicyCommand::New { name, dir, sdk } => {
+            let sdk = sdk.unwrap_or_else(|| PathBuf::from(template::DEFAULT_SDK));
+            let files = template::create(&dir, &name, &sdk)?;
+            println!("created policy `{name}` in {}", dir.join(&name).display());
+            for f in files {
+                println!("  {}", f.display());
+            }
+            println!(
+                "next: cd {} && cargo test && heartgate policy build && heartgate policy test {name}.wasm",
+                dir.join(&name).display()
+            );
+            Ok(Local::Done(0))
+        }
+        PolicyCommand::Build { dir, out } => {
+            let engine = Engine::new()?;
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let built = compile::build(&engine, &dir, out.as_deref())?;
+            println!(
+                "built {} {} -> {} ({} bytes, sha256:{})",
+                built.metadata.name,
+                built.metadata.version,
+                built.path.display(),
+                built.bytes,
+                built.digest
+            );
+            Ok(Local::Done(0))
+        }
+        PolicyCommand::Test {
+            module,
+            fixtures: dir,
+            chain,
+            slot,
+        } => {
+            let engine = Engine::new()?;
+            let (chain, whole) = authoring::local_chain(
+                &engine,
+                chain.as_deref(),
+                module.as_deref(),
+                slot.as_deref(),
+            )?;
+            let cases = fixtures::load_dir(&dir)?;
+            let what: Vec<String> = chain
+                .slots
+                .iter()
+                .map(|s| {
+                    let m = s.module.metadata();
+                    format!("{} {}", m.name, m.version)
+                })
+                .collect();
+            println!(
+                "\nrunning {} fixture{} from {} against {}\n",
+                cases.len(),
+                if cases.len() == 1 { "" } else { "s" },
+                dir.display(),
+                what.join(" -> ")
+            );
+            let report = fixtures::run(&chain, &cases, whole);
+            print!("{}", report.render());
+            Ok(Local::Done(i32::from(report.failed() > 0)))
+        }
+        PolicyCommand::Eval {
+            module,
+            input,
+            chain,
+            slot,
+            trace: with_trace,
+        } => {
+            let chain_file = chain
+                .as_deref()
+                .filter(|c| c.parse::<i64>().is_err())
+                .map(PathBuf::from);
+            if module.is_none() && chain_file.is_none() {
+                if with_trace {
+                    bail!("--trace needs a local evaluation: give a MODULE or a chain file");
+                }
+                return Ok(Local::Remote(PolicyCommand::Eval {
+                    module,
+                    input,
+                    chain,
+                    slot,
+                    trace: with_trace,
+                }));
+            }
+            let engine = Engine::new()?;
+            let (chain, whole) = authoring::local_chain(
+                &engine,
+                chain_file.as_deref(),
+                module.as_deref(),
+                slot.as_deref(),
+            )?;
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let yaml = input.extension().is_some_and(|e| e == "yaml" || e == "yml");
+            let (input_value, proposed) = trace::read_input(&text, yaml)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+            let out = trace::eval(&chain, &input_value, proposed, whole, with_trace);
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(Local::Done(0))
+        }
+        PolicyCommand::Replay {
+            candidate,
+            slot,
+            since,
+            chain,
+            json,
+            fail_on_change,
+        } => {
+            if !heartgate::Database::from(db).is_postgres() && !db.is_file() {
+                bail!(
+                    "no database at {}; pass the service's with --db",
+                    db.display()
+                );
+            }
+            let since_ms = match since {
+                Some(d) => {
+                    let span = heartgate::clock::parse_duration_ms(&d)
+                        .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+                    SystemClock.now_ms().saturating_sub(span)
+                }
+                None => 0,
+            };
+            let engine = Engine::new()?;
+            let candidate = authoring::load_module(&engine, &candidate)?;
+            let chain = chain.map(|f| authoring::read_chain_file(&f)).transpose()?;
+            let store = open_store(db)?;
+            let report = replay::replay(
+                &engine,
+                store.as_ref(),
+                &replay::ReplayOptions {
+                    candidate: &candidate,
+                    slot: &slot,
+                    since_ms,
+                    chain,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", replay::render(&report));
+            }
+            Ok(Local::Done(i32::from(
+                fail_on_change && !report.changed.is_empty(),
+            )))
+        }
+        other => Ok(Local::Remote(other)),
+    }
+}

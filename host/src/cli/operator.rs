@@ -1,0 +1,160 @@
+//! The operator's commands on the database: `workspace`, `token`,
+//! `reconcile`, `db`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use heartgate::model::{Status, WorkspaceKind};
+use heartgate::store::{NewWorkspace, Store};
+use heartgate::{auth, open_store};
+
+use super::args::{DbCommand, ReconcileCommand, TokenCommand, WorkspaceCommand};
+use super::output::print_json;
+
+pub(crate) fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
+    match cmd {
+        WorkspaceCommand::Add {
+            id,
+            kind,
+            name,
+            model_configured,
+            runtime,
+        } => {
+            let kind = WorkspaceKind::parse(&kind).context("kind must be workspace or platform")?;
+            store.add_workspace(
+                &NewWorkspace {
+                    id,
+                    name,
+                    kind,
+                    model_configured,
+                    runtime,
+                },
+                now,
+            )?;
+        }
+        WorkspaceCommand::Explain { id, limit, json } => {
+            if !(1..=heartgate::history::MAX_DECISIONS).contains(&limit) {
+                bail!("--limit must be 1-{}", heartgate::history::MAX_DECISIONS);
+            }
+            let Some(history) = heartgate::history::history(store, &id, limit)? else {
+                bail!("unknown workspace `{id}`");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&history)?);
+            } else {
+                print!("{}", heartgate::history::explain(&history));
+            }
+        }
+        WorkspaceCommand::Show { id } => match store.workspace(&id)? {
+            // What `GET /workspaces/{id}` answers, and what only the
+            // operator sees (conditions, plugins, tokens, register failure).
+            Some(rec) => {
+                let mut shown = serde_json::to_value(&rec)?;
+                if let (Some(all), serde_json::Value::Object(public)) = (
+                    shown.as_object_mut(),
+                    heartgate::admin::workspace_view(&rec),
+                ) {
+                    all.extend(public);
+                }
+                print_json(&shown)?
+            }
+            None => bail!("unknown workspace `{id}`"),
+        },
+        WorkspaceCommand::RotateInboundSecret { id } => {
+            let secret = heartgate::auth::InboundSecret::mint()
+                .map_err(|e| anyhow::anyhow!("minting a secret: {e}"))?;
+            store.rotate_inbound_secret(&id, &secret, now)?;
+            println!(
+                "rotated the platform inbound secret of `{id}`; its runtime receives the new one with its next register or heartbeat"
+            );
+        }
+        WorkspaceCommand::List => {
+            for rec in store.workspaces()? {
+                print_json(&rec)?;
+            }
+        }
+        WorkspaceCommand::DeclarePlugin { id, name, source } => {
+            if name.is_empty() || source.is_empty() {
+                bail!("plugin name and source must be non-empty");
+            }
+            store.declare_plugin(&id, &name, &source, now)?;
+        }
+        WorkspaceCommand::Remove { id } => store.set_status(&id, Status::Removed, now)?,
+    }
+    Ok(())
+}
+
+/// The database named by `--db` or `HEARTGATE_DB`, or the default.
+pub(crate) fn db_or_default(db: Option<PathBuf>) -> PathBuf {
+    db.unwrap_or_else(|| PathBuf::from(DEFAULT_DB))
+}
+
+pub(crate) const DEFAULT_DB: &str = "heartgate.db";
+
+/// `heartgate token ...`.
+pub(crate) fn token(db: &Path, cmd: TokenCommand, now: i64) -> Result<()> {
+    let store = open_store(db)?;
+    match cmd {
+        TokenCommand::Issue { id } => {
+            let token = auth::mint().context("minting a token")?;
+            store.issue_token(&id, &token.stored, now)?;
+            println!("{}", token.plaintext);
+        }
+        TokenCommand::Revoke {
+            id,
+            allow_bootstrap,
+        } => {
+            let n = store.revoke_tokens(&id, now, allow_bootstrap)?;
+            if allow_bootstrap {
+                eprintln!(
+                    "revoked {n} token(s) of `{id}`; its next register without a token mints one"
+                );
+            } else {
+                eprintln!(
+                    "revoked {n} token(s) of `{id}`; it refuses every request until `heartgate token issue {id}`"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `heartgate db ...`.
+pub(crate) fn db(db: &Path, cmd: DbCommand) -> Result<()> {
+    match cmd {
+        DbCommand::Backup { file } => {
+            if heartgate::Database::from(db).is_postgres() {
+                bail!(
+                    "`heartgate db backup` copies a SQLite file; back up a PostgreSQL database with its own tools (pg_dump, or continuous archiving)"
+                );
+            }
+            if !db.is_file() {
+                bail!("no database at {}", db.display());
+            }
+            let store = open_store(db)?;
+            let backup = store
+                .backup(&file)
+                .with_context(|| format!("backing up {} to {}", db.display(), file.display()))?;
+            print_json(&backup)?;
+        }
+    }
+    Ok(())
+}
+
+/// `heartgate reconcile ...`.
+pub(crate) fn reconcile(db: &Path, cmd: ReconcileCommand) -> Result<()> {
+    let store = open_store(db)?;
+    match cmd {
+        ReconcileCommand::List { workspace } => {
+            for run in store.reconcile_runs(workspace.as_deref())? {
+                print_json(&run)?;
+            }
+        }
+        ReconcileCommand::Show { id } => match store.reconcile_run(id)? {
+            Some(run) => println!("{}", serde_json::to_string_pretty(&run)?),
+            None => bail!("no reconcile run {id}"),
+        },
+    }
+    Ok(())
+}
