@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
+#[path = "cli.rs"]
+mod cli;
 mod common;
 
 use std::path::Path;

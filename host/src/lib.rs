@@ -201,6 +201,17 @@ pub fn open_store(db: impl Into<Database>) -> anyhow::Result<Arc<dyn Store>> {
 
 /// [`open_store`] with PostgreSQL options.
 pub fn open_store_with(db: &Database, postgres: &PgOptions) -> anyhow::Result<Arc<dyn Store>> {
+    if let Database::Sqlite(path) = db
+        && !path.exists()
+        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        anyhow::bail!(
+            "cannot create the database {}: there is no directory {}",
+            path.display(),
+            dir.display()
+        );
+    }
     let opened: Result<Arc<dyn Store>, _> = match db {
         Database::Sqlite(path) => SqliteStore::open(path).map(|s| Arc::new(s) as Arc<dyn Store>),
         Database::Postgres(url) => {
@@ -208,6 +219,24 @@ pub fn open_store_with(db: &Database, postgres: &PgOptions) -> anyhow::Result<Ar
         }
     };
     opened.with_context(|| format!("opening the database `{}`", db.describe()))
+}
+
+/// [`open_store`] a database that must exist already (every command but
+/// `serve`, `workspace add` and `db init`): a missing one is not created,
+/// and the error says so without more context.
+pub fn open_existing_store(db: impl Into<Database>) -> anyhow::Result<Arc<dyn Store>> {
+    let db = db.into();
+    let opened: Result<Arc<dyn Store>, _> = match &db {
+        Database::Sqlite(path) => {
+            SqliteStore::open_existing(path).map(|s| Arc::new(s) as Arc<dyn Store>)
+        }
+        Database::Postgres(url) => PgStore::open_existing(url, &PgOptions::default())
+            .map(|s| Arc::new(s) as Arc<dyn Store>),
+    };
+    match opened {
+        Err(e @ store::StoreError::Missing(_)) => Err(e.into()),
+        other => other.with_context(|| format!("opening the database `{}`", db.describe())),
+    }
 }
 
 /// The parts of a running service.

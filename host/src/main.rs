@@ -10,10 +10,10 @@ use anyhow::Result;
 use clap::Parser;
 
 use heartgate::clock::{Clock, SystemClock};
-use heartgate::open_store;
 use heartgate::telemetry;
+use heartgate::{open_existing_store, open_store};
 
-use cli::args::{Cli, Command, ConfigCommand};
+use cli::args::{Cli, Command, ConfigCommand, WorkspaceCommand};
 use cli::author::{Local, local_policy};
 use cli::operator::{db, db_or_default, reconcile, token, workspace};
 use cli::remote::policy;
@@ -44,8 +44,10 @@ fn main() -> std::process::ExitCode {
     telemetry::init(cli.log_format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Its reader has what it wanted (`| head`).
+        Err(e) if e.is::<cli::output::StdoutClosed>() => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::output::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -71,7 +73,14 @@ fn run(cli: Cli) -> Result<()> {
             Local::Remote(command) => policy(&server, command),
         },
         Command::Workspace(cmd) => {
-            let store = open_store(db_or_default(cli.db))?;
+            // Only `add` may create the database: a typo in `--db` is not
+            // a new, empty fleet.
+            let db = db_or_default(cli.db);
+            let store = if matches!(cmd, WorkspaceCommand::Add { .. }) {
+                open_store(db)?
+            } else {
+                open_existing_store(db)?
+            };
             workspace(store.as_ref(), cmd, now)
         }
         Command::Token(cmd) => token(&db_or_default(cli.db), cmd, now),

@@ -252,11 +252,30 @@ pub(crate) enum WorkspaceCommand {
     },
     /// Print every workspace, one JSON object a line.
     List,
-    /// Declare a plugin the workspace must have.
+    /// Declare a plugin the workspace must have (or change its source); the
+    /// reconciler delivers it. The source is checked as the deliverer
+    /// reads it.
     DeclarePlugin {
+        /// The workspace.
         id: String,
+        /// The plugin's name: 1-128 of a-z, 0-9, `.`, `_`, `-`.
         name: String,
+        /// Where it comes from: `local://NAME` (a directory of the service's
+        /// `plugins_dir`), `git+https://HOST/REPO.git#tag:TAG` (or `#sha:HEX`;
+        /// also `git+ssh://`, `git+file://`), or `gitea://OWNER/REPO#tag:TAG`.
         source: String,
+        /// Accept a git source that follows a branch (`#main`, or no ref):
+        /// only if the service allows it too (`[deliverer] allow_unpinned`).
+        #[arg(long)]
+        allow_unpinned: bool,
+    },
+    /// Withdraw a declared plugin: the reconciler stops delivering it. The
+    /// copy already in the workspace's config volume stays.
+    UndeclarePlugin {
+        /// The workspace.
+        id: String,
+        /// The plugin's name.
+        name: String,
     },
     /// Mark a workspace removed: heartbeats and registers never change it again.
     Remove { id: String },
@@ -279,6 +298,11 @@ pub(crate) enum TokenCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum DbCommand {
+    /// Create the database (a SQLite file, or Heartgate's schema in an
+    /// empty PostgreSQL database) and migrate it; an existing one is
+    /// migrated to this binary's schema. Every command but `serve`,
+    /// `workspace add` and this one refuses a database that is not there.
+    Init,
     /// Copy the database to FILE (which must not exist), consistent as of one
     /// moment, with SQLite's online backup API: safe while the service runs
     /// and writes. The copy is checked (`PRAGMA quick_check`) before it takes

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use heartgate::clock::{Clock, SystemClock};
-use heartgate::open_store;
+use heartgate::open_existing_store;
 
 use super::args::PolicyCommand;
+use super::output::{out, say};
 
 /// A `policy` subcommand run here, or one for the running service.
 pub(crate) enum Local {
@@ -27,28 +28,28 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
         PolicyCommand::New { name, dir, sdk } => {
             let sdk = sdk.unwrap_or_else(|| PathBuf::from(template::DEFAULT_SDK));
             let files = template::create(&dir, &name, &sdk)?;
-            println!("created policy `{name}` in {}", dir.join(&name).display());
+            say!("created policy `{name}` in {}", dir.join(&name).display())?;
             for f in files {
-                println!("  {}", f.display());
+                say!("  {}", f.display())?;
             }
-            println!(
+            say!(
                 "next: cd {} && cargo test && heartgate policy build && heartgate policy test {name}.wasm",
                 dir.join(&name).display()
-            );
+            )?;
             Ok(Local::Done(0))
         }
         PolicyCommand::Build { dir, out } => {
             let engine = Engine::new()?;
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
             let built = compile::build(&engine, &dir, out.as_deref())?;
-            println!(
+            say!(
                 "built {} {} -> {} ({} bytes, sha256:{})",
                 built.metadata.name,
                 built.metadata.version,
                 built.path.display(),
                 built.bytes,
                 built.digest
-            );
+            )?;
             Ok(Local::Done(0))
         }
         PolicyCommand::Test {
@@ -73,15 +74,15 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
                     format!("{} {}", m.name, m.version)
                 })
                 .collect();
-            println!(
+            say!(
                 "\nrunning {} fixture{} from {} against {}\n",
                 cases.len(),
                 if cases.len() == 1 { "" } else { "s" },
                 dir.display(),
                 what.join(" -> ")
-            );
+            )?;
             let report = fixtures::run(&chain, &cases, whole);
-            print!("{}", report.render());
+            out(&report.render())?;
             Ok(Local::Done(i32::from(report.failed() > 0)))
         }
         PolicyCommand::Eval {
@@ -120,7 +121,7 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
             let (input_value, proposed) = trace::read_input(&text, yaml)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
             let out = trace::eval(&chain, &input_value, proposed, whole, with_trace);
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            say!("{}", serde_json::to_string_pretty(&out)?)?;
             Ok(Local::Done(0))
         }
         PolicyCommand::Replay {
@@ -131,12 +132,6 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
             json,
             fail_on_change,
         } => {
-            if !heartgate::Database::from(db).is_postgres() && !db.is_file() {
-                bail!(
-                    "no database at {}; pass the service's with --db",
-                    db.display()
-                );
-            }
             let since_ms = match since {
                 Some(d) => {
                     let span = heartgate::clock::parse_duration_ms(&d)
@@ -148,7 +143,8 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
             let engine = Engine::new()?;
             let candidate = authoring::load_module(&engine, &candidate)?;
             let chain = chain.map(|f| authoring::read_chain_file(&f)).transpose()?;
-            let store = open_store(db)?;
+            let store = open_existing_store(db)
+                .context("replay reads the service's database: pass it with --db")?;
             let report = replay::replay(
                 &engine,
                 store.as_ref(),
@@ -160,9 +156,9 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
                 },
             )?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                say!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                print!("{}", replay::render(&report));
+                out(&replay::render(&report))?;
             }
             Ok(Local::Done(i32::from(
                 fail_on_change && !report.changed.is_empty(),

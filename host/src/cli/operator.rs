@@ -7,10 +7,10 @@ use anyhow::{Context, Result, bail};
 
 use heartgate::model::{Status, WorkspaceKind};
 use heartgate::store::{NewWorkspace, Store};
-use heartgate::{auth, open_store};
+use heartgate::{auth, open_existing_store, open_store};
 
 use super::args::{DbCommand, ReconcileCommand, TokenCommand, WorkspaceCommand};
-use super::output::print_json;
+use super::output::{out, print_json, say};
 
 pub(crate) fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> Result<()> {
     match cmd {
@@ -41,9 +41,9 @@ pub(crate) fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> R
                 bail!("unknown workspace `{id}`");
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&history)?);
+                say!("{}", serde_json::to_string_pretty(&history)?)?;
             } else {
-                print!("{}", heartgate::history::explain(&history));
+                out(&heartgate::history::explain(&history))?;
             }
         }
         WorkspaceCommand::Show { id } => match store.workspace(&id)? {
@@ -65,20 +65,41 @@ pub(crate) fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> R
             let secret = heartgate::auth::InboundSecret::mint()
                 .map_err(|e| anyhow::anyhow!("minting a secret: {e}"))?;
             store.rotate_inbound_secret(&id, &secret, now)?;
-            println!(
+            say!(
                 "rotated the platform inbound secret of `{id}`; its runtime receives the new one with its next register or heartbeat"
-            );
+            )?;
         }
         WorkspaceCommand::List => {
             for rec in store.workspaces()? {
                 print_json(&rec)?;
             }
         }
-        WorkspaceCommand::DeclarePlugin { id, name, source } => {
-            if name.is_empty() || source.is_empty() {
-                bail!("plugin name and source must be non-empty");
+        WorkspaceCommand::DeclarePlugin {
+            id,
+            name,
+            source,
+            allow_unpinned,
+        } => {
+            use heartgate::deliverer::source::{self, SourceError};
+            source::check_name(&name)?;
+            match source::parse(&source, allow_unpinned) {
+                Ok(_) => {}
+                Err(e @ SourceError::Unpinned(_)) => bail!(
+                    "{e} (`--allow-unpinned` declares it anyway, for a service with `[deliverer] allow_unpinned = true`)"
+                ),
+                Err(e) => return Err(e.into()),
             }
             store.declare_plugin(&id, &name, &source, now)?;
+            say!("declared plugin `{name}` of `{id}` from {source}")?;
+        }
+        WorkspaceCommand::UndeclarePlugin { id, name } => {
+            if store.undeclare_plugin(&id, &name)? {
+                say!(
+                    "withdrew plugin `{name}` of `{id}`; the copy already delivered stays in its config volume"
+                )?;
+            } else {
+                bail!("workspace `{id}` declares no plugin `{name}`");
+            }
         }
         WorkspaceCommand::Remove { id } => store.set_status(&id, Status::Removed, now)?,
     }
@@ -94,12 +115,12 @@ pub(crate) const DEFAULT_DB: &str = "heartgate.db";
 
 /// `heartgate token ...`.
 pub(crate) fn token(db: &Path, cmd: TokenCommand, now: i64) -> Result<()> {
-    let store = open_store(db)?;
+    let store = open_existing_store(db)?;
     match cmd {
         TokenCommand::Issue { id } => {
             let token = auth::mint().context("minting a token")?;
             store.issue_token(&id, &token.stored, now)?;
-            println!("{}", token.plaintext);
+            say!("{}", token.plaintext)?;
         }
         TokenCommand::Revoke {
             id,
@@ -123,16 +144,23 @@ pub(crate) fn token(db: &Path, cmd: TokenCommand, now: i64) -> Result<()> {
 /// `heartgate db ...`.
 pub(crate) fn db(db: &Path, cmd: DbCommand) -> Result<()> {
     match cmd {
+        DbCommand::Init => {
+            let created = !heartgate::Database::from(db).is_postgres() && !db.exists();
+            open_store(db)?;
+            let shown = heartgate::Database::from(db).describe();
+            if created {
+                say!("created the database {shown}")?;
+            } else {
+                say!("the database {shown} is ready (migrated to this binary's schema)")?;
+            }
+        }
         DbCommand::Backup { file } => {
             if heartgate::Database::from(db).is_postgres() {
                 bail!(
                     "`heartgate db backup` copies a SQLite file; back up a PostgreSQL database with its own tools (pg_dump, or continuous archiving)"
                 );
             }
-            if !db.is_file() {
-                bail!("no database at {}", db.display());
-            }
-            let store = open_store(db)?;
+            let store = open_existing_store(db)?;
             let backup = store
                 .backup(&file)
                 .with_context(|| format!("backing up {} to {}", db.display(), file.display()))?;
@@ -144,7 +172,7 @@ pub(crate) fn db(db: &Path, cmd: DbCommand) -> Result<()> {
 
 /// `heartgate reconcile ...`.
 pub(crate) fn reconcile(db: &Path, cmd: ReconcileCommand) -> Result<()> {
-    let store = open_store(db)?;
+    let store = open_existing_store(db)?;
     match cmd {
         ReconcileCommand::List { workspace } => {
             for run in store.reconcile_runs(workspace.as_deref())? {
@@ -152,7 +180,7 @@ pub(crate) fn reconcile(db: &Path, cmd: ReconcileCommand) -> Result<()> {
             }
         }
         ReconcileCommand::Show { id } => match store.reconcile_run(id)? {
-            Some(run) => println!("{}", serde_json::to_string_pretty(&run)?),
+            Some(run) => say!("{}", serde_json::to_string_pretty(&run)?)?,
             None => bail!("no reconcile run {id}"),
         },
     }

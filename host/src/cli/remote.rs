@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, bail};
 
 use super::args::PolicyCommand;
+use super::output::say;
 
 /// One admin API call; prints nothing, returns the JSON answer or the error.
 pub(crate) async fn admin_call(
@@ -156,7 +157,7 @@ pub(crate) fn policy(server: &str, command: PolicyCommand) -> Result<()> {
                 bail!("internal: a local command reached the admin API")
             }
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        say!("{}", serde_json::to_string_pretty(&out)?)?;
         Ok(())
     })
 }

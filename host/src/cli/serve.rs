@@ -9,6 +9,7 @@ use heartgate::ServiceOptions;
 use heartgate::config::ConfigFile;
 
 use super::operator::DEFAULT_DB;
+use super::output::say;
 
 /// The directory relative paths of the config file `path` are taken from.
 pub(crate) fn config_base(path: &Path) -> PathBuf {
@@ -27,7 +28,7 @@ pub(crate) fn config_check(path: &Path) -> Result<()> {
         heartgate::chain::Chain::from_spec(&engine, spec, &base, &|_| None)
             .map_err(|e| anyhow::anyhow!("`{}`: chain: {e}", path.display()))?;
     }
-    println!("ok: {}", path.display());
+    say!("ok: {}", path.display())?;
     Ok(())
 }
 
@@ -70,7 +71,7 @@ pub(crate) fn serve(
             .await
             .with_context(|| format!("binding {addr}"))?;
         // One line on stdout saying where to connect (port 0 picks a free one).
-        println!("heartgate listening on http://{}", listener.local_addr()?);
+        say!("heartgate listening on http://{}", listener.local_addr()?)?;
         heartgate::run(listener, opts, shutdown).await
     });
     // `run` has answered the in-flight requests and stopped the reconcile

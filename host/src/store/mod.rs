@@ -92,6 +92,9 @@ pub enum StoreError {
     /// Something still uses what was to be deleted.
     #[error("{0}")]
     InUse(String),
+    /// The database a command needs is not there (nothing was created).
+    #[error("{0}")]
+    Missing(String),
 }
 
 impl StoreError {
@@ -377,6 +380,21 @@ pub(crate) fn refuse_privileged(
     if plugin == MANAGEMENT_PLUGIN && kind != WorkspaceKind::Platform {
         return Err(StoreError::Refused(format!(
             "refusing to {what} privileged plugin `{plugin}` on non-platform workspace `{workspace_id}`"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse to withdraw the management plugin of a platform workspace (see
+/// [`Store::undeclare_plugin`]), whichever store is asked.
+pub(crate) fn refuse_undeclare(
+    plugin: &str,
+    kind: WorkspaceKind,
+    workspace_id: &str,
+) -> Result<(), StoreError> {
+    if plugin == MANAGEMENT_PLUGIN && kind == WorkspaceKind::Platform {
+        return Err(StoreError::Refused(format!(
+            "refusing to undeclare `{plugin}` of platform workspace `{workspace_id}`: without it the workspace fails closed and nothing can recover it; declare it again with another source instead"
         )));
     }
     Ok(())
@@ -716,6 +734,12 @@ pub trait Store: Send + Sync + 'static {
         source: &str,
         now_ms: i64,
     ) -> Result<(), StoreError>;
+    /// Withdraw a declared plugin: the reconciler stops delivering it (the
+    /// copy already delivered stays where it is). Whether it was declared.
+    /// The management plugin of a platform workspace cannot be withdrawn:
+    /// without it the workspace fails closed with nothing to recover it
+    /// (declare it again with another source instead).
+    fn undeclare_plugin(&self, id: &str, name: &str) -> Result<bool, StoreError>;
     /// Store a new token's hash.
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
     /// Revoke every live token of a workspace; returns how many. The

@@ -266,6 +266,8 @@ store_suite! {
         store_suite_postgres_operators_read_what_was_written;
     schema_too_new: store_suite_sqlite_a_schema_newer_than_the_binary_is_refused,
         store_suite_postgres_a_schema_newer_than_the_binary_is_refused;
+    undeclare: store_suite_sqlite_an_undeclared_plugin_is_gone_from_the_next_snapshot,
+        store_suite_postgres_an_undeclared_plugin_is_gone_from_the_next_snapshot;
 }
 
 fn version_bumps(backend: Backend) {
@@ -358,6 +360,32 @@ fn cache_is_never_stale(backend: Backend) {
     let seen = f.store.load("ws", Read::Cached).unwrap().unwrap();
     assert_eq!(seen.workspace.declared_plugins, ["p"]);
     assert!(seen.workspace.model_configured);
+}
+
+fn undeclare(backend: Backend) {
+    let f = Fixture::with(backend, "ws");
+    f.store.declare_plugin("ws", "p", "local://p", 2).unwrap();
+    f.store
+        .declare_plugin("ws", MANAGEMENT_PLUGIN, "local://mcp", 2)
+        .unwrap();
+    let cached = f.store.load("ws", Read::Cached).unwrap().unwrap();
+    assert_eq!(cached.workspace.declared_plugins.len(), 2);
+    // Withdrawn by another process: the next cached read sees it.
+    assert!(f.other().undeclare_plugin("ws", "p").unwrap());
+    let seen = f.store.load("ws", Read::Cached).unwrap().unwrap();
+    assert_eq!(seen.workspace.declared_plugins, [MANAGEMENT_PLUGIN]);
+    assert_ne!(seen.version, cached.version);
+    assert!(!f.store.undeclare_plugin("ws", "p").unwrap());
+    // The platform workspace's management plugin stays.
+    let refused = f.store.undeclare_plugin("ws", MANAGEMENT_PLUGIN);
+    assert!(
+        matches!(refused, Err(StoreError::Refused(_))),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        f.store.undeclare_plugin("nobody", "p"),
+        Err(StoreError::UnknownWorkspace(_))
+    ));
 }
 
 fn bootstrap_closes(backend: Backend) {

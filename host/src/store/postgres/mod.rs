@@ -211,6 +211,16 @@ impl PgStore {
     /// it. Fails if the database cannot be reached or its schema is newer
     /// than this binary's.
     pub fn open(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
+        PgStore::open_with(url, options, true)
+    }
+
+    /// [`PgStore::open`] a database Heartgate has used already: one without
+    /// its schema is [`StoreError::Missing`], and no schema is created in it.
+    pub fn open_existing(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
+        PgStore::open_with(url, options, false)
+    }
+
+    fn open_with(url: &str, options: &PgOptions, create: bool) -> Result<PgStore, StoreError> {
         let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
             StoreError::Refused(format!("`{}` is not a PostgreSQL URL: {e}", redacted(url)))
         })?;
@@ -273,10 +283,18 @@ impl PgStore {
         };
         // Migrate on a connection of its own (the advisory lock is the
         // session's), then let go of it.
+        let shown = url.to_owned();
         store.run(async move {
             let (mut client, connection) = config.connect(NoTls).await?;
             let driver = tokio::spawn(connection);
-            let migrated = schema::migrate(&mut client).await;
+            let migrated = if create || schema::exists(&client).await? {
+                schema::migrate(&mut client).await
+            } else {
+                Err(StoreError::Missing(format!(
+                    "no Heartgate database at {}: its schema is not there (`heartgate db init` or `heartgate serve` creates it)",
+                    redacted(&shown)
+                )))
+            };
             drop(client);
             let _ = driver.await;
             migrated
@@ -1045,6 +1063,23 @@ impl Store for PgStore {
             .await?;
             tx.commit().await?;
             Ok(())
+        })
+    }
+
+    fn undeclare_plugin(&self, id: &str, name: &str) -> Result<bool, StoreError> {
+        let (id_owned, name) = (id.to_string(), name.to_string());
+        self.write_workspace(id, move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            let kind = lock_workspace(&tx, &id_owned).await?;
+            refuse_undeclare(&name, kind, &id_owned)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM declared_plugins WHERE workspace_id = $1 AND plugin_name = $2",
+                    &[&id_owned, &name],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n > 0)
         })
     }
 

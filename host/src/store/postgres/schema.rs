@@ -290,6 +290,14 @@ CREATE TRIGGER auth_tokens_close_bootstrap AFTER INSERT ON auth_tokens
 
 /// Run the migrations this binary has and the database lacks, under the
 /// migration lock; refuse a schema newer than this binary knows.
+/// Whether Heartgate's schema is in the database (it was migrated once).
+pub(super) async fn exists(client: &tokio_postgres::Client) -> Result<bool, StoreError> {
+    Ok(client
+        .query_one("SELECT to_regclass('heartgate_schema') IS NOT NULL", &[])
+        .await?
+        .get(0))
+}
+
 pub(super) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
     let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     // A session lock, released below (or when the connection drops): the

@@ -86,6 +86,38 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 }
 
 impl SqliteStore {
+    /// [`SqliteStore::open`] a database that must exist already: no file
+    /// at `path`, or a file that is not a Heartgate database, is
+    /// [`StoreError::Missing`], and nothing is created or changed.
+    pub fn open_existing(path: &Path) -> Result<SqliteStore, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(format!(
+                "no database at {}",
+                path.display()
+            )));
+        }
+        let not_ours = |why: String| {
+            StoreError::Missing(format!(
+                "{} is not a Heartgate database ({why})",
+                path.display()
+            ))
+        };
+        // Without SQLITE_OPEN_CREATE: nothing is made if the file goes.
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| not_ours(e.to_string()))?;
+        if version == 0 {
+            return Err(not_ours("no Heartgate schema in it".into()));
+        }
+        drop(conn);
+        SqliteStore::open(path)
+    }
+
     /// Open (creating if needed) the database at `path` and migrate it.
     ///
     /// Two processes may open a fresh file at once (the service starting
@@ -649,6 +681,19 @@ impl Store for SqliteStore {
             )?;
             tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn undeclare_plugin(&self, id: &str, name: &str) -> Result<bool, StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            refuse_undeclare(name, require_workspace(&tx, id)?, id)?;
+            let n = tx.execute(
+                "DELETE FROM declared_plugins WHERE workspace_id = ?1 AND plugin_name = ?2",
+                params![id, name],
+            )?;
+            tx.commit()?;
+            Ok(n > 0)
         })
     }
 
