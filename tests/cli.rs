@@ -325,3 +325,167 @@ async fn no_command_panics_on_a_closed_pipe() {
         with_closed_stdout(cmd, &args.join(" "));
     }
 }
+
+/// `heartgate policy ...` against `server` as `operator`.
+fn policy(db: &Path, server: &str, admin: &str, operator: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(binary::heartgate());
+    cmd.arg("--db")
+        .arg(db)
+        .arg("policy")
+        .args(args)
+        .args(["--server", server])
+        .env("HEARTGATE_ADMIN_TOKEN", admin)
+        .env_remove("HEARTGATE_OPERATOR")
+        .stdin(Stdio::null());
+    if let Some(name) = operator {
+        cmd.args(["--as", name]);
+    }
+    cmd.output().unwrap()
+}
+
+/// Its stdout as JSON, asserting it succeeded.
+fn json_of(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", stderr(out));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_walks_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    cli(&db, &["db", "init"]);
+    let admin = "history-admin-token";
+    let config = dir.path().join("heartgate.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut serve = Command::new(binary::heartgate());
+    serve
+        .arg("--db")
+        .arg(&db)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("HEARTGATE_ADMIN_TOKEN", admin);
+    let service = Serve::spawn(serve, &dir.path().join("serve.log"));
+    service.wait_healthy().await;
+    let url = service.url();
+    let run = |operator: Option<&str>, args: &[&str]| policy(&db, &url, admin, operator, args);
+    let slots = |chain: &serde_json::Value| -> Vec<String> {
+        let spec: serde_json::Value = match &chain["spec"] {
+            serde_json::Value::String(s) => serde_json::from_str(s).unwrap(),
+            other => other.clone(),
+        };
+        spec["slot"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let active = || json_of(&run(None, &["list"]));
+    let startup = slots(&active());
+    assert!(startup.contains(&"liveness".to_string()), "{startup:?}");
+
+    // A slot removed without a stage file, by a named operator.
+    let out = run(Some("alice"), &["remove-slot", "nonesuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no slot `nonesuch`; its slots: gate"),
+        "{}",
+        stderr(&out)
+    );
+    let a = json_of(&run(
+        Some("alice"),
+        &["remove-slot", "liveness", "--activate"],
+    ));
+    assert_eq!(a["activated_by"], "alice", "{a}");
+    assert!(!slots(&a).contains(&"liveness".to_string()));
+    let b = json_of(&run(
+        Some("bob"),
+        &["remove-slot", "cooldown", "--activate"],
+    ));
+    assert_eq!(b["activated_by"], "bob");
+    let (a_id, b_id) = (a["id"].as_i64().unwrap(), b["id"].as_i64().unwrap());
+
+    // Rollbacks walk back: b -> a -> the chain it started with -> nothing.
+    let back = json_of(&run(Some("carol"), &["rollback"]));
+    assert_eq!(back["id"].as_i64(), Some(a_id), "{back}");
+    assert_eq!(back["activated_by"], "carol");
+    assert_eq!(slots(&active()), slots(&a));
+    let back = json_of(&run(Some("carol"), &["rollback"]));
+    assert_eq!(
+        slots(&back),
+        startup,
+        "a second rollback goes further back, not to b"
+    );
+    let startup_id = back["id"].as_i64().unwrap();
+    let out = run(Some("carol"), &["rollback"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("nothing to roll back to"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(slots(&active()), startup);
+
+    // A chain of the history is re-activated by id; its rollback returns
+    // to where it was activated from.
+    let again = json_of(&run(Some("dave"), &["activate", &b_id.to_string()]));
+    assert_eq!(again["activated_by"], "dave");
+    assert_eq!(slots(&active()), slots(&b));
+    let back = json_of(&run(None, &["rollback"]));
+    assert_eq!(back["id"].as_i64(), Some(startup_id));
+    // Without --as: the login name, never a made-up `cli`.
+    let me = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default();
+    if !me.is_empty() {
+        assert_eq!(back["activated_by"], me.as_str());
+    }
+    assert_ne!(back["activated_by"], "cli");
+
+    // The history: who, when, from which chain, in order.
+    let history = json_of(&run(None, &["history", "--json"]));
+    let seen: Vec<(String, i64, Option<i64>, String)> = history["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["kind"].as_str().unwrap().to_string(),
+                a["chain_id"].as_i64().unwrap(),
+                a["from_chain"].as_i64(),
+                a["by"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let by_default = back["activated_by"].as_str().unwrap().to_string();
+    assert_eq!(
+        seen,
+        [
+            ("rollback".to_string(), startup_id, Some(b_id), by_default),
+            ("activate".into(), b_id, Some(startup_id), "dave".into()),
+            ("rollback".into(), startup_id, Some(a_id), "carol".into()),
+            ("rollback".into(), a_id, Some(b_id), "carol".into()),
+            ("activate".into(), b_id, Some(a_id), "bob".into()),
+            ("activate".into(), a_id, Some(startup_id), "alice".into()),
+            ("activate".into(), startup_id, None, "startup".into()),
+        ]
+    );
+    assert_eq!(history["chains"].as_array().unwrap().len(), 3);
+    let text = String::from_utf8(run(None, &["history"]).stdout).unwrap();
+    assert!(text.starts_with("activations, newest first:"), "{text}");
+    assert!(
+        text.contains("rollback")
+            && text.contains("dave")
+            && text.contains("chains, newest first:"),
+        "{text}"
+    );
+    // A bad limit is refused by the service.
+    let out = run(None, &["history", "--limit", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("limit must be 1-1000"),
+        "{}",
+        stderr(&out)
+    );
+}

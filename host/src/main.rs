@@ -62,15 +62,18 @@ fn run(cli: Cli) -> Result<()> {
             watch,
         } => serve(cli.db, listen, config, watch),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
-        Command::Policy { server, command } => match local_policy(&db_or_default(cli.db), command)?
-        {
+        Command::Policy {
+            server,
+            operator,
+            command,
+        } => match local_policy(&db_or_default(cli.db), command)? {
             Local::Done(code) => {
                 if code != 0 {
                     std::process::exit(code);
                 }
                 Ok(())
             }
-            Local::Remote(command) => policy(&server, command),
+            Local::Remote(command) => policy(&server, operator, command),
         },
         Command::Workspace(cmd) => {
             // Only `add` may create the database: a typo in `--db` is not

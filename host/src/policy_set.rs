@@ -41,7 +41,9 @@ pub enum PolicySetError {
     Validation(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("there is no previous chain to roll back to")]
+    #[error(
+        "there is nothing to roll back to: the first activation of the history is the active one"
+    )]
     NoPrevious,
     /// The module store is full.
     #[error("{0}")]
@@ -62,6 +64,13 @@ pub struct SlotFixtures {
 }
 
 /// A stored module, as the API shows it.
+/// `GET /admin/chains`: the stored chains and the activation history.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChainHistory {
+    pub chains: Vec<StoredChain>,
+    pub activations: Vec<crate::store::Activation>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ModuleView {
     pub digest: String,
@@ -521,13 +530,42 @@ impl PolicySet {
         self.activate(staged.id, by)
     }
 
-    /// Go back to the chain that was active before the current one.
+    /// Go back one step in the activation history (a second rollback goes
+    /// one step further back, never forward again).
     pub fn rollback(&self, by: &str) -> Result<StoredChain, PolicySetError> {
-        let previous = self
+        let Some(last) = self.store.activations(1)?.pop() else {
+            return Err(PolicySetError::NoPrevious);
+        };
+        let Some(target) = last.back_to else {
+            return Err(PolicySetError::NoPrevious);
+        };
+        // Compile it before the store moves: a chain that no longer loads
+        // (a module pruned by hand) is refused with nothing changed.
+        let target = self
             .store
-            .previous_chain()?
+            .activation(target)?
             .ok_or(PolicySetError::NoPrevious)?;
-        self.activate(previous.id, by)
+        let chain = self.load_chain(target.chain_id)?;
+        let rolled = self
+            .store
+            .rollback_chain(by, self.clock.now_ms())?
+            .ok_or(PolicySetError::NoPrevious)?;
+        if rolled.id == target.chain_id {
+            self.serve(chain, &rolled, by);
+        } else {
+            // Another host moved the history meanwhile: serve what it is now.
+            let chain = self.load_chain(rolled.id)?;
+            self.serve(chain, &rolled, by);
+        }
+        Ok(rolled)
+    }
+
+    /// The stored chains and the activation history, newest first.
+    pub fn history(&self, limit: usize) -> Result<ChainHistory, PolicySetError> {
+        Ok(ChainHistory {
+            chains: self.store.chains(limit)?,
+            activations: self.store.activations(limit)?,
+        })
     }
 
     /// The first activation also stores the chain the service started with,

@@ -81,6 +81,16 @@ pub(crate) enum Command {
             default_value = "http://127.0.0.1:8080"
         )]
         server: String,
+        /// Who you are, recorded with every change you make through the
+        /// admin API (activations, rollbacks, pushes, shadow) [default:
+        /// `$USER`, or `$LOGNAME`, or `uid N`].
+        #[arg(
+            long = "as",
+            global = true,
+            env = "HEARTGATE_OPERATOR",
+            value_name = "NAME"
+        )]
+        operator: Option<String>,
         #[command(subcommand)]
         command: PolicyCommand,
     },
@@ -175,8 +185,28 @@ pub(crate) enum PolicyCommand {
     Prune,
     /// Activate a staged chain.
     Activate { id: i64 },
-    /// Go back to the chain active before the current one.
+    /// Go back one step in the activation history: to the chain active
+    /// before the current one was activated; a second rollback goes one
+    /// step further back (never forward again: re-activate a chain by id).
     Rollback,
+    /// List the stored chains and the activation history (who activated or
+    /// rolled back which chain, when, from which), newest first.
+    History {
+        /// How many chains and activations (1-1000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// The answer of `GET /admin/chains` as one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stage the active chain without slot SLOT (and `--activate` it).
+    RemoveSlot {
+        /// The slot to remove.
+        slot: String,
+        /// Activate the staged chain at once.
+        #[arg(long)]
+        activate: bool,
+    },
     /// Evaluate an input (JSON file, or a fixture) without effects: with
     /// MODULE or a chain file, locally; otherwise by the running service.
     Eval {

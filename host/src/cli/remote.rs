@@ -4,12 +4,13 @@
 use anyhow::{Context, Result, bail};
 
 use super::args::PolicyCommand;
-use super::output::say;
+use super::output::{out, say};
 
 /// One admin API call; prints nothing, returns the JSON answer or the error.
 pub(crate) async fn admin_call(
     client: &heartgate::deliverer::HttpClient,
     server: &str,
+    operator: &str,
     method: &str,
     path: &str,
     body: Vec<u8>,
@@ -21,10 +22,7 @@ pub(crate) async fn admin_call(
         .method(method)
         .uri(format!("{}{path}", server.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
-        .header(
-            "x-heartgate-operator",
-            std::env::var("USER").unwrap_or_else(|_| "cli".into()),
-        )
+        .header("x-heartgate-operator", operator)
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
     let resp = client
         .request(req)
@@ -43,7 +41,21 @@ pub(crate) async fn admin_call(
     Ok(value)
 }
 
-pub(crate) fn policy(server: &str, command: PolicyCommand) -> Result<()> {
+/// Who is acting: `--as`/`HEARTGATE_OPERATOR`, else the login name, else
+/// the user id. Never a made-up name: the record says who did it.
+fn operator_name(given: Option<String>) -> String {
+    given
+        .filter(|n| !n.trim().is_empty())
+        .or_else(|| std::env::var("USER").ok().filter(|n| !n.is_empty()))
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| format!("uid {}", rustix::process::getuid().as_raw()))
+}
+
+pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyCommand) -> Result<()> {
+    let operator = operator_name(operator);
+    if operator.chars().any(char::is_control) || operator.len() > 64 {
+        bail!("--as: a name of at most 64 characters, without control characters");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -51,7 +63,8 @@ pub(crate) fn policy(server: &str, command: PolicyCommand) -> Result<()> {
         let client = heartgate::deliverer::http_client();
         let call = |method: &'static str, path: String, body: Vec<u8>| {
             let client = client.clone();
-            async move { admin_call(&client, server, method, &path, body).await }
+            let operator = operator.clone();
+            async move { admin_call(&client, server, &operator, method, &path, body).await }
         };
         let out = match command {
             PolicyCommand::List => call("GET", "/admin/chain".into(), Vec::new()).await?,
@@ -129,6 +142,38 @@ pub(crate) fn policy(server: &str, command: PolicyCommand) -> Result<()> {
             PolicyCommand::Rollback => {
                 call("POST", "/admin/chains/rollback".into(), Vec::new()).await?
             }
+            PolicyCommand::History { limit, json } => {
+                let history = call("GET", format!("/admin/chains?limit={limit}"), Vec::new()).await?;
+                if json {
+                    history
+                } else {
+                    return out(&render_history(&history));
+                }
+            }
+            PolicyCommand::RemoveSlot { slot, activate } => {
+                let active = call("GET", "/admin/chain".into(), Vec::new()).await?;
+                let mut spec = active["spec"].clone();
+                let slots = spec["slot"]
+                    .as_array_mut()
+                    .context("the service returned no chain spec")?;
+                let before = slots.len();
+                slots.retain(|s| s["name"] != slot.as_str());
+                if slots.len() == before {
+                    let names: Vec<&str> = slots.iter().filter_map(|s| s["name"].as_str()).collect();
+                    bail!(
+                        "the active chain has no slot `{slot}`; its slots: {}",
+                        names.join(", ")
+                    );
+                }
+                let staged =
+                    call("POST", "/admin/chains".into(), serde_json::to_vec(&spec)?).await?;
+                if activate {
+                    let id = staged["id"].as_i64().context("no chain id")?;
+                    call("POST", format!("/admin/chains/{id}/activate"), Vec::new()).await?
+                } else {
+                    staged
+                }
+            }
             PolicyCommand::Eval { input, chain, .. } => {
                 let chain: Option<i64> = chain
                     .map(|c| c.parse())
@@ -160,4 +205,63 @@ pub(crate) fn policy(server: &str, command: PolicyCommand) -> Result<()> {
         say!("{}", serde_json::to_string_pretty(&out)?)?;
         Ok(())
     })
+}
+
+/// `policy history` as text: the activations, then the chains.
+fn render_history(history: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let at = |v: &serde_json::Value| {
+        v.as_i64()
+            .map(heartgate::clock::rfc3339)
+            .unwrap_or_else(|| "-".into())
+    };
+    let id = |v: &serde_json::Value| v.as_i64().map_or_else(|| "-".into(), |n| n.to_string());
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
+    let activations = history["activations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let _ = writeln!(out, "activations, newest first:");
+    if activations.is_empty() {
+        let _ = writeln!(out, "  none (the service runs the chain it started with)");
+    } else {
+        let _ = writeln!(
+            out,
+            "  {:>6}  {:<8}  {:>5}  {:>5}  {:<24}  BY",
+            "#", "KIND", "CHAIN", "FROM", "AT"
+        );
+    }
+    for a in &activations {
+        let _ = writeln!(
+            out,
+            "  {:>6}  {:<8}  {:>5}  {:>5}  {:<24}  {}",
+            id(&a["id"]),
+            text(&a["kind"]),
+            id(&a["chain_id"]),
+            id(&a["from_chain"]),
+            at(&a["at_ms"]),
+            text(&a["by"]),
+        );
+    }
+    let chains = history["chains"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "\nchains, newest first:");
+    let _ = writeln!(
+        out,
+        "  {:>5}  {:<7}  {:<16}  {:<24}  CREATED BY",
+        "CHAIN", "STATE", "VERSION", "CREATED"
+    );
+    for c in &chains {
+        let version = text(&c["version"]);
+        let _ = writeln!(
+            out,
+            "  {:>5}  {:<7}  {:<16}  {:<24}  {}",
+            id(&c["id"]),
+            text(&c["state"]),
+            version.chars().take(16).collect::<String>(),
+            at(&c["created_ms"]),
+            text(&c["created_by"]),
+        );
+    }
+    out
 }

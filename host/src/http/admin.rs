@@ -85,6 +85,23 @@ pub(super) async fn admin(
             let view = blocking(&app, move || admin.policies().active()).await??;
             serde_json::to_value(view).unwrap_or_default()
         }
+        ["chains"] => {
+            let limit = match query.split('&').find_map(|kv| kv.strip_prefix("limit=")) {
+                None => 50,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_HISTORY).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!("limit must be 1-{MAX_HISTORY}"),
+                        )
+                    })?,
+            };
+            let history = blocking(&app, move || admin.policies().history(limit)).await??;
+            serde_json::to_value(history).unwrap_or_default()
+        }
         ["shadow"] => serde_json::to_value(admin.policies().shadow_report()).unwrap_or_default(),
         ["workspaces", id, "history"] => {
             let limit = match query.split('&').find_map(|kv| kv.strip_prefix("limit=")) {
@@ -163,6 +180,9 @@ struct EvalBody {
     #[serde(default)]
     chain: Option<i64>,
 }
+
+/// The most chains and activations `GET /admin/chains` answers at once.
+const MAX_HISTORY: usize = 1000;
 
 /// Who is acting, for the record: the `X-Heartgate-Operator` header, else `admin`.
 fn operator(req: &Request<Incoming>) -> String {

@@ -603,6 +603,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/modules"),
     ("POST", "/admin/modules/prune"),
     ("DELETE", "/admin/modules/{id}"),
+    ("GET", "/admin/chains"),
     ("POST", "/admin/chains"),
     ("POST", "/admin/chains/rollback"),
     ("POST", "/admin/chains/{id}/activate"),

@@ -604,6 +604,45 @@ pub struct StoredChain {
     pub activation: Option<i64>,
 }
 
+/// One activation of a chain (or a rollback to one), in the order they
+/// happened on every host of the database.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Activation {
+    /// Its number: the order of activations, across hosts (the chain's
+    /// [`StoredChain::activation`] while it is the last).
+    pub id: i64,
+    pub chain_id: i64,
+    /// The chain's content version.
+    pub chain_version: String,
+    pub at_ms: i64,
+    pub by: String,
+    /// `activate` or `rollback`.
+    pub kind: String,
+    /// The chain that was active before it, if one was.
+    pub from_chain: Option<i64>,
+    /// The activation a rollback from this one returns to: the one before
+    /// it for an activation, and for a rollback the one before the
+    /// activation it returned to, so that rollbacks walk back through the
+    /// history instead of toggling between two chains.
+    pub back_to: Option<i64>,
+}
+
+/// What a newly stored activation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationKind {
+    Activate,
+    Rollback,
+}
+
+impl ActivationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActivationKind::Activate => "activate",
+            ActivationKind::Rollback => "rollback",
+        }
+    }
+}
+
 /// The store's interface. Blocking; every method is atomic (one transaction,
 /// or for `apply` one savepoint of a transaction shared with other verdicts).
 pub trait Store: Send + Sync + 'static {
@@ -829,14 +868,25 @@ pub trait Store: Send + Sync + 'static {
         by: &str,
         now_ms: i64,
     ) -> Result<StoredChain, StoreError>;
-    /// Make chain `id` the active one; the active one before it is retired.
+    /// Make chain `id` the active one; the active one before it is retired,
+    /// and the activation is recorded (a rollback from it returns to the
+    /// chain active before). Activating the active chain changes nothing.
     fn activate_chain(&self, id: i64, by: &str, now_ms: i64) -> Result<StoredChain, StoreError>;
+    /// Go back one step in the activation history: activate the chain the
+    /// last activation's [`Activation::back_to`] names, recorded as a
+    /// rollback (so that the next rollback goes one step further back).
+    /// `None` if there is nothing to go back to.
+    fn rollback_chain(&self, by: &str, now_ms: i64) -> Result<Option<StoredChain>, StoreError>;
+    /// One activation.
+    fn activation(&self, id: i64) -> Result<Option<Activation>, StoreError>;
+    /// The last `limit` activations and rollbacks, newest first.
+    fn activations(&self, limit: usize) -> Result<Vec<Activation>, StoreError>;
+    /// The last `limit` stored chains, newest first.
+    fn chains(&self, limit: usize) -> Result<Vec<StoredChain>, StoreError>;
     /// The active chain, if one was ever activated.
     fn active_chain(&self) -> Result<Option<StoredChain>, StoreError>;
     /// One chain.
     fn chain(&self, id: i64) -> Result<Option<StoredChain>, StoreError>;
-    /// The chain that was active before the current one.
-    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError>;
     /// The newest stored chain with content version `version`.
     fn chain_by_version(&self, version: &str) -> Result<Option<StoredChain>, StoreError>;
 

@@ -266,6 +266,8 @@ store_suite! {
         store_suite_postgres_operators_read_what_was_written;
     schema_too_new: store_suite_sqlite_a_schema_newer_than_the_binary_is_refused,
         store_suite_postgres_a_schema_newer_than_the_binary_is_refused;
+    rollback_walks_history: store_suite_sqlite_rollbacks_walk_back_through_the_history,
+        store_suite_postgres_rollbacks_walk_back_through_the_history;
     undeclare: store_suite_sqlite_an_undeclared_plugin_is_gone_from_the_next_snapshot,
         store_suite_postgres_an_undeclared_plugin_is_gone_from_the_next_snapshot;
 }
@@ -511,7 +513,6 @@ fn chain_activation(backend: Backend) {
     assert_eq!(active.state, "active");
     assert_eq!(active.activated_by.as_deref(), Some("bob"));
     assert_eq!(store.active_chain().unwrap().unwrap().id, b.id);
-    assert_eq!(store.previous_chain().unwrap().unwrap().id, a.id);
     assert_eq!(store.chain(a.id).unwrap().unwrap().state, "retired");
     assert_eq!(store.chain_by_version("vb").unwrap().unwrap().id, b.id);
     let missing = store.activate_chain(b.id + 100, "t", 5);
@@ -519,6 +520,67 @@ fn chain_activation(backend: Backend) {
         matches!(missing, Err(StoreError::Refused(_))),
         "{missing:?}"
     );
+    // Activating the active chain again records nothing.
+    let again = store.activate_chain(b.id, "carol", 6).unwrap();
+    assert_eq!(again.activation, active.activation);
+    assert_eq!(store.activations(10).unwrap().len(), 2);
+    let chains: Vec<i64> = store.chains(10).unwrap().iter().map(|c| c.id).collect();
+    assert_eq!(chains, [b.id, a.id]);
+}
+
+/// Rollbacks walk back through the history (a, b, c active in turn: back
+/// to b, then to a, then nothing more), on any host; activating anew
+/// after a rollback starts a new branch whose rollback returns to where
+/// it began.
+fn rollback_walks_history(backend: Backend) {
+    let f = Fixture::new(backend);
+    let store = f.store.as_ref();
+    assert!(store.rollback_chain("t", 1).unwrap().is_none());
+    let [a, b, c] =
+        ["va", "vb", "vc"].map(|v| store.stage_chain(v, r#"{"slot":[]}"#, "t", 1).unwrap());
+    store.activate_chain(a.id, "alice", 2).unwrap();
+    assert!(
+        store.rollback_chain("t", 3).unwrap().is_none(),
+        "nothing before the first activation"
+    );
+    store.activate_chain(b.id, "bob", 4).unwrap();
+    store.activate_chain(c.id, "carol", 5).unwrap();
+    let back = store.rollback_chain("dave", 6).unwrap().unwrap();
+    assert_eq!((back.id, back.state.as_str()), (b.id, "active"));
+    // Another host rolls back once more: further back, not to c again.
+    let back = f.other().rollback_chain("erin", 7).unwrap().unwrap();
+    assert_eq!(back.id, a.id);
+    assert!(store.rollback_chain("t", 8).unwrap().is_none());
+    assert_eq!(store.active_chain().unwrap().unwrap().id, a.id);
+    let history = store.activations(10).unwrap();
+    let seen: Vec<(i64, &str, &str, Option<i64>)> = history
+        .iter()
+        .map(|h| (h.chain_id, h.kind.as_str(), h.by.as_str(), h.from_chain))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (a.id, "rollback", "erin", Some(b.id)),
+            (b.id, "rollback", "dave", Some(c.id)),
+            (c.id, "activate", "carol", Some(b.id)),
+            (b.id, "activate", "bob", Some(a.id)),
+            (a.id, "activate", "alice", None),
+        ]
+    );
+    assert!(history.windows(2).all(|w| w[0].id > w[1].id));
+    assert_eq!(history[0].chain_version, "va");
+    assert_eq!(
+        store.active_chain().unwrap().unwrap().activation,
+        Some(history[0].id)
+    );
+    assert_eq!(
+        store.activation(history[1].id).unwrap().as_ref(),
+        Some(&history[1])
+    );
+    // A new activation after rolling back: its rollback returns to a.
+    store.activate_chain(c.id, "frank", 9).unwrap();
+    assert_eq!(store.rollback_chain("t", 10).unwrap().unwrap().id, a.id);
+    assert!(store.rollback_chain("t", 11).unwrap().is_none());
 }
 
 fn deadlines(backend: Backend) {

@@ -37,7 +37,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction,
+};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
@@ -1545,37 +1547,107 @@ impl Store for PgStore {
             // Activations on two hosts at once take turns.
             tx.batch_execute("LOCK TABLE chains IN SHARE ROW EXCLUSIVE MODE")
                 .await?;
-            let exists: bool = tx
-                .query_one("SELECT EXISTS(SELECT 1 FROM chains WHERE id = $1)", &[&id])
+            let Some(chain) = tx
+                .query_opt(&format!("{CHAIN_COLUMNS} WHERE id = $1"), &[&id])
                 .await?
-                .get(0);
-            if !exists {
+                .as_ref()
+                .map(chain_from_row)
+            else {
                 return Err(StoreError::Refused(format!("no chain {id}")));
+            };
+            if chain.state == "active" {
+                return Ok(chain);
             }
-            tx.execute(
-                "UPDATE chains SET state = 'retired' WHERE state = 'active' AND id != $1",
-                &[&id],
-            )
-            .await?;
-            let chain = chain_from_row(
-                &tx.query_one(
-                    &format!(
-                        "UPDATE chains SET state = 'active', activated_ms = $2, activated_by = $3,
-                             activation = nextval('chain_activations')
-                         WHERE id = $1 RETURNING {}",
-                        returning(CHAIN_COLUMNS)
-                    ),
-                    &[&id, &now_ms, &by],
-                )
-                .await?,
-            );
-            tx.execute(
-                "SELECT pg_notify('heartgate_chains', $1)",
-                &[&id.to_string()],
+            let last = last_activation(&tx).await?;
+            let chain = activate_in(
+                &tx,
+                id,
+                &by,
+                now_ms,
+                ActivationKind::Activate,
+                last.as_ref().map(|l| l.chain_id),
+                last.as_ref().map(|l| l.id),
             )
             .await?;
             tx.commit().await?;
             Ok(chain)
+        })
+    }
+
+    fn rollback_chain(&self, by: &str, now_ms: i64) -> Result<Option<StoredChain>, StoreError> {
+        let by = by.to_string();
+        self.write(move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            tx.batch_execute("LOCK TABLE chains IN SHARE ROW EXCLUSIVE MODE")
+                .await?;
+            let Some(last) = last_activation(&tx).await? else {
+                return Ok(None);
+            };
+            let Some(back_to) = last.back_to else {
+                return Ok(None);
+            };
+            let Some(target) = tx
+                .query_opt(
+                    &format!("{ACTIVATION_COLUMNS} WHERE a.id = $1"),
+                    &[&back_to],
+                )
+                .await?
+                .as_ref()
+                .map(activation_from_row)
+            else {
+                return Ok(None);
+            };
+            let chain = activate_in(
+                &tx,
+                target.chain_id,
+                &by,
+                now_ms,
+                ActivationKind::Rollback,
+                Some(last.chain_id),
+                target.back_to,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(chain))
+        })
+    }
+
+    fn activation(&self, id: i64) -> Result<Option<Activation>, StoreError> {
+        self.read(move |c| async move {
+            Ok(
+                c.query_opt(&format!("{ACTIVATION_COLUMNS} WHERE a.id = $1"), &[&id])
+                    .await?
+                    .as_ref()
+                    .map(activation_from_row),
+            )
+        })
+    }
+
+    fn activations(&self, limit: usize) -> Result<Vec<Activation>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| async move {
+            Ok(c.query(
+                &format!("{ACTIVATION_COLUMNS} ORDER BY a.id DESC LIMIT $1"),
+                &[&limit],
+            )
+            .await?
+            .iter()
+            .map(activation_from_row)
+            .collect())
+        })
+    }
+
+    fn chains(&self, limit: usize) -> Result<Vec<StoredChain>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| async move {
+            Ok(c.query(
+                &format!("{CHAIN_COLUMNS} ORDER BY id DESC LIMIT $1"),
+                &[&limit],
+            )
+            .await?
+            .iter()
+            .map(chain_from_row)
+            .collect())
         })
     }
 
@@ -1629,21 +1701,6 @@ impl Store for PgStore {
                     .as_ref()
                     .map(chain_from_row),
             )
-        })
-    }
-
-    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError> {
-        self.read(move |c| async move {
-            Ok(c.query_opt(
-                &format!(
-                    "{CHAIN_COLUMNS} WHERE state = 'retired' AND activated_ms IS NOT NULL
-                     ORDER BY activated_ms DESC, id DESC LIMIT 1"
-                ),
-                &[],
-            )
-            .await?
-            .as_ref()
-            .map(chain_from_row))
         })
     }
 
@@ -1769,4 +1826,60 @@ async fn fail_interrupted(
         )
         .await?;
     Ok(usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// The last activation, if any.
+async fn last_activation(tx: &Transaction<'_>) -> Result<Option<Activation>, StoreError> {
+    Ok(tx
+        .query_opt(
+            &format!("{ACTIVATION_COLUMNS} ORDER BY a.id DESC LIMIT 1"),
+            &[],
+        )
+        .await?
+        .as_ref()
+        .map(activation_from_row))
+}
+
+/// Make chain `id` the active one, record the activation (its number from
+/// the activation sequence) and tell the other hosts.
+async fn activate_in(
+    tx: &Transaction<'_>,
+    id: i64,
+    by: &str,
+    now_ms: i64,
+    kind: ActivationKind,
+    from_chain: Option<i64>,
+    back_to: Option<i64>,
+) -> Result<StoredChain, StoreError> {
+    let number: i64 = tx
+        .query_one(
+            "INSERT INTO activations (id, chain_id, at_ms, by, kind, from_chain, back_to)
+             VALUES (nextval('chain_activations'), $1, $2, $3, $4, $5, $6) RETURNING id",
+            &[&id, &now_ms, &by, &kind.as_str(), &from_chain, &back_to],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "UPDATE chains SET state = 'retired' WHERE state = 'active' AND id != $1",
+        &[&id],
+    )
+    .await?;
+    let chain = chain_from_row(
+        &tx.query_one(
+            &format!(
+                "UPDATE chains SET state = 'active', activated_ms = $2, activated_by = $3,
+                     activation = $4
+                 WHERE id = $1 RETURNING {}",
+                returning(CHAIN_COLUMNS)
+            ),
+            &[&id, &now_ms, &by, &number],
+        )
+        .await?,
+    );
+    tx.execute(
+        "SELECT pg_notify('heartgate_chains', $1)",
+        &[&id.to_string()],
+    )
+    .await?;
+    Ok(chain)
 }

@@ -9,7 +9,7 @@ use crate::auth::InboundSecret;
 use crate::model::{Condition, Marker, Severity, Status, Workspace, WorkspaceKind};
 pub(super) use crate::store::json_or_null;
 use crate::store::{
-    DecisionRow, DeclaredPlugin, InstalledPlugin, READING_CONDITIONS, READING_MARKERS,
+    Activation, DecisionRow, DeclaredPlugin, InstalledPlugin, READING_CONDITIONS, READING_MARKERS,
     READING_PLUGINS, READING_ROW, READING_TOKENS, ReconcileRun, Snapshot, StoreError, StoredChain,
     StoredModule, WorkspaceRecord,
 };
@@ -47,6 +47,23 @@ pub(super) fn chain_from_row(r: &Row) -> StoredChain {
         activated_ms: r.get(6),
         activated_by: r.get(7),
         activation: r.get(8),
+    }
+}
+
+pub(super) const ACTIVATION_COLUMNS: &str =
+    "SELECT a.id, a.chain_id, c.version, a.at_ms, a.by, a.kind, a.from_chain, a.back_to
+     FROM activations a JOIN chains c ON c.id = a.chain_id";
+
+pub(super) fn activation_from_row(r: &Row) -> Activation {
+    Activation {
+        id: r.get(0),
+        chain_id: r.get(1),
+        chain_version: r.get(2),
+        at_ms: r.get(3),
+        by: r.get(4),
+        kind: r.get(5),
+        from_chain: r.get(6),
+        back_to: r.get(7),
     }
 }
 

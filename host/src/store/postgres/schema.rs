@@ -17,7 +17,8 @@ pub(super) const PRUNE_LOCK: i64 = 0x6865_6172_7467_0002;
 /// The key of the advisory lock the one host in watch mode holds.
 pub(super) const WATCH_LOCK: i64 = 0x6865_6172_7467_0003;
 
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE workspaces (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL DEFAULT '',
@@ -286,10 +287,29 @@ BEGIN
 END $$;
 CREATE TRIGGER auth_tokens_close_bootstrap AFTER INSERT ON auth_tokens
     FOR EACH ROW EXECUTE FUNCTION heartgate_close_bootstrap();
-"#];
+"#,
+    // 2: the activation history, so that rollbacks walk back through it
+    // (the chains table keeps only each chain's last activation). What was
+    // recorded before becomes a straight line of activations. Its ids come
+    // from the activation sequence.
+    r#"
+CREATE TABLE activations (
+    id BIGINT PRIMARY KEY,
+    chain_id BIGINT NOT NULL REFERENCES chains(id),
+    at_ms BIGINT NOT NULL,
+    by TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('activate', 'rollback')),
+    from_chain BIGINT REFERENCES chains(id),
+    back_to BIGINT REFERENCES activations(id)
+);
+INSERT INTO activations (id, chain_id, at_ms, by, kind, from_chain, back_to)
+SELECT activation, id, activated_ms, COALESCE(activated_by, 'unknown'), 'activate',
+       LAG(id) OVER (ORDER BY activation), LAG(activation) OVER (ORDER BY activation)
+FROM chains WHERE activation IS NOT NULL AND activated_ms IS NOT NULL
+ORDER BY activation;
+"#,
+];
 
-/// Run the migrations this binary has and the database lacks, under the
-/// migration lock; refuse a schema newer than this binary knows.
 /// Whether Heartgate's schema is in the database (it was migrated once).
 pub(super) async fn exists(client: &tokio_postgres::Client) -> Result<bool, StoreError> {
     Ok(client
@@ -298,6 +318,8 @@ pub(super) async fn exists(client: &tokio_postgres::Client) -> Result<bool, Stor
         .get(0))
 }
 
+/// Run the migrations this binary has and the database lacks, under the
+/// migration lock; refuse a schema newer than this binary knows.
 pub(super) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
     let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     // A session lock, released below (or when the connection drops): the

@@ -375,6 +375,25 @@ CREATE TABLE shadow (
     set_by TEXT NOT NULL
 ) STRICT;
 "#,
+    // 13: the activation history, so that rollbacks walk back through it
+    // (the chains table keeps only each chain's last activation). What
+    // earlier versions recorded becomes a straight line of activations.
+    r#"
+CREATE TABLE activations (
+    id INTEGER PRIMARY KEY,
+    chain_id INTEGER NOT NULL REFERENCES chains(id),
+    at_ms INTEGER NOT NULL,
+    by TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('activate', 'rollback')),
+    from_chain INTEGER REFERENCES chains(id),
+    back_to INTEGER REFERENCES activations(id)
+) STRICT;
+INSERT INTO activations (id, chain_id, at_ms, by, kind, from_chain, back_to)
+SELECT activation, id, activated_ms, COALESCE(activated_by, 'unknown'), 'activate',
+       LAG(id) OVER (ORDER BY activation), LAG(activation) OVER (ORDER BY activation)
+FROM chains WHERE activation IS NOT NULL AND activated_ms IS NOT NULL
+ORDER BY activation;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

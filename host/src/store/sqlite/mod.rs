@@ -1063,31 +1063,92 @@ impl Store for SqliteStore {
     fn activate_chain(&self, id: i64, by: &str, now_ms: i64) -> Result<StoredChain, StoreError> {
         self.with_writer(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let exists: bool = tx.query_row(
-                "SELECT EXISTS(SELECT 1 FROM chains WHERE id = ?1)",
-                [id],
-                |r| r.get(0),
-            )?;
-            if !exists {
+            let Some(chain) = tx
+                .query_row(
+                    &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+                    [id],
+                    chain_from_row,
+                )
+                .optional()?
+            else {
                 return Err(StoreError::Refused(format!("no chain {id}")));
+            };
+            if chain.state == "active" {
+                return Ok(chain);
             }
-            tx.execute(
-                "UPDATE chains SET state = 'retired' WHERE state = 'active' AND id != ?1",
-                [id],
-            )?;
-            tx.execute(
-                "UPDATE chains SET state = 'active', activated_ms = ?2, activated_by = ?3,
-                     activation = (SELECT COALESCE(MAX(activation), 0) + 1 FROM chains)
-                 WHERE id = ?1",
-                params![id, now_ms, by],
-            )?;
-            let chain = tx.query_row(
-                &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
-                [id],
-                chain_from_row,
+            let last = last_activation(&tx)?;
+            let chain = activate_in(
+                &tx,
+                id,
+                by,
+                now_ms,
+                ActivationKind::Activate,
+                last.as_ref().map(|l| l.chain_id),
+                last.as_ref().map(|l| l.id),
             )?;
             tx.commit()?;
             Ok(chain)
+        })
+    }
+
+    fn rollback_chain(&self, by: &str, now_ms: i64) -> Result<Option<StoredChain>, StoreError> {
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some(last) = last_activation(&tx)? else {
+                return Ok(None);
+            };
+            let Some(target) = last
+                .back_to
+                .map(|id| activation(&tx, id))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(None);
+            };
+            let chain = activate_in(
+                &tx,
+                target.chain_id,
+                by,
+                now_ms,
+                ActivationKind::Rollback,
+                Some(last.chain_id),
+                target.back_to,
+            )?;
+            tx.commit()?;
+            Ok(Some(chain))
+        })
+    }
+
+    fn activation(&self, id: i64) -> Result<Option<Activation>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.query_row(
+                &format!("{ACTIVATION_COLUMNS} WHERE a.id = ?1"),
+                [id],
+                activation_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn activations(&self, limit: usize) -> Result<Vec<Activation>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt =
+                c.prepare_cached(&format!("{ACTIVATION_COLUMNS} ORDER BY a.id DESC LIMIT ?1"))?;
+            let rows = stmt.query_map(
+                [i64::try_from(limit).unwrap_or(i64::MAX)],
+                activation_from_row,
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn chains(&self, limit: usize) -> Result<Vec<StoredChain>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt =
+                c.prepare_cached(&format!("{CHAIN_COLUMNS} ORDER BY id DESC LIMIT ?1"))?;
+            let rows =
+                stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], chain_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 
@@ -1152,18 +1213,59 @@ impl Store for SqliteStore {
             .optional()?)
         })
     }
+}
 
-    fn previous_chain(&self) -> Result<Option<StoredChain>, StoreError> {
-        self.with_reader(|c| {
-            Ok(c.query_row(
-                &format!(
-                    "{CHAIN_COLUMNS} WHERE state = 'retired' AND activated_ms IS NOT NULL
-                     ORDER BY activated_ms DESC, id DESC LIMIT 1"
-                ),
-                [],
-                chain_from_row,
-            )
-            .optional()?)
-        })
-    }
+/// The last activation, if any.
+fn last_activation(tx: &rusqlite::Transaction<'_>) -> Result<Option<Activation>, StoreError> {
+    Ok(tx
+        .query_row(
+            &format!("{ACTIVATION_COLUMNS} ORDER BY a.id DESC LIMIT 1"),
+            [],
+            activation_from_row,
+        )
+        .optional()?)
+}
+
+fn activation(tx: &rusqlite::Transaction<'_>, id: i64) -> Result<Option<Activation>, StoreError> {
+    Ok(tx
+        .query_row(
+            &format!("{ACTIVATION_COLUMNS} WHERE a.id = ?1"),
+            [id],
+            activation_from_row,
+        )
+        .optional()?)
+}
+
+/// Make chain `id` the active one and record the activation.
+fn activate_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    by: &str,
+    now_ms: i64,
+    kind: ActivationKind,
+    from_chain: Option<i64>,
+    back_to: Option<i64>,
+) -> Result<StoredChain, StoreError> {
+    tx.execute(
+        "INSERT INTO activations (id, chain_id, at_ms, by, kind, from_chain, back_to)
+         VALUES ((SELECT MAX(COALESCE((SELECT MAX(id) FROM activations), 0),
+                             COALESCE((SELECT MAX(activation) FROM chains), 0)) + 1),
+                 ?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, now_ms, by, kind.as_str(), from_chain, back_to],
+    )?;
+    let number = tx.last_insert_rowid();
+    tx.execute(
+        "UPDATE chains SET state = 'retired' WHERE state = 'active' AND id != ?1",
+        [id],
+    )?;
+    tx.execute(
+        "UPDATE chains SET state = 'active', activated_ms = ?2, activated_by = ?3, activation = ?4
+         WHERE id = ?1",
+        params![id, now_ms, by, number],
+    )?;
+    Ok(tx.query_row(
+        &format!("{CHAIN_COLUMNS} WHERE id = ?1"),
+        [id],
+        chain_from_row,
+    )?)
 }

@@ -7,8 +7,8 @@ use crate::auth::InboundSecret;
 use crate::model::{Condition, Marker, Severity, Status, Workspace, WorkspaceKind};
 pub(super) use crate::store::json_or_null;
 use crate::store::{
-    DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError, StoredChain,
-    StoredModule, WorkspaceRecord,
+    Activation, DecisionRow, DeclaredPlugin, InstalledPlugin, ReconcileRun, Snapshot, StoreError,
+    StoredChain, StoredModule, WorkspaceRecord,
 };
 
 pub(super) fn parse_status(s: String) -> rusqlite::Result<Status> {
@@ -33,6 +33,23 @@ pub(super) fn parse_kind(s: String) -> rusqlite::Result<WorkspaceKind> {
 
 pub(super) const CHAIN_COLUMNS: &str = "SELECT id, version, spec, state, created_ms, created_by,
     activated_ms, activated_by, activation FROM chains";
+
+pub(super) const ACTIVATION_COLUMNS: &str =
+    "SELECT a.id, a.chain_id, c.version, a.at_ms, a.by, a.kind, a.from_chain, a.back_to
+     FROM activations a JOIN chains c ON c.id = a.chain_id";
+
+pub(super) fn activation_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Activation> {
+    Ok(Activation {
+        id: r.get(0)?,
+        chain_id: r.get(1)?,
+        chain_version: r.get(2)?,
+        at_ms: r.get(3)?,
+        by: r.get(4)?,
+        kind: r.get(5)?,
+        from_chain: r.get(6)?,
+        back_to: r.get(7)?,
+    })
+}
 
 pub(super) const DECISION_COLUMNS: &str =
     "SELECT id, workspace_id, at_ms, event_kind, chain_version,

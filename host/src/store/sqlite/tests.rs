@@ -285,3 +285,48 @@ fn the_silence_queries_read_their_partial_indexes() {
         );
     }
 }
+
+#[test]
+fn activations_recorded_before_the_history_become_a_line_a_rollback_walks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    // Schema 12: chains keep only their last activation.
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for sql in &migrations::MIGRATIONS[..12] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 12).unwrap();
+        tx.execute_batch(
+            "INSERT INTO chains (id, version, spec, state, created_ms, created_by, activated_ms,
+                 activated_by, activation) VALUES
+                 (1, 'va', '{}', 'retired', 1, 't', 2, 'alice', 1),
+                 (2, 'vb', '{}', 'retired', 1, 't', 3, 'bob', 2),
+                 (3, 'vc', '{}', 'active', 1, 't', 4, NULL, 3),
+                 (4, 'vd', '{}', 'staged', 1, 't', NULL, NULL, NULL);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let history: Vec<(i64, i64, String, Option<i64>)> = store
+        .activations(10)
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.id, a.chain_id, a.by, a.back_to))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (3, 3, "unknown".to_string(), Some(2)),
+            (2, 2, "bob".into(), Some(1)),
+            (1, 1, "alice".into(), None),
+        ]
+    );
+    // New activations number on from the old ones.
+    let d = store.activate_chain(4, "carol", 5).unwrap();
+    assert_eq!(d.activation, Some(4));
+    assert_eq!(store.rollback_chain("t", 6).unwrap().unwrap().id, 3);
+    assert_eq!(store.rollback_chain("t", 7).unwrap().unwrap().id, 2);
+}
