@@ -489,3 +489,75 @@ async fn rollback_walks_history() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_and_clear_policy_state() {
+    use crate::common::{MINUTE_MS, Service, T0_MS};
+    use heartgate::clock::ManualClock;
+    use heartgate::model::WorkspaceKind::Platform;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let clock = ManualClock::at(T0_MS);
+    let svc = Service::start(&db, clock.clone()).await;
+    let token = svc.provision("concierge", Platform, true);
+    svc.force_status("concierge", "online");
+    let missing = serde_json::json!({"workspace_id": "concierge", "uptime_seconds": 60, "mcp_server_present": false});
+    // The deadlock scenario: failed closed, one recovery, then the cooldown.
+    svc.heartbeat(&token, missing.clone()).await;
+    clock.advance(MINUTE_MS);
+    svc.heartbeat(&token, missing.clone()).await;
+    assert_eq!(svc.runs("concierge", "mcp-recovery"), 1);
+
+    let markers = cli(&db, &["workspace", "markers", "concierge"]);
+    assert!(markers.starts_with("SLOT"), "{markers}");
+    assert!(
+        markers.contains("cooldown") && markers.contains("last-fire-ms"),
+        "{markers}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&db, &["workspace", "markers", "concierge", "--json"])).unwrap();
+    assert!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["slot"] == "cooldown" && m["key"] == "last-fire-ms"),
+        "{json}"
+    );
+    let conditions = cli(&db, &["workspace", "conditions", "concierge"]);
+    assert!(
+        conditions.contains("identity") && conditions.contains("failed"),
+        "{conditions}"
+    );
+
+    // Clearing needs a slot or --all.
+    let out = cli_output(&db, &["workspace", "clear-markers", "concierge"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let cleared = cli(
+        &db,
+        &[
+            "workspace",
+            "clear-markers",
+            "concierge",
+            "--slot",
+            "cooldown",
+            "--key",
+            "last-fire-ms",
+        ],
+    );
+    assert!(cleared.contains("cleared 1 policy marker"), "{cleared}");
+    // With its cooldown's marker gone, the next heartbeat recovers again.
+    clock.advance(MINUTE_MS);
+    svc.heartbeat(&token, missing.clone()).await;
+    assert_eq!(svc.runs("concierge", "mcp-recovery"), 2);
+
+    let cleared = cli(
+        &db,
+        &["workspace", "clear-conditions", "concierge", "--all"],
+    );
+    assert!(cleared.contains("cleared 1 condition"), "{cleared}");
+    assert!(cli(&db, &["workspace", "conditions", "concierge"]).contains("no conditions in force"));
+    let out = cli_output(&db, &["workspace", "markers", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("unknown workspace `nobody`"));
+    svc.stop().await;
+}

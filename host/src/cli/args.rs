@@ -307,6 +307,54 @@ pub(crate) enum WorkspaceCommand {
         /// The plugin's name.
         name: String,
     },
+    /// The state policies keep for the workspace (markers: a cooldown's last
+    /// fire, a grace period's start), by slot.
+    Markers {
+        /// The workspace.
+        id: String,
+        /// One JSON document (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The conditions in force (why the workspace is not online), by slot.
+    Conditions {
+        /// The workspace.
+        id: String,
+        /// One JSON document (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete policy markers: those of `--slot` (only `--key`), or `--all`.
+    /// The next heartbeat's policies see them gone (a cooldown may fire).
+    ClearMarkers {
+        /// The workspace.
+        id: String,
+        /// The slot whose markers go.
+        #[arg(long, required_unless_present = "all")]
+        slot: Option<String>,
+        /// Only this marker of the slot.
+        #[arg(long, requires = "slot")]
+        key: Option<String>,
+        /// Every marker of every slot.
+        #[arg(long, conflicts_with = "slot")]
+        all: bool,
+    },
+    /// Delete conditions: those of `--slot` (only `--name`), or `--all`. The
+    /// status is derived again at the next heartbeat, from what remains
+    /// and what the policies then say.
+    ClearConditions {
+        /// The workspace.
+        id: String,
+        /// The slot whose conditions go.
+        #[arg(long, required_unless_present = "all")]
+        slot: Option<String>,
+        /// Only this condition of the slot.
+        #[arg(long, requires = "slot")]
+        name: Option<String>,
+        /// Every condition of every slot.
+        #[arg(long, conflicts_with = "slot")]
+        all: bool,
+    },
     /// Mark a workspace removed: heartbeats and registers never change it again.
     Remove { id: String },
 }

@@ -101,6 +101,69 @@ pub(crate) fn workspace(store: &dyn Store, cmd: WorkspaceCommand, now: i64) -> R
                 bail!("workspace `{id}` declares no plugin `{name}`");
             }
         }
+        WorkspaceCommand::Markers { id, json } => {
+            let Some(snapshot) = store.load(&id, heartgate::store::Read::Fresh)? else {
+                bail!("unknown workspace `{id}`");
+            };
+            if json {
+                say!("{}", serde_json::to_string_pretty(&snapshot.markers)?)?;
+            } else if snapshot.markers.is_empty() {
+                say!("no policy markers for `{id}`")?;
+            } else {
+                let rows: Vec<[String; 4]> = snapshot
+                    .markers
+                    .iter()
+                    .map(|m| {
+                        [
+                            m.slot.clone().unwrap_or_default(),
+                            m.owner.clone(),
+                            m.key.clone(),
+                            m.value.clone(),
+                        ]
+                    })
+                    .collect();
+                out(&table(&["SLOT", "POLICY", "KEY", "VALUE"], &rows))?;
+            }
+        }
+        WorkspaceCommand::Conditions { id, json } => {
+            let Some(rec) = store.workspace(&id)? else {
+                bail!("unknown workspace `{id}`");
+            };
+            if json {
+                say!("{}", serde_json::to_string_pretty(&rec.conditions)?)?;
+            } else if rec.conditions.is_empty() {
+                say!("no conditions in force for `{id}`")?;
+            } else {
+                let rows: Vec<[String; 6]> = rec
+                    .conditions
+                    .iter()
+                    .map(|c| {
+                        [
+                            c.slot.clone().unwrap_or_default(),
+                            c.name.clone(),
+                            c.severity.as_str().to_string(),
+                            heartgate::clock::rfc3339(c.since_ms),
+                            c.reason.clone(),
+                            c.message.clone(),
+                        ]
+                    })
+                    .collect();
+                out(&table(
+                    &["SLOT", "NAME", "SEVERITY", "SINCE", "REASON", "MESSAGE"],
+                    &rows,
+                ))?;
+            }
+        }
+        WorkspaceCommand::ClearMarkers { id, slot, key, .. } => {
+            let n = store.clear_markers(&id, slot.as_deref(), key.as_deref())?;
+            say!("cleared {n} policy marker(s) of `{id}`")?;
+        }
+        WorkspaceCommand::ClearConditions { id, slot, name, .. } => {
+            let n = store.clear_conditions(&id, slot.as_deref(), name.as_deref())?;
+            say!(
+                "cleared {n} condition(s) of `{id}`; its status is derived again at its next heartbeat"
+            )?;
+        }
         WorkspaceCommand::Remove { id } => store.set_status(&id, Status::Removed, now)?,
     }
     Ok(())
@@ -185,4 +248,31 @@ pub(crate) fn reconcile(db: &Path, cmd: ReconcileCommand) -> Result<()> {
         },
     }
     Ok(())
+}
+
+/// Rows under a header, in columns as wide as their widest cell (the last
+/// column is not padded).
+pub(crate) fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut line = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        line.trim_end().to_string() + "\n"
+    };
+    let mut text = line(header.to_vec());
+    for row in rows {
+        text.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    text
 }

@@ -779,6 +779,25 @@ pub trait Store: Send + Sync + 'static {
     /// without it the workspace fails closed with nothing to recover it
     /// (declare it again with another source instead).
     fn undeclare_plugin(&self, id: &str, name: &str) -> Result<bool, StoreError>;
+    /// Delete a workspace's policy markers: those of slot `slot` (of every
+    /// slot if `None`) named `key` (every key if `None`); how many went.
+    /// The next verdict sees them gone (the version moves): a cooldown
+    /// whose marker is cleared may fire at once.
+    fn clear_markers(
+        &self,
+        id: &str,
+        slot: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<usize, StoreError>;
+    /// Delete a workspace's conditions of slot `slot` (every slot if
+    /// `None`) named `name` (every name if `None`); how many went. The
+    /// status stays until the next verdict derives it from what remains.
+    fn clear_conditions(
+        &self,
+        id: &str,
+        slot: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<usize, StoreError>;
     /// Store a new token's hash.
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError>;
     /// Revoke every live token of a workspace; returns how many. The

@@ -268,6 +268,8 @@ store_suite! {
         store_suite_postgres_a_schema_newer_than_the_binary_is_refused;
     rollback_walks_history: store_suite_sqlite_rollbacks_walk_back_through_the_history,
         store_suite_postgres_rollbacks_walk_back_through_the_history;
+    clear_state: store_suite_sqlite_an_operator_clears_markers_and_conditions,
+        store_suite_postgres_an_operator_clears_markers_and_conditions;
     undeclare: store_suite_sqlite_an_undeclared_plugin_is_gone_from_the_next_snapshot,
         store_suite_postgres_an_undeclared_plugin_is_gone_from_the_next_snapshot;
 }
@@ -362,6 +364,77 @@ fn cache_is_never_stale(backend: Backend) {
     let seen = f.store.load("ws", Read::Cached).unwrap().unwrap();
     assert_eq!(seen.workspace.declared_plugins, ["p"]);
     assert!(seen.workspace.model_configured);
+}
+
+fn clear_state(backend: Backend) {
+    let f = Fixture::with(backend, "ws");
+    let v = f.version("ws");
+    let mut w = beat_at("ws", v, 10, "t");
+    for (slot, key) in [
+        ("cooldown", "last-fire-ms"),
+        ("cooldown", "other"),
+        ("rules", "since"),
+    ] {
+        w.markers.push(MarkerWrite {
+            slot: slot.into(),
+            owner: "p".into(),
+            key: key.into(),
+            seen: None,
+            new: Some("5".into()),
+        });
+    }
+    for (slot, name) in [("gate", "identity"), ("rules", "error-rate")] {
+        w.conditions.push(ConditionWrite {
+            slot: slot.into(),
+            owner: "p".into(),
+            name: name.into(),
+            new: Some(ConditionState {
+                severity: crate::model::Severity::Failed,
+                reason: "r".into(),
+                message: "m".into(),
+            }),
+        });
+    }
+    f.store.apply(w).unwrap();
+    let cached = f.store.load("ws", Read::Cached).unwrap().unwrap();
+    assert_eq!(
+        (cached.markers.len(), cached.workspace.conditions.len()),
+        (3, 2)
+    );
+    let other = f.other();
+    assert_eq!(
+        other
+            .clear_markers("ws", Some("cooldown"), Some("last-fire-ms"))
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        other.clear_markers("ws", Some("cooldown"), None).unwrap(),
+        1
+    );
+    assert_eq!(
+        other
+            .clear_conditions("ws", None, Some("identity"))
+            .unwrap(),
+        1
+    );
+    let seen = f.store.load("ws", Read::Cached).unwrap().unwrap();
+    let keys: Vec<&str> = seen.markers.iter().map(|m| m.key.as_str()).collect();
+    assert_eq!(keys, ["since"]);
+    let names: Vec<&str> = seen
+        .workspace
+        .conditions
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["error-rate"]);
+    assert_eq!(other.clear_markers("ws", None, None).unwrap(), 1);
+    assert_eq!(other.clear_conditions("ws", None, None).unwrap(), 1);
+    assert_eq!(other.clear_conditions("ws", None, None).unwrap(), 0);
+    assert!(matches!(
+        other.clear_markers("nobody", None, None),
+        Err(StoreError::UnknownWorkspace(_))
+    ));
 }
 
 fn undeclare(backend: Backend) {

@@ -1085,6 +1085,58 @@ impl Store for PgStore {
         })
     }
 
+    fn clear_markers(
+        &self,
+        id: &str,
+        slot: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let (id_owned, slot, key) = (
+            id.to_string(),
+            slot.map(str::to_string),
+            key.map(str::to_string),
+        );
+        self.write_workspace(id, move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            lock_workspace(&tx, &id_owned).await?;
+            let n = tx
+                .execute(
+                    "DELETE FROM policy_markers WHERE workspace_id = $1
+                         AND ($2::TEXT IS NULL OR slot = $2) AND ($3::TEXT IS NULL OR key = $3)",
+                    &[&id_owned, &slot, &key],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn clear_conditions(
+        &self,
+        id: &str,
+        slot: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let (id_owned, slot, name) = (
+            id.to_string(),
+            slot.map(str::to_string),
+            name.map(str::to_string),
+        );
+        self.write_workspace(id, move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            lock_workspace(&tx, &id_owned).await?;
+            let n = tx
+                .execute(
+                    "DELETE FROM conditions WHERE workspace_id = $1
+                         AND ($2::TEXT IS NULL OR slot = $2) AND ($3::TEXT IS NULL OR name = $3)",
+                    &[&id_owned, &slot, &name],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
         let (id_owned, token) = (id.to_string(), token.clone());
         self.write_workspace(id, move |_, mut c| async move {

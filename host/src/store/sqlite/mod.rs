@@ -697,6 +697,44 @@ impl Store for SqliteStore {
         })
     }
 
+    fn clear_markers(
+        &self,
+        id: &str,
+        slot: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            let n = tx.execute(
+                "DELETE FROM policy_markers WHERE workspace_id = ?1
+                     AND (?2 IS NULL OR slot = ?2) AND (?3 IS NULL OR key = ?3)",
+                params![id, slot, key],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    fn clear_conditions(
+        &self,
+        id: &str,
+        slot: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            let n = tx.execute(
+                "DELETE FROM conditions WHERE workspace_id = ?1
+                     AND (?2 IS NULL OR slot = ?2) AND (?3 IS NULL OR name = ?3)",
+                params![id, slot, name],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
         self.with_workspace_writer(id, |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
