@@ -421,7 +421,7 @@ async fn rollback_walks_history() {
     let out = run(Some("carol"), &["rollback"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("nothing to roll back to"),
+        stderr(&out).contains("no previous chain to roll back to"),
         "{}",
         stderr(&out)
     );

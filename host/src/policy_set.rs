@@ -42,7 +42,7 @@ pub enum PolicySetError {
     #[error("{0}")]
     NotFound(String),
     #[error(
-        "there is nothing to roll back to: the first activation of the history is the active one"
+        "there is no previous chain to roll back to: the first activation of the history is the active one"
     )]
     NoPrevious,
     /// The module store is full.
