@@ -244,6 +244,23 @@ fn declare_plugin_validates_source() {
     );
 }
 
+/// `heartgate serve` on `db` with an empty config and admin token `admin`,
+/// its log in `dir`; once it answers.
+async fn serve_with_admin(dir: &Path, db: &Path, admin: &str) -> Serve {
+    let config = dir.join("heartgate.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut serve = Command::new(binary::heartgate());
+    serve
+        .arg("--db")
+        .arg(db)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("HEARTGATE_ADMIN_TOKEN", admin);
+    let service = Serve::spawn(serve, &dir.join("serve.log"));
+    service.wait_healthy().await;
+    service
+}
+
 /// Run `args` with its standard output a pipe whose reader is gone (what
 /// `| head -3` leaves once it has its lines): no panic, no failure.
 fn with_closed_stdout(mut cmd: Command, what: &str) {
@@ -277,17 +294,7 @@ async fn no_command_panics_on_a_closed_pipe() {
         );
     }
     let admin = "pipe-admin-token";
-    let config = dir.path().join("heartgate.toml");
-    std::fs::write(&config, "").unwrap();
-    let mut serve = Command::new(binary::heartgate());
-    serve
-        .arg("--db")
-        .arg(&db)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .env("HEARTGATE_ADMIN_TOKEN", admin);
-    let service = Serve::spawn(serve, &dir.path().join("serve.log"));
-    service.wait_healthy().await;
+    let service = serve_with_admin(dir.path(), &db, admin).await;
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/gate/fixtures");
     let fixture = std::fs::read_dir(&fixtures)
         .unwrap()
@@ -356,17 +363,7 @@ async fn rollback_walks_history() {
     let db = dir.path().join("h.db");
     cli(&db, &["db", "init"]);
     let admin = "history-admin-token";
-    let config = dir.path().join("heartgate.toml");
-    std::fs::write(&config, "").unwrap();
-    let mut serve = Command::new(binary::heartgate());
-    serve
-        .arg("--db")
-        .arg(&db)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .env("HEARTGATE_ADMIN_TOKEN", admin);
-    let service = Serve::spawn(serve, &dir.path().join("serve.log"));
-    service.wait_healthy().await;
+    let service = serve_with_admin(dir.path(), &db, admin).await;
     let url = service.url();
     let run = |operator: Option<&str>, args: &[&str]| policy(&db, &url, admin, operator, args);
     let slots = |chain: &serde_json::Value| -> Vec<String> {

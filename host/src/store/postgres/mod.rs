@@ -375,6 +375,29 @@ impl PgStore {
         })
     }
 
+    /// Run `delete` (bound to the workspace id and two optional filters)
+    /// with the workspace's row locked; how many rows went.
+    fn delete_state(
+        &self,
+        id: &str,
+        delete: &'static str,
+        first: Option<&str>,
+        second: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        let (id_owned, first, second) = (
+            id.to_string(),
+            first.map(str::to_string),
+            second.map(str::to_string),
+        );
+        self.write_workspace(id, move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            lock_workspace(&tx, &id_owned).await?;
+            let n = tx.execute(delete, &[&id_owned, &first, &second]).await?;
+            tx.commit().await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
     /// [`PgStore::write`] for a write to one workspace outside a verdict:
     /// its cached snapshot is dropped afterwards.
     fn write_workspace<T, F, Fut>(&self, id: &str, f: F) -> Result<T, StoreError>
@@ -1091,24 +1114,13 @@ impl Store for PgStore {
         slot: Option<&str>,
         key: Option<&str>,
     ) -> Result<usize, StoreError> {
-        let (id_owned, slot, key) = (
-            id.to_string(),
-            slot.map(str::to_string),
-            key.map(str::to_string),
-        );
-        self.write_workspace(id, move |_, mut c| async move {
-            let tx = c.transaction().await?;
-            lock_workspace(&tx, &id_owned).await?;
-            let n = tx
-                .execute(
-                    "DELETE FROM policy_markers WHERE workspace_id = $1
-                         AND ($2::TEXT IS NULL OR slot = $2) AND ($3::TEXT IS NULL OR key = $3)",
-                    &[&id_owned, &slot, &key],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(usize::try_from(n).unwrap_or(usize::MAX))
-        })
+        self.delete_state(
+            id,
+            "DELETE FROM policy_markers WHERE workspace_id = $1
+                 AND ($2::TEXT IS NULL OR slot = $2) AND ($3::TEXT IS NULL OR key = $3)",
+            slot,
+            key,
+        )
     }
 
     fn clear_conditions(
@@ -1117,24 +1129,13 @@ impl Store for PgStore {
         slot: Option<&str>,
         name: Option<&str>,
     ) -> Result<usize, StoreError> {
-        let (id_owned, slot, name) = (
-            id.to_string(),
-            slot.map(str::to_string),
-            name.map(str::to_string),
-        );
-        self.write_workspace(id, move |_, mut c| async move {
-            let tx = c.transaction().await?;
-            lock_workspace(&tx, &id_owned).await?;
-            let n = tx
-                .execute(
-                    "DELETE FROM conditions WHERE workspace_id = $1
-                         AND ($2::TEXT IS NULL OR slot = $2) AND ($3::TEXT IS NULL OR name = $3)",
-                    &[&id_owned, &slot, &name],
-                )
-                .await?;
-            tx.commit().await?;
-            Ok(usize::try_from(n).unwrap_or(usize::MAX))
-        })
+        self.delete_state(
+            id,
+            "DELETE FROM conditions WHERE workspace_id = $1
+                 AND ($2::TEXT IS NULL OR slot = $2) AND ($3::TEXT IS NULL OR name = $3)",
+            slot,
+            name,
+        )
     }
 
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {

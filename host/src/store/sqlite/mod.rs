@@ -703,17 +703,13 @@ impl Store for SqliteStore {
         slot: Option<&str>,
         key: Option<&str>,
     ) -> Result<usize, StoreError> {
-        self.with_workspace_writer(id, |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            require_workspace(&tx, id)?;
-            let n = tx.execute(
-                "DELETE FROM policy_markers WHERE workspace_id = ?1
-                     AND (?2 IS NULL OR slot = ?2) AND (?3 IS NULL OR key = ?3)",
-                params![id, slot, key],
-            )?;
-            tx.commit()?;
-            Ok(n)
-        })
+        self.delete_state(
+            id,
+            "DELETE FROM policy_markers WHERE workspace_id = ?1
+                 AND (?2 IS NULL OR slot = ?2) AND (?3 IS NULL OR key = ?3)",
+            slot,
+            key,
+        )
     }
 
     fn clear_conditions(
@@ -722,17 +718,13 @@ impl Store for SqliteStore {
         slot: Option<&str>,
         name: Option<&str>,
     ) -> Result<usize, StoreError> {
-        self.with_workspace_writer(id, |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            require_workspace(&tx, id)?;
-            let n = tx.execute(
-                "DELETE FROM conditions WHERE workspace_id = ?1
-                     AND (?2 IS NULL OR slot = ?2) AND (?3 IS NULL OR name = ?3)",
-                params![id, slot, name],
-            )?;
-            tx.commit()?;
-            Ok(n)
-        })
+        self.delete_state(
+            id,
+            "DELETE FROM conditions WHERE workspace_id = ?1
+                 AND (?2 IS NULL OR slot = ?2) AND (?3 IS NULL OR name = ?3)",
+            slot,
+            name,
+        )
     }
 
     fn issue_token(&self, id: &str, token: &NewToken, now_ms: i64) -> Result<(), StoreError> {
@@ -1306,4 +1298,24 @@ fn activate_in(
         [id],
         chain_from_row,
     )?)
+}
+
+impl SqliteStore {
+    /// Run `delete` (bound to the workspace id and two optional filters) in
+    /// a transaction of the workspace, which must exist; how many rows went.
+    fn delete_state(
+        &self,
+        id: &str,
+        delete: &str,
+        first: Option<&str>,
+        second: Option<&str>,
+    ) -> Result<usize, StoreError> {
+        self.with_workspace_writer(id, |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            require_workspace(&tx, id)?;
+            let n = tx.execute(delete, params![id, first, second])?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
 }
