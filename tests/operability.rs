@@ -122,7 +122,16 @@ async fn readyz_turns_unready_when_the_database_is_made_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("heartgate.db");
     let svc = Service::start(&db, ManualClock::at(T0_MS)).await;
-    let (status, body) = svc.get("/readyz").await.unwrap();
+    // Ready once the reconcile worker runs: a moment after the start on a
+    // busy machine.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = svc.get("/readyz").await.unwrap();
+        if status == StatusCode::OK || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["database"], json!({"ok": true}));
