@@ -63,7 +63,6 @@ pub struct SlotFixtures {
     pub fixtures: Vec<Fixture>,
 }
 
-/// A stored module, as the API shows it.
 /// `GET /admin/chains`: the stored chains and the activation history.
 #[derive(Clone, Debug, Serialize)]
 pub struct ChainHistory {
@@ -71,6 +70,7 @@ pub struct ChainHistory {
     pub activations: Vec<crate::store::Activation>,
 }
 
+/// A stored module, as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModuleView {
     pub digest: String,
