@@ -429,16 +429,18 @@ async fn rollback_walks_history() {
     let again = json_of(&run(Some("dave"), &["activate", &b_id.to_string()]));
     assert_eq!(again["activated_by"], "dave");
     assert_eq!(slots(&active()), slots(&b));
-    let back = json_of(&run(None, &["rollback"]));
-    assert_eq!(back["id"].as_i64(), Some(startup_id));
     // Without --as: the login name, never a made-up `cli`.
-    let me = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_default();
-    if !me.is_empty() {
-        assert_eq!(back["activated_by"], me.as_str());
-    }
-    assert_ne!(back["activated_by"], "cli");
+    let mut cmd = Command::new(binary::heartgate());
+    cmd.arg("--db")
+        .arg(&db)
+        .args(["policy", "rollback", "--server", &url])
+        .env("HEARTGATE_ADMIN_TOKEN", admin)
+        .env_remove("HEARTGATE_OPERATOR")
+        .env("USER", "erin")
+        .stdin(Stdio::null());
+    let back = json_of(&cmd.output().unwrap());
+    assert_eq!(back["id"].as_i64(), Some(startup_id));
+    assert_eq!(back["activated_by"], "erin");
 
     // The history: who, when, from which chain, in order.
     let history = json_of(&run(None, &["history", "--json"]));

@@ -1277,10 +1277,10 @@ fn activate_in(
     back_to: Option<i64>,
 ) -> Result<StoredChain, StoreError> {
     tx.execute(
-        "INSERT INTO activations (id, chain_id, at_ms, by, kind, from_chain, back_to)
-         VALUES ((SELECT MAX(COALESCE((SELECT MAX(id) FROM activations), 0),
-                             COALESCE((SELECT MAX(activation) FROM chains), 0)) + 1),
-                 ?1, ?2, ?3, ?4, ?5, ?6)",
+        // The next rowid: past every activation, those migration 13 carried
+        // over with their old numbers included.
+        "INSERT INTO activations (chain_id, at_ms, by, kind, from_chain, back_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![id, now_ms, by, kind.as_str(), from_chain, back_to],
     )?;
     let number = tx.last_insert_rowid();
