@@ -72,11 +72,21 @@ pub enum ChainError {
         error: std::io::Error,
     },
     #[error(
-        "slot `{0}`: unknown built-in module; built-ins are gate, status-rules, liveness, recovery-trigger, cooldown"
+        "slot `{slot}`: unknown built-in module `{module}`{}; built-ins are gate, status-rules, liveness, recovery-trigger, cooldown",
+        closest_builtin(module).map(|b| format!(" (did you mean `builtin:{b}`?)")).unwrap_or_default()
     )]
-    UnknownBuiltin(String),
+    UnknownBuiltin { slot: String, module: String },
     #[error("the chain is invalid: {0}")]
     Invalid(String),
+    #[error(
+        "slot `{slot}`: the policy {policy} declares that it needs the grants {missing}, which the slot does not have; grant them (`{flags}`, or `grants` in a chain file) or the policy fails closed with ungranted_action"
+    )]
+    MissingGrants {
+        slot: String,
+        policy: String,
+        missing: String,
+        flags: String,
+    },
 }
 
 /// One slot of a chain file.
@@ -150,6 +160,11 @@ impl Grant {
         Grant::Drop,
     ];
 
+    /// The grant named `name` (as [`Grant::as_str`] spells it).
+    pub fn parse(name: &str) -> Option<Grant> {
+        Grant::ALL.into_iter().find(|g| g.as_str() == name)
+    }
+
     /// The snake_case name used in chain files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -192,6 +207,65 @@ fn builtin_grants(name: &str) -> Vec<Grant> {
         "cooldown" => vec![Markers, Drop],
         _ => Vec::new(),
     }
+}
+
+/// The built-in `module` (`builtin:NAME`) most likely meant: one edit or
+/// swap away.
+fn closest_builtin(module: &str) -> Option<&'static str> {
+    let name = module.strip_prefix("builtin:").unwrap_or(module);
+    BUILTIN
+        .iter()
+        .map(|(b, _)| *b)
+        .find(|b| edit_distance(name, b) <= 2)
+}
+
+/// Levenshtein distance of two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// Refuse a slot whose grants do not cover what its module declares it
+/// needs ([`crate::engine::GRANTS_SECTION`]): without them it would fail
+/// with `ungranted_action` on the requests that use them.
+fn check_declared_grants(
+    slot: &str,
+    module: &PolicyModule,
+    grants: &[Grant],
+) -> Result<(), ChainError> {
+    let missing: Vec<&str> = module
+        .declared_grants()
+        .unwrap_or_default()
+        .iter()
+        .filter(|g| !grants.contains(g))
+        .map(|g| g.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let meta = module.metadata();
+    Err(ChainError::MissingGrants {
+        slot: slot.to_string(),
+        policy: format!("{} {}", meta.name, meta.version),
+        missing: missing.join(", "),
+        flags: missing
+            .iter()
+            .map(|g| format!("--grant {g}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
 }
 
 /// A chain file: `[[slot]]` tables in evaluation order.
@@ -347,9 +421,12 @@ impl Chain {
                 (None, None) => Vec::new(),
             };
             let bytes: Vec<u8> = match (builtin, s.module.strip_prefix("sha256:")) {
-                (Some(name), _) => builtin_module(name)
-                    .map(<[u8]>::to_vec)
-                    .ok_or_else(|| ChainError::UnknownBuiltin(s.name.clone()))?,
+                (Some(name), _) => builtin_module(name).map(<[u8]>::to_vec).ok_or_else(|| {
+                    ChainError::UnknownBuiltin {
+                        slot: s.name.clone(),
+                        module: s.module.clone(),
+                    }
+                })?,
                 (None, Some(digest)) => stored(digest).ok_or_else(|| {
                     ChainError::Invalid(format!(
                         "slot `{}`: no stored module with digest `{digest}`",
@@ -369,6 +446,7 @@ impl Chain {
                 slot: s.name.clone(),
                 error,
             })?;
+            check_declared_grants(&s.name, &module, &grants)?;
             let mut limits = Limits::default();
             if let Some(ms) = s.timeout_ms {
                 if ms == 0 || ms > 10_000 {

@@ -85,6 +85,11 @@ pub struct PolicySection {
     pub max_stored_modules: Option<u64>,
     /// The most MiB of pushed modules stored.
     pub max_stored_module_mib: Option<u64>,
+    /// Where compiled modules are kept, so each is compiled once (relative
+    /// to the config file; `""`: nowhere) [default: `HEARTGATE_MODULE_CACHE`,
+    /// else `$XDG_CACHE_HOME/heartgate/modules`, else
+    /// `~/.cache/heartgate/modules`].
+    pub module_cache: Option<PathBuf>,
 }
 
 /// `[store]`: the database's file system.
@@ -464,6 +469,9 @@ impl ConfigFile {
         }
         if let Some(n) = self.policy.max_stored_module_mib {
             opts.module_quota.max_bytes = n << 20;
+        }
+        if let Some(dir) = self.policy.module_cache {
+            opts.module_cache = (!dir.as_os_str().is_empty()).then(|| base.join(dir));
         }
         if let Some(n) = self.store.min_free_mib {
             opts.min_free_bytes = n << 20;

@@ -166,6 +166,9 @@ pub struct ServiceOptions {
     pub liveness: liveness::LivenessConfig,
     /// Which agent URLs a push-mode register may store (`[registry]`).
     pub agent_urls: agent_url::AgentUrlPolicy,
+    /// Where compiled modules are kept (`None`: compiled at every start).
+    /// `heartgate serve` sets [`engine::default_module_cache_dir`].
+    pub module_cache: Option<PathBuf>,
 }
 
 impl ServiceOptions {
@@ -190,6 +193,7 @@ impl ServiceOptions {
             module_quota: store::ModuleQuota::default(),
             liveness: liveness::LivenessConfig::default(),
             agent_urls: agent_url::AgentUrlPolicy::default(),
+            module_cache: None,
         }
     }
 }
@@ -248,7 +252,8 @@ pub struct Service {
 
 /// Build the engine, load the chain, open the store, create the worker.
 pub fn build(opts: &ServiceOptions) -> anyhow::Result<Service> {
-    let engine = Engine::new().context("creating the WebAssembly engine")?;
+    let engine = Engine::with_module_cache(opts.module_cache.as_deref())
+        .context("creating the WebAssembly engine")?;
     let store = open_store_with(&opts.db, &opts.postgres)?;
     // The chain last activated wins over the configured one: activations are
     // what an operator did most recently.

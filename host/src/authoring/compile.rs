@@ -2,6 +2,16 @@
 //! `wasm32-unknown-unknown`, turned into a component, and loaded by the
 //! service's engine before it is written, so a module that would be refused
 //! at push time is refused here.
+//!
+//! The grants the policy needs are declared in its `Cargo.toml`:
+//!
+//! ```toml
+//! [package.metadata.heartgate]
+//! grants = ["conditions", "record_event"]
+//! ```
+//!
+//! and written into the component ([`crate::engine::GRANTS_SECTION`]), so
+//! that staging it in a slot without them is refused.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -9,7 +19,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::engine::Engine;
+use crate::chain::Grant;
+use crate::engine::{Engine, with_declared_grants};
 use crate::model::Metadata;
 
 /// The target policies are compiled for.
@@ -22,6 +33,40 @@ pub struct Built {
     pub metadata: Metadata,
     pub digest: String,
     pub bytes: usize,
+    /// What it declares it needs (`None`: the crate declares nothing).
+    pub declared_grants: Option<Vec<Grant>>,
+}
+
+/// `[package.metadata.heartgate] grants` of a parsed manifest.
+fn declared_grants(manifest: &Path, parsed: &toml::Table) -> Result<Option<Vec<Grant>>> {
+    let Some(value) = parsed
+        .get("package")
+        .and_then(|p| p.get("metadata"))
+        .and_then(|m| m.get("heartgate"))
+        .and_then(|h| h.get("grants"))
+    else {
+        return Ok(None);
+    };
+    let known = Grant::ALL.map(Grant::as_str).join(", ");
+    let list = value.as_array().with_context(|| {
+        format!(
+            "{}: [package.metadata.heartgate] grants must be a list of grant names ({known})",
+            manifest.display()
+        )
+    })?;
+    let mut grants = Vec::with_capacity(list.len());
+    for item in list {
+        let grant = item.as_str().and_then(Grant::parse).with_context(|| {
+            format!(
+                "{}: [package.metadata.heartgate] grants: `{item}` is not a grant; grants are {known}",
+                manifest.display()
+            )
+        })?;
+        if !grants.contains(&grant) {
+            grants.push(grant);
+        }
+    }
+    Ok(Some(grants))
 }
 
 /// Build the policy crate in `crate_dir`; write the component to `out`
@@ -44,6 +89,7 @@ pub fn build(engine: &Engine, crate_dir: &Path, out: Option<&Path>) -> Result<Bu
         .with_context(|| format!("{} has no [package] name", manifest.display()))?
         .to_string();
     let lib_name = package.replace('-', "_");
+    let grants = declared_grants(&manifest, &parsed)?;
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(cargo)
@@ -101,6 +147,10 @@ pub fn build(engine: &Engine, crate_dir: &Path, out: Option<&Path>) -> Result<Bu
         .module(&module)
         .and_then(|e| e.validate(true).encode())
         .with_context(|| format!("turning {} into a component", core.display()))?;
+    let component = match &grants {
+        Some(grants) => with_declared_grants(&component, grants),
+        None => component,
+    };
     let loaded = engine
         .load(&component)
         .context("the built component would be refused by the service")?;
@@ -117,5 +167,6 @@ pub fn build(engine: &Engine, crate_dir: &Path, out: Option<&Path>) -> Result<Bu
         metadata: loaded.metadata().clone(),
         digest: loaded.digest().to_string(),
         bytes: component.len(),
+        declared_grants: grants,
     })
 }

@@ -126,6 +126,34 @@ pub struct Case {
     pub fixture: Result<Fixture, String>,
 }
 
+/// The fixture files of `dir`, each checked and read as the JSON a stage
+/// request carries (named by its file name), for the service to run.
+pub fn load_dir_values(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for case in load_dir(dir)? {
+        if let Err(why) = &case.fixture {
+            bail!("{}: {why}", case.path.display());
+        }
+        let text = std::fs::read_to_string(&case.path)
+            .with_context(|| format!("reading {}", case.path.display()))?;
+        let yaml = case
+            .path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml");
+        let mut value: serde_json::Value = if yaml {
+            serde_norway::from_str(&text).map_err(anyhow::Error::msg)?
+        } else {
+            serde_json::from_str(&text)?
+        };
+        if let Some(map) = value.as_object_mut() {
+            map.entry("name")
+                .or_insert_with(|| serde_json::Value::String(case.name.clone()));
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
 /// Parse one fixture file (`.json`, `.yaml` or `.yml`).
 pub fn parse(path: &Path, text: &str) -> Result<Fixture, String> {
     let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");

@@ -135,9 +135,30 @@ pub fn chain_with(
                 .to_string()
         };
     }
-    let chain = Chain::from_spec(engine, &spec, &base, &|_| None)
-        .with_context(|| format!("building the chain of {}", chain_file.display()))?;
-    Ok(chain)
+    Chain::from_spec(engine, &spec, &base, &|_| None).map_err(|e| {
+        // Where the value is in the file, when the error is about one.
+        let line = match &e {
+            crate::chain::ChainError::UnknownBuiltin { module, .. } => {
+                std::fs::read_to_string(chain_file)
+                    .ok()
+                    .and_then(|text| line_of(&text, module))
+            }
+            _ => None,
+        };
+        let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+        anyhow::Error::new(e).context(format!(
+            "building the chain of {}{at}",
+            chain_file.display()
+        ))
+    })
+}
+
+/// The first line (1-based) of `text` that holds `value` quoted.
+pub fn line_of(text: &str, value: &str) -> Option<usize> {
+    let quoted = [format!("\"{value}\""), format!("'{value}'")];
+    text.lines()
+        .position(|l| quoted.iter().any(|q| l.contains(q.as_str())))
+        .map(|i| i + 1)
 }
 
 /// The chain a local command runs: the chain of `chain_file` (with `module`

@@ -30,10 +30,14 @@ use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 
 use crate::model;
 
+mod cache;
 mod contract;
+mod precheck;
 
+pub use cache::{CacheStats, default_module_cache_dir};
 pub use contract::Contract;
 use contract::{to_v1, to_v2, v1, v2};
+pub use precheck::{GRANTS_SECTION, Precheck, precheck, with_declared_grants};
 
 /// How often the epoch advances: a running guest yields and checks its
 /// deadline at every tick.
@@ -160,6 +164,11 @@ pub struct Engine {
     /// this engine already compiled (a host following an activation made
     /// on another host, a rollback) compiles nothing.
     compiled: Arc<std::sync::Mutex<std::collections::HashMap<String, Component>>>,
+    /// Compiled components on disk (wasmtime's cache, keyed by the hash of
+    /// the bytes and the compiler's settings), shared by every process that
+    /// uses the same directory: `policy test`, `push`, `activate` and a
+    /// service start compile a module once.
+    disk_cache: Option<wasmtime::Cache>,
 }
 
 /// The most compiled components an engine keeps; when full it starts over.
@@ -212,8 +221,26 @@ impl wasmtime::ResourceLimiter for StoreState {
 }
 
 impl Engine {
-    /// Create the engine and start its epoch ticker thread.
+    /// Create the engine, without a disk cache, and start its epoch ticker
+    /// thread.
     pub fn new() -> anyhow::Result<Engine> {
+        Engine::build(None)
+    }
+
+    /// [`Engine::new`], keeping compiled components in `dir` (see
+    /// [`default_module_cache_dir`]). A directory that cannot be used is
+    /// said in a warning and the engine compiles without it: a cache never
+    /// stops the service.
+    pub fn with_module_cache(dir: Option<&std::path::Path>) -> anyhow::Result<Engine> {
+        Engine::build(dir.and_then(cache::open))
+    }
+
+    /// The disk cache's directory and counts, if it has one.
+    pub fn module_cache(&self) -> Option<CacheStats> {
+        self.disk_cache.as_ref().map(CacheStats::of)
+    }
+
+    fn build(disk_cache: Option<wasmtime::Cache>) -> anyhow::Result<Engine> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_INSTANCES)
             .total_core_instances(MAX_INSTANCES)
@@ -239,7 +266,8 @@ impl Engine {
             .async_stack_size(1 << 20)
             // Compiling a candidate must not take both cores from requests.
             .parallel_compilation(false)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .cache(disk_cache.clone());
         let inner = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&inner);
         v1::Policy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)?;
@@ -265,12 +293,20 @@ impl Engine {
             linker,
             _ticker: Arc::new(Ticker { stop }),
             compiled: Arc::default(),
+            disk_cache,
         })
     }
 
     /// Compile and check a policy component: it must be a component of the
-    /// `policy` world, import nothing, and report its metadata.
+    /// `policy` world, import nothing, and report its metadata. What can be
+    /// told without compiling (that it is a component, its imports, its
+    /// declared grants) is checked first ([`precheck`]).
     pub fn load(&self, bytes: &[u8]) -> Result<PolicyModule, LoadError> {
+        let checked = precheck(bytes)?;
+        let mut contract = None;
+        for name in &checked.imports {
+            contract = Some(allowed_import(name, contract)?);
+        }
         let digest = hex(&Sha256::digest(bytes));
         let cached = self
             .compiled
@@ -295,17 +331,11 @@ impl Engine {
         // A contract's types-only interface is the one import allowed: it
         // carries no functions, only the types the world `use`s. Which one
         // tells the contract (a component importing nothing is 0.2.0).
-        let mut contract = None;
+        let mut compiled_contract = None;
         for (name, _) in ty.imports(&self.inner) {
-            match Contract::ALL
-                .into_iter()
-                .find(|c| c.types_interface() == name)
-            {
-                Some(c) if contract.is_none_or(|seen| seen == c) => contract = Some(c),
-                _ => return Err(LoadError::Imports(name.to_string())),
-            }
+            compiled_contract = Some(allowed_import(name, compiled_contract)?);
         }
-        let contract = contract.unwrap_or(Contract::V0_2);
+        let contract = compiled_contract.or(contract).unwrap_or(Contract::V0_2);
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -321,6 +351,7 @@ impl Engine {
             pre,
             digest,
             bytes: Arc::from(bytes),
+            declared_grants: checked.declared_grants,
             metadata: model::Metadata {
                 name: String::new(),
                 version: String::new(),
@@ -379,6 +410,18 @@ impl Engine {
     }
 }
 
+/// The contract `name` is the types interface of, if it is one and agrees
+/// with the contract of the imports seen before it (`seen`).
+fn allowed_import(name: &str, seen: Option<Contract>) -> Result<Contract, LoadError> {
+    match Contract::ALL
+        .into_iter()
+        .find(|c| c.types_interface() == name)
+    {
+        Some(c) if seen.is_none_or(|seen| seen == c) => Ok(c),
+        _ => Err(LoadError::Imports(name.to_string())),
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -406,6 +449,7 @@ pub struct PolicyModule {
     pre: Pre,
     digest: String,
     bytes: Arc<[u8]>,
+    declared_grants: Option<Vec<crate::chain::Grant>>,
     metadata: model::Metadata,
 }
 
@@ -423,6 +467,12 @@ impl PolicyModule {
     /// The name and version the policy reports.
     pub fn metadata(&self) -> &model::Metadata {
         &self.metadata
+    }
+
+    /// The grants the component declares it needs ([`GRANTS_SECTION`]), if
+    /// it declares any.
+    pub fn declared_grants(&self) -> Option<&[crate::chain::Grant]> {
+        self.declared_grants.as_deref()
     }
 
     /// The version of the contract the component implements.
