@@ -384,6 +384,7 @@ fn a_chain_file_runs_fixtures_through_every_slot() {
             "--input",
             "input.json",
             "--trace",
+            "--json",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));

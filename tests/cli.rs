@@ -121,11 +121,11 @@ fn read_only_commands_never_create_a_database() {
     // What may create one does, and then everything works on it.
     let fresh = dir.path().join("fresh.db");
     assert!(cli(&fresh, &["db", "init"]).contains("created the database"));
-    assert_eq!(cli(&fresh, &["workspace", "list"]), "");
+    assert_eq!(cli(&fresh, &["--json", "workspace", "list"]), "");
     assert!(cli(&fresh, &["db", "init"]).contains("is ready"));
     let added = dir.path().join("added.db");
     provision(&added, "ws", false);
-    assert!(cli(&added, &["workspace", "list"]).contains("\"ws\""));
+    assert!(cli(&added, &["--json", "workspace", "list"]).contains("\"ws\""));
 
     // PostgreSQL: an empty database gets no schema from a read.
     let pg = heartgate_test_pg::PgCluster::shared();
@@ -145,7 +145,7 @@ fn read_only_commands_never_create_a_database() {
     assert_eq!(pg.psql(name, schema).unwrap(), "t");
     cli(url_path, &["db", "init"]);
     assert_eq!(pg.psql(name, schema).unwrap(), "f");
-    assert_eq!(cli(url_path, &["workspace", "list"]), "");
+    assert_eq!(cli(url_path, &["--json", "workspace", "list"]), "");
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn declare_plugin_validates_source() {
     }
     // Nothing was declared by the refusals.
     let shown = |db: &Path| -> serde_json::Value {
-        serde_json::from_str(&cli(db, &["workspace", "show", "concierge"])).unwrap()
+        serde_json::from_str(&cli(db, &["--json", "workspace", "show", "concierge"])).unwrap()
     };
     assert_eq!(
         shown(&db)["declared_plugins"],
@@ -378,7 +378,7 @@ async fn rollback_walks_history() {
             .map(|s| s["name"].as_str().unwrap().to_string())
             .collect()
     };
-    let active = || json_of(&run(None, &["list"]));
+    let active = || json_of(&run(None, &["--json", "list"]));
     let startup = slots(&active());
     assert!(startup.contains(&"liveness".to_string()), "{startup:?}");
 
@@ -392,23 +392,23 @@ async fn rollback_walks_history() {
     );
     let a = json_of(&run(
         Some("alice"),
-        &["remove-slot", "liveness", "--activate"],
+        &["--json", "remove-slot", "liveness", "--activate"],
     ));
     assert_eq!(a["activated_by"], "alice", "{a}");
     assert!(!slots(&a).contains(&"liveness".to_string()));
     let b = json_of(&run(
         Some("bob"),
-        &["remove-slot", "cooldown", "--activate"],
+        &["--json", "remove-slot", "cooldown", "--activate"],
     ));
     assert_eq!(b["activated_by"], "bob");
     let (a_id, b_id) = (a["id"].as_i64().unwrap(), b["id"].as_i64().unwrap());
 
     // Rollbacks walk back: b -> a -> the chain it started with -> nothing.
-    let back = json_of(&run(Some("carol"), &["rollback"]));
+    let back = json_of(&run(Some("carol"), &["--json", "rollback"]));
     assert_eq!(back["id"].as_i64(), Some(a_id), "{back}");
     assert_eq!(back["activated_by"], "carol");
     assert_eq!(slots(&active()), slots(&a));
-    let back = json_of(&run(Some("carol"), &["rollback"]));
+    let back = json_of(&run(Some("carol"), &["--json", "rollback"]));
     assert_eq!(
         slots(&back),
         startup,
@@ -426,7 +426,10 @@ async fn rollback_walks_history() {
 
     // A chain of the history is re-activated by id; its rollback returns
     // to where it was activated from.
-    let again = json_of(&run(Some("dave"), &["activate", &b_id.to_string()]));
+    let again = json_of(&run(
+        Some("dave"),
+        &["--json", "activate", &b_id.to_string()],
+    ));
     assert_eq!(again["activated_by"], "dave");
     assert_eq!(slots(&active()), slots(&b));
     // Without --as: the login name, never a made-up `cli`.
@@ -438,7 +441,7 @@ async fn rollback_walks_history() {
         .env_remove("HEARTGATE_OPERATOR")
         .env("USER", "erin")
         .stdin(Stdio::null());
-    let back = json_of(&cmd.output().unwrap());
+    let back = json_of(&cmd.arg("--json").output().unwrap());
     assert_eq!(back["id"].as_i64(), Some(startup_id));
     assert_eq!(back["activated_by"], "erin");
 
@@ -559,4 +562,557 @@ async fn operators_see_and_clear_policy_state() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("unknown workspace `nobody`"));
     svc.stop().await;
+}
+
+/// A fixture for the busy-degrade test guest: an online workspace with 60
+/// active tasks is set degraded (with `set_status`).
+const BUSY_FIXTURE: &str = r#"{
+  "input": {
+    "event": {"heartbeat": {"active_tasks": 60}},
+    "workspace": {"id": "ws-1", "kind": "workspace", "status": "online", "model_configured": true},
+    "now_ms": 1782302400000
+  },
+  "expected": [
+    {"workspace_id": "ws-1", "kind": "set_status", "to": "degraded", "expected": "online",
+     "reason": "too_many_tasks", "message": null}
+  ]
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_refuses_missing_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    cli(&db, &["db", "init"]);
+    let admin = "grants-admin-token";
+    let service = serve_with_admin(dir.path(), &db, admin).await;
+    let url = service.url();
+    let run = |args: &[&str]| policy(&db, &url, admin, None, args);
+    let chains = || {
+        json_of(&run(&["history", "--json"]))["chains"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = chains();
+
+    // The guide's busy-degrade before contract 0.2.0 writes the status: it
+    // declares that it needs `set_status`.
+    let guest = format!("{}/busy_degrade.wasm", env!("HEARTGATE_TEST_GUESTS_DIR"));
+    let raw = std::fs::read(&guest).unwrap();
+    let declared = dir.path().join("busy.wasm");
+    std::fs::write(
+        &declared,
+        heartgate::engine::with_declared_grants(&raw, &[heartgate::chain::Grant::SetStatus]),
+    )
+    .unwrap();
+    let declared = declared.to_str().unwrap();
+    let push = |module: &str, extra: &[&str]| {
+        let mut args = vec!["push", module, "--slot", "busy", "--after", "status-rules"];
+        args.extend_from_slice(extra);
+        args.push("--json");
+        run(&args)
+    };
+
+    // Granted something else: refused before the upload, naming what is missing.
+    let out = push(
+        declared,
+        &[
+            "--grant",
+            "record_event",
+            "--grant",
+            "markers",
+            "--activate",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("needs the grants set_status")
+            && err.contains("--grant set_status")
+            && err.contains("record_event, markers"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(chains(), before, "nothing was staged");
+
+    // The service refuses it too, for a client that does not check: a stage
+    // naming the stored module in a slot without the grant.
+    let pushed = json_of(&run(&["--json", "push", declared]));
+    let mut spec = json_of(&run(&["--json", "list"]))["spec"].clone();
+    if let serde_json::Value::String(s) = &spec {
+        spec = serde_json::from_str(s).unwrap();
+    }
+    let slots = spec["slot"].as_array_mut().unwrap();
+    slots.push(
+        serde_json::json!({"name": "busy", "module": pushed["module"], "grants": ["record_event"]}),
+    );
+    let stage = dir.path().join("stage.json");
+    std::fs::write(&stage, serde_json::to_vec(&spec).unwrap()).unwrap();
+    let out = run(&["stage", stage.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("slot `busy`: the policy busy-degrade")
+            && stderr(&out).contains("needs the grants set_status"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(chains(), before);
+
+    // A module that declares nothing is caught by the author's fixtures, run
+    // by the service with the slot's real grants.
+    let fixtures = dir.path().join("fixtures");
+    std::fs::create_dir(&fixtures).unwrap();
+    std::fs::write(fixtures.join("sixty_tasks_degrades.json"), BUSY_FIXTURE).unwrap();
+    let fixtures = fixtures.to_str().unwrap();
+    let out = push(&guest, &["--grant", "record_event", "--fixtures", fixtures]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("slot `busy` fails fixture `sixty_tasks_degrades`")
+            && stderr(&out).contains("ungranted_action"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(chains(), before);
+
+    // A fixture file that is not one is said before anything is sent.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("typo.json"), r#"{"inptu": {}}"#).unwrap();
+    let out = push(
+        declared,
+        &["--grant", "set_status", "--fixtures", bad.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("typo.json") && stderr(&out).contains("inptu"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Granted what it declares, with its fixtures passing: staged and active.
+    let active = json_of(&push(
+        declared,
+        &[
+            "--grant",
+            "set_status",
+            "--fixtures",
+            fixtures,
+            "--activate",
+        ],
+    ));
+    assert_eq!(active["state"], "active", "{active}");
+    // (The first activation also stores the chain the service started with.)
+    assert!(chains() > before);
+
+    // Not a component at all: a clear refusal, no bytes dumped.
+    let out = run(&["push", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("not WebAssembly"), "{err}");
+    assert!(!err.contains("[114,") && !err.contains("114, 111"), "{err}");
+}
+
+#[test]
+fn compiled_modules_are_cached_by_digest() {
+    use heartgate::engine::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("modules");
+    let guests = env!("HEARTGATE_TEST_GUESTS_DIR");
+    let busy = std::fs::read(format!("{guests}/busy_degrade.wasm")).unwrap();
+    let counts = |engine: &Engine| {
+        let stats = engine.module_cache().expect("the engine keeps a cache");
+        (stats.hits, stats.misses)
+    };
+
+    // The first engine compiles it and keeps the result.
+    let first = Engine::with_module_cache(Some(&cache)).unwrap();
+    let module = first.load(&busy).unwrap();
+    assert_eq!(counts(&first), (0, 1));
+    assert_eq!(module.metadata().name, "busy-degrade");
+    // Another engine (another process: `policy test`, `push`, a service
+    // start) on the same directory loads it instead of compiling it, and
+    // the loaded code runs.
+    let second = Engine::with_module_cache(Some(&cache)).unwrap();
+    let again = second.load(&busy).unwrap();
+    assert_eq!(counts(&second), (1, 0));
+    assert_eq!(again.metadata().name, "busy-degrade");
+    assert_eq!(again.digest(), module.digest());
+    // Other bytes are another entry: a grants section changes the digest.
+    let declared =
+        heartgate::engine::with_declared_grants(&busy, &[heartgate::chain::Grant::SetStatus]);
+    second.load(&declared).unwrap();
+    assert_eq!(counts(&second), (1, 1));
+
+    // A module that imports WASI is refused before anything is compiled.
+    let wasi = std::fs::read(format!("{guests}/wasi_user.wasm")).unwrap();
+    let third = Engine::with_module_cache(Some(&cache)).unwrap();
+    let refused = third.load(&wasi).unwrap_err().to_string();
+    assert!(refused.contains("policies may import nothing"), "{refused}");
+    assert_eq!(counts(&third), (0, 0), "refused without compiling");
+
+    // Damaged cache files are compiled again, never run.
+    let mut damaged = 0;
+    for entry in walk(&cache) {
+        std::fs::write(&entry, b"not compiled code").unwrap();
+        damaged += 1;
+    }
+    assert!(damaged >= 2, "{damaged} files in the cache");
+    let fourth = Engine::with_module_cache(Some(&cache)).unwrap();
+    let rebuilt = fourth.load(&busy).unwrap();
+    assert_eq!(counts(&fourth), (0, 1));
+    assert_eq!(rebuilt.metadata().name, "busy-degrade");
+
+    // The CLI uses it: the second `policy test` of a module loads it.
+    let fixtures = dir.path().join("fixtures");
+    std::fs::create_dir(&fixtures).unwrap();
+    std::fs::write(fixtures.join("sixty_tasks_degrades.json"), BUSY_FIXTURE).unwrap();
+    let cli_cache = dir.path().join("cli-cache");
+    let test = || {
+        Command::new(binary::heartgate())
+            .args(["policy", "test"])
+            .arg(format!("{guests}/busy_degrade.wasm"))
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .env("HEARTGATE_MODULE_CACHE", &cli_cache)
+            .output()
+            .unwrap()
+    };
+    let out = test();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("from the module cache"), "{text}");
+    assert!(!walk(&cli_cache).is_empty(), "the first run kept it");
+    let out = test();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("from the module cache"), "{text}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn error_text_names_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    // A typo in a chain file: the line, the value and the likely meaning.
+    std::fs::write(
+        dir.path().join("chain.toml"),
+        "[[slot]]\nname = \"gate\"\nmodule = \"builtin:gaet\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("fixtures")).unwrap();
+    std::fs::write(dir.path().join("fixtures/one.json"), BUSY_FIXTURE).unwrap();
+    let out = cli_in(dir.path(), &["policy", "test", "--chain", "chain.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("chain.toml:3")
+            && err.contains("`builtin:gaet`")
+            && err.contains("did you mean `builtin:gate`?"),
+        "{err}"
+    );
+
+    // An evaluation with no module asks the service only when told where.
+    let out = Command::new(binary::heartgate())
+        .current_dir(dir.path())
+        .env_remove("HEARTGATE_SERVER")
+        .args(["policy", "eval", "--input", "fixtures/one.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("give a MODULE") && err.contains("--server URL"),
+        "{err}"
+    );
+
+    // No service there: say how to point at one.
+    let out = Command::new(binary::heartgate())
+        .current_dir(dir.path())
+        .env("HEARTGATE_ADMIN_TOKEN", "x")
+        .args(["policy", "list", "--server", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach the service at http://127.0.0.1:9")
+            && err.contains("--server URL or HEARTGATE_SERVER"),
+        "{err}"
+    );
+}
+
+/// Its stdout as one JSON document, asserting it succeeded.
+fn json_document(what: &str, out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what} --json: not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Its stdout as JSON lines, asserting it succeeded.
+fn json_lines(what: &str, out: &Output) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{what} --json: a line that is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
+/// Its stdout, asserting it succeeded and is text, not JSON.
+fn text_of(what: &str, out: &Output) -> String {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text).is_err() && !text.trim().is_empty(),
+        "{what} without --json printed JSON (or nothing): {text}"
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_has_json_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let d = |args: &[&str]| cli_output(&db, args);
+    let with_json = |args: &[&str]| {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        cli_output(&db, &all)
+    };
+
+    // The database and the operator's commands: one document each, and the
+    // lists that stream one object a line.
+    let init = json_document("db init", &with_json(&["db", "init"]));
+    assert_eq!(init["created"], true, "{init}");
+    let added = json_document(
+        "workspace add",
+        &with_json(&["workspace", "add", "concierge", "--kind", "platform"]),
+    );
+    assert_eq!(added["id"], "concierge");
+    assert_eq!(added["status"], "provisioning");
+    let token = json_document("token issue", &with_json(&["token", "issue", "concierge"]));
+    assert!(
+        token["token"].as_str().is_some_and(|t| t.len() > 20),
+        "{token}"
+    );
+    let text = text_of("workspace add", &d(&["workspace", "add", "other"]));
+    assert!(text.contains("added workspace `other`"), "{text}");
+    let listed = json_lines("workspace list", &with_json(&["workspace", "list"]));
+    assert_eq!(listed.len(), 2);
+    let text = text_of("workspace list", &d(&["workspace", "list"]));
+    assert!(
+        text.starts_with("ID") && text.contains("concierge"),
+        "{text}"
+    );
+    let shown = json_document(
+        "workspace show",
+        &with_json(&["workspace", "show", "concierge"]),
+    );
+    assert_eq!(shown["kind"], "platform");
+    let text = text_of("workspace show", &d(&["workspace", "show", "concierge"]));
+    assert!(
+        text.contains("status:") && text.contains("provisioning"),
+        "{text}"
+    );
+    for args in [
+        &["workspace", "explain", "concierge"][..],
+        &["workspace", "markers", "concierge"],
+        &["workspace", "conditions", "concierge"],
+        &["workspace", "declare-plugin", "concierge", "p", "local://p"],
+        &["workspace", "undeclare-plugin", "concierge", "p"],
+        &["workspace", "clear-markers", "concierge", "--all"],
+        &["workspace", "clear-conditions", "concierge", "--all"],
+        &["workspace", "rotate-inbound-secret", "concierge"],
+        &["token", "revoke", "other"],
+        &["workspace", "remove", "other"],
+    ] {
+        json_document(&args.join(" "), &with_json(args));
+    }
+    json_lines("reconcile list", &with_json(&["reconcile", "list"]));
+    let copy = dir.path().join("copy.db");
+    let backup = json_document(
+        "db backup",
+        &with_json(&["db", "backup", copy.to_str().unwrap()]),
+    );
+    assert_eq!(backup["check"], "ok", "{backup}");
+    let config = dir.path().join("heartgate.toml");
+    std::fs::write(&config, "").unwrap();
+    let checked = json_document(
+        "config check",
+        &with_json(&["config", "check", config.to_str().unwrap()]),
+    );
+    assert_eq!(checked["ok"], true);
+
+    // The author's commands, here.
+    let gate_fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/gate/fixtures");
+    let gate_fixtures = gate_fixtures.to_str().unwrap();
+    let report = json_document(
+        "policy test",
+        &with_json(&[
+            "policy",
+            "test",
+            "builtin:gate",
+            "--fixtures",
+            gate_fixtures,
+        ]),
+    );
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["passed"].as_u64().unwrap() >= 3, "{report}");
+    assert!(report["cases"][0]["name"].is_string(), "{report}");
+    text_of(
+        "policy test",
+        &d(&[
+            "policy",
+            "test",
+            "builtin:gate",
+            "--fixtures",
+            gate_fixtures,
+        ]),
+    );
+    let input = format!("{gate_fixtures}/heartbeat_model_missing_fails_closed.json");
+    let eval = json_document(
+        "policy eval --trace",
+        &with_json(&[
+            "policy",
+            "eval",
+            "builtin:gate",
+            "--input",
+            &input,
+            "--trace",
+        ]),
+    );
+    assert!(eval["trace"]["steps"].is_array(), "{eval}");
+    let text = text_of(
+        "policy eval --trace",
+        &d(&[
+            "policy",
+            "eval",
+            "builtin:gate",
+            "--input",
+            &input,
+            "--trace",
+        ]),
+    );
+    assert!(
+        text.contains("slot rca2970-gate") && text.contains("proposed"),
+        "{text}"
+    );
+    let new = json_document(
+        "policy new",
+        &with_json(&[
+            "policy",
+            "new",
+            "json-pol",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ]),
+    );
+    assert!(
+        new["files"].as_array().is_some_and(|f| !f.is_empty()),
+        "{new}"
+    );
+    json_document(
+        "policy replay",
+        &with_json(&[
+            "policy",
+            "replay",
+            "--candidate",
+            "builtin:gate",
+            "--slot",
+            "gate",
+        ]),
+    );
+
+    // The admin API's commands.
+    let admin = "json-admin-token";
+    let service = serve_with_admin(dir.path(), &db, admin).await;
+    let url = service.url();
+    let remote = |json: bool, args: &[&str]| {
+        let mut all: Vec<&str> = if json { vec!["--json"] } else { Vec::new() };
+        all.extend_from_slice(args);
+        policy(&db, &url, admin, Some("jo"), &all)
+    };
+    let listed = json_document("policy list", &remote(true, &["list"]));
+    assert!(listed["spec"]["slot"].is_array(), "{listed}");
+    let text = text_of("policy list", &remote(false, &["list"]));
+    assert!(text.contains("SLOT") && text.contains("cooldown"), "{text}");
+    let module = format!("{}/cooldown_1m.wasm", env!("HEARTGATE_TEST_GUESTS_DIR"));
+    let pushed = json_document("policy push", &remote(true, &["push", &module]));
+    assert!(pushed["module"].as_str().unwrap().starts_with("sha256:"));
+    let text = text_of("policy push", &remote(false, &["push", &module]));
+    assert!(text.starts_with("pushed recovery-cooldown"), "{text}");
+    let staged = json_document(
+        "policy push --slot",
+        &remote(true, &["push", &module, "--slot", "cooldown"]),
+    );
+    assert_eq!(staged["state"], "staged");
+    assert!(
+        staged["spec"]["slot"].is_array(),
+        "a chain's spec is an object everywhere: {staged}"
+    );
+    let id = staged["id"].to_string();
+    let text = text_of(
+        "policy push --slot",
+        &remote(false, &["push", &module, "--slot", "cooldown"]),
+    );
+    assert!(text.contains("is staged"), "{text}");
+    let shadow = json_document("policy shadow ID", &remote(true, &["shadow", &id]));
+    assert_eq!(shadow["chain"].to_string(), id);
+    let text = text_of("policy shadow", &remote(false, &["shadow"]));
+    assert!(text.starts_with(&format!("shadow chain {id}")), "{text}");
+    json_document("policy shadow --stop", &remote(true, &["shadow", "--stop"]));
+    let eval = json_document(
+        "policy eval (service)",
+        &remote(true, &["eval", "--input", &input]),
+    );
+    assert!(eval["steps"].is_array(), "{eval}");
+    let text = text_of(
+        "policy eval (service)",
+        &remote(false, &["eval", "--input", &input]),
+    );
+    assert!(
+        text.contains("failed closed") || text.contains("actions"),
+        "{text}"
+    );
+    let active = json_document("policy activate", &remote(true, &["activate", &id]));
+    assert_eq!(active["state"], "active");
+    assert!(active["spec"]["slot"].is_array(), "{active}");
+    let removed = json_document(
+        "policy remove-slot",
+        &remote(true, &["remove-slot", "liveness"]),
+    );
+    assert_eq!(removed["state"], "staged");
+    json_document("policy history", &remote(true, &["history"]));
+    let back = json_document("policy rollback", &remote(true, &["rollback"]));
+    assert!(back["spec"]["slot"].is_array(), "{back}");
+    let text = text_of("policy rollback", &remote(false, &["activate", &id]));
+    assert!(
+        text.contains("is active") && text.contains("by jo"),
+        "{text}"
+    );
+    let pruned = json_document("policy prune", &remote(true, &["prune"]));
+    assert!(pruned["removed"].is_array(), "{pruned}");
+    text_of("policy prune", &remote(false, &["prune"]));
 }

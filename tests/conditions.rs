@@ -292,7 +292,8 @@ async fn conditions_are_shown_and_explained() {
     .await;
     assert_eq!(svc.status("ws"), "degraded");
 
-    let shown: Value = serde_json::from_str(&cli(&db, &["workspace", "show", "ws"])).unwrap();
+    let shown: Value =
+        serde_json::from_str(&cli(&db, &["--json", "workspace", "show", "ws"])).unwrap();
     let c = &shown["conditions"][0];
     assert_eq!(
         (

@@ -331,12 +331,11 @@ async fn hot_swap_under_load(svc: Service, name: &str) {
 
     // Every decision names exactly one complete chain: its version, and the
     // policies of every slot of that chain with their digests.
-    let startup_stored =
-        json!({"version": startup["version"], "spec": startup["spec"].to_string()});
+    let startup_stored = json!({"version": startup["version"], "spec": startup["spec"]});
     let chains: HashMap<String, Vec<(String, String)>> = [&a, &b, &startup_stored]
         .iter()
         .map(|c| {
-            let spec: Value = serde_json::from_str(c["spec"].as_str().unwrap()).unwrap();
+            let spec = &c["spec"];
             let slots = spec["slot"]
                 .as_array()
                 .unwrap()

@@ -439,7 +439,7 @@ async fn the_binary_notices_silence_within_its_deadlines() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let status = |id: &str| -> String {
-        let out = cli(&db, &["workspace", "show", id]);
+        let out = cli(&db, &["--json", "workspace", "show", id]);
         serde_json::from_str::<Value>(&out).unwrap()["status"]
             .as_str()
             .unwrap()

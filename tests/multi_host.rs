@@ -74,11 +74,11 @@ impl Fleet {
     }
 
     fn workspace(&self, id: &str) -> Value {
-        serde_json::from_str(&self.cli(&["workspace", "show", id])).unwrap()
+        serde_json::from_str(&self.cli(&["--json", "workspace", "show", id])).unwrap()
     }
 
     fn runs(&self, id: &str) -> Vec<Value> {
-        self.cli(&["reconcile", "list", "--workspace", id])
+        self.cli(&["--json", "reconcile", "list", "--workspace", id])
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -480,7 +480,7 @@ impl Fleet {
             assert_eq!(doubled, "", "two runs running at once");
             if open == "0" {
                 return self
-                    .cli(&["reconcile", "list"])
+                    .cli(&["--json", "reconcile", "list"])
                     .lines()
                     .map(|l| serde_json::from_str(l).unwrap())
                     .collect();

@@ -568,7 +568,8 @@ async fn revoked_workspace_cannot_be_bootstrapped_by_anyone() {
         );
         assert!(reg.json().get("auth_token").is_none(), "a token was minted");
     }
-    let shown: Value = serde_json::from_str(&cli(&db, &["workspace", "show", "ws"])).unwrap();
+    let shown: Value =
+        serde_json::from_str(&cli(&db, &["--json", "workspace", "show", "ws"])).unwrap();
     assert_eq!(shown["live_tokens"], 0, "{shown}");
     assert_eq!(shown["token_bootstrap"], false, "{shown}");
 
@@ -1068,7 +1069,7 @@ async fn module_store_has_a_quota_and_prunes_what_no_chain_uses() {
     );
 
     let out = Command::new(binary::heartgate())
-        .args(["policy", "prune", "--server", &svc.url()])
+        .args(["--json", "policy", "prune", "--server", &svc.url()])
         .env("HEARTGATE_ADMIN_TOKEN", ADMIN)
         .output()
         .unwrap();

@@ -565,7 +565,8 @@ async fn workspace_read_route_answers_its_own_token_and_the_admin() {
     // `heartgate workspace show` prints the same fields (and more for the
     // operator), from another process.
     let (_, route) = svc.get_as("/workspaces/ws", Some(&token)).await.unwrap();
-    let shown: Value = serde_json::from_str(&cli(&svc.db, &["workspace", "show", "ws"])).unwrap();
+    let shown: Value =
+        serde_json::from_str(&cli(&svc.db, &["--json", "workspace", "show", "ws"])).unwrap();
     for (field, value) in route.as_object().unwrap() {
         assert_eq!(&shown[field], value, "`workspace show` field {field}");
     }

@@ -19,6 +19,9 @@ use cli::operator::{db, db_or_default, reconcile, token, workspace};
 use cli::remote::policy;
 use cli::serve::{config_check, serve};
 
+/// Where the admin API is unless `--server`/`HEARTGATE_SERVER` says.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
 /// A heartbeat allocates and frees many small objects on two threads at
 /// once (the request, the guests' inputs and outputs, the decision row):
 /// mimalloc took the durable rate from 37-38k/s to 46-47k/s (BENCHMARKS.md).
@@ -55,25 +58,31 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let now = SystemClock.now_ms();
+    let json = cli.json;
     match cli.command {
         Command::Serve {
             listen,
             config,
             watch,
         } => serve(cli.db, listen, config, watch),
-        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file, json),
         Command::Policy {
             server,
             operator,
             command,
-        } => match local_policy(&db_or_default(cli.db), command)? {
+        } => match local_policy(&db_or_default(cli.db), server.is_some(), json, command)? {
             Local::Done(code) => {
                 if code != 0 {
                     std::process::exit(code);
                 }
                 Ok(())
             }
-            Local::Remote(command) => policy(&server, operator, command),
+            Local::Remote(command) => policy(
+                server.as_deref().unwrap_or(DEFAULT_SERVER),
+                operator,
+                json,
+                command,
+            ),
         },
         Command::Workspace(cmd) => {
             // Only `add` may create the database: a typo in `--db` is not
@@ -84,10 +93,10 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 open_existing_store(db)?
             };
-            workspace(store.as_ref(), cmd, now)
+            workspace(store.as_ref(), cmd, now, json)
         }
-        Command::Token(cmd) => token(&db_or_default(cli.db), cmd, now),
-        Command::Db(cmd) => db(&db_or_default(cli.db), cmd),
-        Command::Reconcile(cmd) => reconcile(&db_or_default(cli.db), cmd),
+        Command::Token(cmd) => token(&db_or_default(cli.db), cmd, now, json),
+        Command::Db(cmd) => db(&db_or_default(cli.db), cmd, json),
+        Command::Reconcile(cmd) => reconcile(&db_or_default(cli.db), cmd, json),
     }
 }

@@ -27,6 +27,11 @@ pub(crate) struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Print data as JSON instead of text: one JSON document, or for the
+    /// lists that stream (`workspace list`, `reconcile list`) one JSON
+    /// object a line.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// Export spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, default
     /// http://localhost:4318).
     #[cfg(feature = "otel")]
@@ -73,14 +78,10 @@ pub(crate) enum Command {
     /// (list, push, stage, activate, rollback, eval, shadow: admin API, the
     /// token comes from `HEARTGATE_ADMIN_TOKEN`).
     Policy {
-        /// The running service.
-        #[arg(
-            long,
-            global = true,
-            env = "HEARTGATE_SERVER",
-            default_value = "http://127.0.0.1:8080"
-        )]
-        server: String,
+        /// The running service, for the commands that call its admin API
+        /// [default: http://127.0.0.1:8080].
+        #[arg(long, global = true, env = "HEARTGATE_SERVER", value_name = "URL")]
+        server: Option<String>,
         /// Who you are, recorded with every change you make through the
         /// admin API (activations, rollbacks, pushes, shadow) [default:
         /// `$USER`, or `$LOGNAME`, or `uid N`].
@@ -101,6 +102,8 @@ pub(crate) enum PolicyCommand {
     /// Create a policy crate NAME (in the current directory) on the guest SDK:
     /// a sample rule, native tests and fixtures.
     New {
+        /// The policy's name (and its crate's): 1-64 of a-z, 0-9, `-`,
+        /// starting with a letter.
         name: String,
         /// The directory to create it in.
         #[arg(long, default_value = ".")]
@@ -113,6 +116,7 @@ pub(crate) enum PolicyCommand {
     /// Build the policy crate in DIR (default: the current directory) into a
     /// component, validated as the service would: `<package>.wasm`.
     Build {
+        /// The policy crate (holding its Cargo.toml) [default: .].
         dir: Option<PathBuf>,
         /// Where to write the component.
         #[arg(long)]
@@ -121,7 +125,8 @@ pub(crate) enum PolicyCommand {
     /// Run fixture files through a module (or `builtin:NAME`), or a whole
     /// chain, in the service's sandbox and limits; exits 1 on a failure.
     Test {
-        /// The module; optional with `--chain`.
+        /// The module: a component file, or `builtin:NAME`; optional with
+        /// `--chain`.
         #[arg(required_unless_present = "chain")]
         module: Option<String>,
         /// The fixtures directory (*.json, *.yaml).
@@ -139,7 +144,7 @@ pub(crate) enum PolicyCommand {
     /// slot of the chain that made them; report every decision that would
     /// change.
     Replay {
-        /// The candidate module.
+        /// The candidate module: a component file, or `builtin:NAME`.
         #[arg(long)]
         candidate: String,
         /// The slot the candidate replaces.
@@ -151,9 +156,6 @@ pub(crate) enum PolicyCommand {
         /// Replay through this chain file instead of the recorded chain.
         #[arg(long)]
         chain: Option<PathBuf>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
         /// Exit 1 when a decision would change (for CI gates).
         #[arg(long)]
         fail_on_change: bool,
@@ -163,7 +165,10 @@ pub(crate) enum PolicyCommand {
     /// Upload a module; with `--slot`, stage the active chain with that slot
     /// running it (and `--activate` it).
     Push {
+        /// The component file (`heartgate policy build` writes one).
         module: PathBuf,
+        /// Stage the active chain with this slot running the module (an
+        /// existing slot, or a new one with `--after`).
         #[arg(long)]
         slot: Option<String>,
         /// Add `--slot` as a new slot after this one (instead of replacing
@@ -175,16 +180,27 @@ pub(crate) enum PolicyCommand {
         /// replaced slot keeps its grants; a new one gets none].
         #[arg(long = "grant", requires = "slot", value_parser = ["conditions", "record_event", "request_reconcile", "markers", "reject", "set_status", "drop"])]
         grants: Vec<String>,
+        /// Fixture files (*.json, *.yaml) the service runs through the slot
+        /// with its real grants and limits before it stages the chain.
+        #[arg(long, requires = "slot", value_name = "DIR")]
+        fixtures: Option<PathBuf>,
+        /// Activate the staged chain at once.
         #[arg(long, requires = "slot")]
         activate: bool,
     },
     /// Stage a chain from a JSON file: `{"slot": [...], "fixtures": [...]}`.
-    Stage { file: PathBuf },
+    Stage {
+        /// The JSON file: `{"slot": [...], "fixtures": [...]}`.
+        file: PathBuf,
+    },
     /// Delete every pushed module that no stored chain uses (the module
     /// store has a quota: `[policy] max_stored_modules`).
     Prune,
     /// Activate a staged chain.
-    Activate { id: i64 },
+    Activate {
+        /// The stored chain (staged, or retired: `policy history` lists them).
+        id: i64,
+    },
     /// Go back one step in the activation history: to the chain active
     /// before the current one was activated; a second rollback goes one
     /// step further back (never forward again: re-activate a chain by id).
@@ -195,9 +211,6 @@ pub(crate) enum PolicyCommand {
         /// How many chains and activations (1-1000).
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// The answer of `GET /admin/chains` as one JSON document.
-        #[arg(long)]
-        json: bool,
     },
     /// Stage the active chain without slot SLOT (and `--activate` it).
     RemoveSlot {
@@ -212,6 +225,8 @@ pub(crate) enum PolicyCommand {
     Eval {
         /// A module (or `builtin:NAME`) to evaluate locally.
         module: Option<String>,
+        /// The input: a JSON (or YAML) file of the fixture format, an
+        /// `input` or a whole fixture.
         #[arg(long)]
         input: PathBuf,
         /// A chain file to evaluate locally (MODULE runs in `--slot`), or the
@@ -228,7 +243,10 @@ pub(crate) enum PolicyCommand {
     /// Run a stored chain beside the active one (no effects), show what it
     /// saw, or stop it.
     Shadow {
+        /// The stored chain to run in shadow [default: show what the
+        /// running shadow saw].
         id: Option<i64>,
+        /// Stop the shadow chain (on every host).
         #[arg(long, conflicts_with = "id")]
         stop: bool,
     },
@@ -239,16 +257,23 @@ pub(crate) enum ConfigCommand {
     /// Check FILE: its syntax, every key and value, and the chain it names
     /// (each module loaded and checked). Prints `ok: FILE` or the first error
     /// with its key and line, and exits 1.
-    Check { file: PathBuf },
+    Check {
+        /// The configuration file (TOML).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub(crate) enum WorkspaceCommand {
     /// Provision a workspace (status `provisioning`).
     Add {
+        /// The workspace's id, as its runtime sends it (`workspace_id`).
         id: String,
+        /// `platform` for the privileged workspace whose management MCP
+        /// server is required (the gate fails it closed without it).
         #[arg(long, value_parser = ["workspace", "platform"], default_value = "workspace")]
         kind: String,
+        /// A display name.
         #[arg(long, default_value = "")]
         name: String,
         /// A `MODEL` secret is configured for it.
@@ -262,23 +287,27 @@ pub(crate) enum WorkspaceCommand {
     /// Print one workspace as JSON: what `GET /workspaces/{id}` answers
     /// (status, url, agent card, active tasks, uptime, current task, last
     /// error rate, ...), with the conditions in force, plugins and tokens.
-    Show { id: String },
+    Show {
+        /// The workspace.
+        id: String,
+    },
     /// Replace the workspace's platform inbound secret with a new random
     /// one (the old one stops being handed out at once; the runtime gets
     /// the new one in its next register or heartbeat response). The secret
     /// is not printed.
-    RotateInboundSecret { id: String },
+    RotateInboundSecret {
+        /// The workspace.
+        id: String,
+    },
     /// Why the workspace is in its state: its last decisions with each
     /// policy's output, the status transitions, the reconcile runs and their
     /// outcomes, in order.
     Explain {
+        /// The workspace.
         id: String,
         /// How many decisions (1-1000).
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// The history as JSON (what `GET /admin/workspaces/{id}/history` answers).
-        #[arg(long)]
-        json: bool,
     },
     /// Print every workspace, one JSON object a line.
     List,
@@ -312,17 +341,11 @@ pub(crate) enum WorkspaceCommand {
     Markers {
         /// The workspace.
         id: String,
-        /// One JSON document (an array) instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// The conditions in force (why the workspace is not online), by slot.
     Conditions {
         /// The workspace.
         id: String,
-        /// One JSON document (an array) instead of a table.
-        #[arg(long)]
-        json: bool,
     },
     /// Delete policy markers: those of `--slot` (only `--key`), or `--all`.
     /// The next heartbeat's policies see them gone (a cooldown may fire).
@@ -356,19 +379,27 @@ pub(crate) enum WorkspaceCommand {
         all: bool,
     },
     /// Mark a workspace removed: heartbeats and registers never change it again.
-    Remove { id: String },
+    Remove {
+        /// The workspace.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub(crate) enum TokenCommand {
     /// Issue a token and print it (shown once).
-    Issue { id: String },
+    Issue {
+        /// The workspace the token is for.
+        id: String,
+    },
     /// Revoke every live token of a workspace. It then refuses every
     /// request (401) until a token is issued; with `--allow-bootstrap`, the
     /// next register without a token mints one instead, as for a workspace
     /// that never had a token.
     Revoke {
+        /// The workspace whose tokens are revoked.
         id: String,
+        /// Let the next register without a token mint one.
         #[arg(long)]
         allow_bootstrap: bool,
     },
@@ -385,16 +416,54 @@ pub(crate) enum DbCommand {
     /// moment, with SQLite's online backup API: safe while the service runs
     /// and writes. The copy is checked (`PRAGMA quick_check`) before it takes
     /// its name.
-    Backup { file: PathBuf },
+    Backup {
+        /// The copy's path (must not exist).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub(crate) enum ReconcileCommand {
     /// Print reconcile runs, one JSON object a line.
     List {
+        /// Only the runs of this workspace.
         #[arg(long)]
         workspace: Option<String>,
     },
     /// Print one run: times, per-plugin results, the cause of a failure.
-    Show { id: i64 },
+    Show {
+        /// The run's id (`reconcile list` prints them).
+        id: i64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument of every command says what it is in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "heartgate", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:#?}");
+    }
 }

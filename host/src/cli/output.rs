@@ -43,9 +43,73 @@ macro_rules! say {
 }
 pub(crate) use say;
 
-/// One JSON line.
+/// One JSON line (an item of a list that streams).
 pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
     say!("{}", serde_json::to_string(value)?)
+}
+
+/// One JSON document: what every command prints with `--json` (lists that
+/// stream print [`print_json`] lines instead).
+pub(crate) fn print_document(value: &impl serde::Serialize) -> Result<()> {
+    say!("{}", serde_json::to_string_pretty(value)?)
+}
+
+/// Print `value` as a JSON document with `--json`, else the text `text`
+/// makes of it (a line end is added when missing).
+pub(crate) fn emit<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    if json {
+        return print_document(value);
+    }
+    let mut shown = text(value);
+    if !shown.ends_with('\n') {
+        shown.push('\n');
+    }
+    out(&shown)
+}
+
+/// An action (or any JSON object with a `kind`) on one line:
+/// `set_status ws-1 to=degraded expected=online reason=too_many_tasks`.
+pub(crate) fn action_line(action: &serde_json::Value) -> String {
+    let Some(map) = action.as_object() else {
+        return action.to_string();
+    };
+    let mut line = String::new();
+    for key in ["kind", "workspace_id"] {
+        if let Some(v) = map.get(key) {
+            line.push_str(&scalar(v));
+            line.push(' ');
+        }
+    }
+    for (k, v) in map {
+        if k == "kind" || k == "workspace_id" || v.is_null() {
+            continue;
+        }
+        line.push_str(&format!("{k}={} ", scalar(v)));
+    }
+    line.trim_end().to_string()
+}
+
+/// A JSON value as a word: strings bare unless they need quotes.
+pub(crate) fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s)
+            if !s.is_empty() && !s.contains(char::is_whitespace) && !s.contains('"') =>
+        {
+            s.clone()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A time in milliseconds since the epoch as RFC 3339, `-` for none.
+pub(crate) fn when(v: &serde_json::Value) -> String {
+    v.as_i64()
+        .map(heartgate::clock::rfc3339)
+        .unwrap_or_else(|| "-".into())
 }
 
 /// An error and its causes on one line, each said once: a cause whose text

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 
 use super::args::PolicyCommand;
-use super::output::{out, say};
+use super::output::{action_line, emit, when};
 
 /// One admin API call; prints nothing, returns the JSON answer or the error.
 pub(crate) async fn admin_call(
@@ -24,10 +24,15 @@ pub(crate) async fn admin_call(
         .header("authorization", format!("Bearer {token}"))
         .header("x-heartgate-operator", operator)
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-    let resp = client
-        .request(req)
-        .await
-        .with_context(|| format!("calling {server}"))?;
+    let resp = client.request(req).await.map_err(|e| {
+        let why = format!("{:#}", anyhow::Error::new(e));
+        let hint = if why.contains("Connection refused") || why.contains("dns error") {
+            "; is the service running there? Point at it with --server URL or HEARTGATE_SERVER"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot reach the service at {server}: {why}{hint}")
+    })?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     let value: serde_json::Value =
@@ -51,7 +56,27 @@ fn operator_name(given: Option<String>) -> String {
         .unwrap_or_else(|| format!("uid {}", rustix::process::getuid().as_raw()))
 }
 
-pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyCommand) -> Result<()> {
+pub(crate) fn policy(
+    server: &str,
+    operator: Option<String>,
+    json: bool,
+    command: PolicyCommand,
+) -> Result<()> {
+    // How the answer reads as text (`--json`: the answer itself).
+    let render: fn(&serde_json::Value) -> String = match &command {
+        PolicyCommand::List => render_active,
+        PolicyCommand::Push { slot: None, .. } => render_module,
+        PolicyCommand::Push { .. }
+        | PolicyCommand::Stage { .. }
+        | PolicyCommand::Activate { .. }
+        | PolicyCommand::Rollback
+        | PolicyCommand::RemoveSlot { .. } => render_chain,
+        PolicyCommand::Prune => render_prune,
+        PolicyCommand::History { .. } => render_history,
+        PolicyCommand::Eval { .. } => render_eval,
+        PolicyCommand::Shadow { .. } => render_shadow,
+        _ => |v| serde_json::to_string_pretty(v).unwrap_or_default(),
+    };
     let operator = operator_name(operator);
     if operator.chars().any(char::is_control) || operator.len() > 64 {
         bail!("--as: a name of at most 64 characters, without control characters");
@@ -73,15 +98,30 @@ pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyComm
                 slot,
                 after,
                 grants,
+                fixtures,
                 activate,
             } => {
                 let bytes = std::fs::read(&module)
                     .with_context(|| format!("reading {}", module.display()))?;
-                let pushed = call("POST", "/admin/modules".into(), bytes).await?;
-                match slot {
-                    None => pushed,
+                // What the bytes say without compiling: a file that is no
+                // component is refused here, before the upload.
+                let checked = heartgate::engine::precheck(&bytes)
+                    .with_context(|| format!("{} cannot be pushed", module.display()))?;
+                let fixtures = fixtures
+                    .map(|dir| heartgate::authoring::fixtures::load_dir_values(&dir))
+                    .transpose()?;
+                let active = match &slot {
                     Some(slot) => {
                         let active = call("GET", "/admin/chain".into(), Vec::new()).await?;
+                        check_push_grants(&active, slot, &grants, after.is_some(), &checked)?;
+                        Some(active)
+                    }
+                    None => None,
+                };
+                let pushed = call("POST", "/admin/modules".into(), bytes).await?;
+                match (slot, active) {
+                    (None, _) | (_, None) => pushed,
+                    (Some(slot), Some(active)) => {
                         let mut spec = active["spec"].clone();
                         let slots = spec["slot"]
                             .as_array_mut()
@@ -116,6 +156,10 @@ pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyComm
                         if !grants.is_empty() || after.is_some() {
                             target["grants"] = serde_json::json!(grants);
                         }
+                        if let Some(fixtures) = fixtures {
+                            spec["fixtures"] =
+                                serde_json::json!([{"slot": slot, "fixtures": fixtures}]);
+                        }
                         let staged =
                             call("POST", "/admin/chains".into(), serde_json::to_vec(&spec)?)
                                 .await?;
@@ -142,13 +186,8 @@ pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyComm
             PolicyCommand::Rollback => {
                 call("POST", "/admin/chains/rollback".into(), Vec::new()).await?
             }
-            PolicyCommand::History { limit, json } => {
-                let history = call("GET", format!("/admin/chains?limit={limit}"), Vec::new()).await?;
-                if json {
-                    history
-                } else {
-                    return out(&render_history(&history));
-                }
+            PolicyCommand::History { limit } => {
+                call("GET", format!("/admin/chains?limit={limit}"), Vec::new()).await?
             }
             PolicyCommand::RemoveSlot { slot, activate } => {
                 let active = call("GET", "/admin/chain".into(), Vec::new()).await?;
@@ -179,12 +218,14 @@ pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyComm
                     .map(|c| c.parse())
                     .transpose()
                     .context("--chain of a running service is a stored chain id")?;
-                let input: serde_json::Value = serde_json::from_slice(
-                    &std::fs::read(&input)
-                        .with_context(|| format!("reading {}", input.display()))?,
-                )
-                .context("the input file is not JSON")?;
-                let body = serde_json::json!({"input": input, "chain": chain});
+                // An input, or a whole fixture file (its `input`), as a
+                // local evaluation reads it.
+                let text = std::fs::read_to_string(&input)
+                    .with_context(|| format!("reading {}", input.display()))?;
+                let yaml = input.extension().is_some_and(|e| e == "yaml" || e == "yml");
+                let (input_value, _) = heartgate::authoring::trace::read_input(&text, yaml)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+                let body = serde_json::json!({"input": input_value, "chain": chain});
                 call("POST", "/admin/eval".into(), serde_json::to_vec(&body)?).await?
             }
             PolicyCommand::Shadow { id, stop } => match (id, stop) {
@@ -202,9 +243,277 @@ pub(crate) fn policy(server: &str, operator: Option<String>, command: PolicyComm
                 bail!("internal: a local command reached the admin API")
             }
         };
-        say!("{}", serde_json::to_string_pretty(&out)?)?;
-        Ok(())
+        emit(json, &out, render)
     })
+}
+
+/// A chain spec as the API gives it: an object (older services: a string).
+fn spec_of(v: &serde_json::Value) -> serde_json::Value {
+    match &v["spec"] {
+        serde_json::Value::String(s) => serde_json::from_str(s).unwrap_or_default(),
+        other => other.clone(),
+    }
+}
+
+/// `policy list` as text: the chain and a table of its slots.
+fn render_active(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let version = v["version"].as_str().unwrap_or("-");
+    match v["stored"].as_object() {
+        Some(stored) => {
+            let _ = writeln!(
+                t,
+                "active chain {} (version {version}), activated {} by {}",
+                stored
+                    .get("id")
+                    .map_or_else(|| "-".into(), |i| i.to_string()),
+                when(
+                    stored
+                        .get("activated_ms")
+                        .unwrap_or(&serde_json::Value::Null)
+                ),
+                stored
+                    .get("activated_by")
+                    .and_then(|b| b.as_str())
+                    .unwrap_or("-"),
+            );
+        }
+        None => {
+            let _ = writeln!(
+                t,
+                "the chain the service started with (version {version}); nothing activated yet"
+            );
+        }
+    }
+    let spec = spec_of(v);
+    let limits = |slot: &str| {
+        spec["slot"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == slot)
+            .map(|s| {
+                let ms = s["timeout_ms"]
+                    .as_u64()
+                    .map_or("100 ms".into(), |n| format!("{n} ms"));
+                let mib = s["max_memory_mib"]
+                    .as_u64()
+                    .map_or("16 MiB".into(), |n| format!("{n} MiB"));
+                format!("{ms}, {mib}")
+            })
+            .unwrap_or_default()
+    };
+    let rows: Vec<[String; 5]> = v["slots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let slot = s["slot"].as_str().unwrap_or("-").to_string();
+            let grants: Vec<&str> = s["grants"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|g| g.as_str())
+                .collect();
+            [
+                slot.clone(),
+                format!(
+                    "{} {}",
+                    s["policy"].as_str().unwrap_or("-"),
+                    s["policy_version"].as_str().unwrap_or("-")
+                ),
+                format!(
+                    "sha256:{}",
+                    s["digest"]
+                        .as_str()
+                        .unwrap_or("-")
+                        .chars()
+                        .take(12)
+                        .collect::<String>()
+                ),
+                limits(&slot),
+                if grants.is_empty() {
+                    "none".into()
+                } else {
+                    grants.join(", ")
+                },
+            ]
+        })
+        .collect();
+    t.push_str(&super::operator::table(
+        &["SLOT", "POLICY", "DIGEST", "LIMITS", "GRANTS"],
+        &rows,
+    ));
+    t
+}
+
+/// A pushed module as text.
+fn render_module(v: &serde_json::Value) -> String {
+    format!(
+        "pushed {} {} (contract {}, {} bytes) as {}\nrun it in a slot: `heartgate policy push FILE --slot NAME`, or name it in a stage file",
+        v["name"].as_str().unwrap_or("-"),
+        v["version"].as_str().unwrap_or("-"),
+        v["contract"].as_str().unwrap_or("-"),
+        v["size"],
+        v["module"].as_str().unwrap_or("-"),
+    )
+}
+
+/// A stored chain (staged, activated, rolled back to) as text.
+fn render_chain(v: &serde_json::Value) -> String {
+    let id = v["id"].to_string();
+    let slots: Vec<String> = spec_of(v)["slot"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{}={}",
+                s["name"].as_str().unwrap_or("-"),
+                s["module"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .chars()
+                    .take(19)
+                    .collect::<String>()
+            )
+        })
+        .collect();
+    let state = v["state"].as_str().unwrap_or("-");
+    let head = match state {
+        "active" => format!(
+            "chain {id} (version {}) is active, activated {} by {}",
+            v["version"].as_str().unwrap_or("-"),
+            when(&v["activated_ms"]),
+            v["activated_by"].as_str().unwrap_or("-")
+        ),
+        "staged" => format!(
+            "chain {id} (version {}) is staged, not active: `heartgate policy shadow {id}` runs it beside the active chain, `heartgate policy activate {id}` swaps it in",
+            v["version"].as_str().unwrap_or("-")
+        ),
+        other => format!(
+            "chain {id} (version {}) is {other}",
+            v["version"].as_str().unwrap_or("-")
+        ),
+    };
+    format!("{head}\nslots: {}", slots.join(" -> "))
+}
+
+/// `policy prune` as text.
+fn render_prune(v: &serde_json::Value) -> String {
+    let removed: Vec<String> = v["removed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!(
+                "  sha256:{} {} {}",
+                m["digest"].as_str().unwrap_or("-"),
+                m["name"].as_str().unwrap_or("-"),
+                m["version"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    let mut t = format!(
+        "deleted {} module(s) no stored chain uses; kept {}",
+        removed.len(),
+        v["kept"]
+    );
+    for line in removed {
+        t.push('\n');
+        t.push_str(&line);
+    }
+    t
+}
+
+/// An evaluation without effects as text: each slot, then the verdict.
+fn render_eval(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(t, "chain {}", v["chain_version"].as_str().unwrap_or("-"));
+    for step in v["steps"].as_array().into_iter().flatten() {
+        let head = format!(
+            "  {} ({} {}, {} us)",
+            step["slot"].as_str().unwrap_or("-"),
+            step["policy"].as_str().unwrap_or("-"),
+            step["policy_version"].as_str().unwrap_or("-"),
+            step["elapsed_us"]
+        );
+        match (&step["output"], &step["failure"]) {
+            (_, f) if f.is_object() => {
+                let _ = writeln!(
+                    t,
+                    "{head}: failed: {}: {}",
+                    f["kind"].as_str().unwrap_or("-"),
+                    f["message"].as_str().unwrap_or("")
+                );
+            }
+            (out, _) => {
+                let n = out.as_array().map_or(0, Vec::len);
+                let _ = writeln!(t, "{head}: {n} action(s)");
+            }
+        }
+    }
+    render_verdict(&mut t, v);
+    t
+}
+
+/// The verdict part of an evaluation (`actions`, or a failure).
+pub(crate) fn render_verdict(t: &mut String, v: &serde_json::Value) {
+    use std::fmt::Write;
+    let failure = if v["failure"].is_object() {
+        &v["failure"]
+    } else {
+        &v["error"]
+    };
+    if failure.is_object() {
+        let _ = writeln!(
+            t,
+            "failed closed: slot `{}`: {}: {}",
+            failure["slot"].as_str().unwrap_or("-"),
+            failure["kind"].as_str().unwrap_or("-"),
+            failure["message"].as_str().unwrap_or("")
+        );
+        return;
+    }
+    let actions = v["actions"].as_array().cloned().unwrap_or_default();
+    if actions.is_empty() {
+        let _ = writeln!(t, "actions: none");
+    } else {
+        let _ = writeln!(t, "actions:");
+        for a in &actions {
+            let _ = writeln!(t, "  {}", action_line(a));
+        }
+    }
+}
+
+/// What the shadow chain saw, as text.
+fn render_shadow(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let Some(chain) = v["chain"].as_i64() else {
+        return "no chain runs in shadow; `heartgate policy shadow ID` starts one".into();
+    };
+    let _ = writeln!(
+        t,
+        "shadow chain {chain} (version {}): {} evaluated beside the active chain, {} decided differently",
+        v["version"].as_str().unwrap_or("-"),
+        v["evaluated"],
+        v["differed"]
+    );
+    for d in v["recent"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            t,
+            "  {} {} {}: active {} | shadow {}",
+            when(&d["at_ms"]),
+            d["workspace_id"].as_str().unwrap_or("-"),
+            d["event_kind"].as_str().unwrap_or("-"),
+            d["active"],
+            d["shadow"]
+        );
+    }
+    t
 }
 
 /// `policy history` as text: the activations, then the chains.
@@ -264,4 +573,53 @@ fn render_history(history: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+/// Refuse, before the upload, a push into slot `slot` whose grants (the
+/// `--grant` flags; else those of the slot it replaces; a new slot: none)
+/// do not cover what the module declares it needs. The service checks it
+/// again when it stages the chain.
+fn check_push_grants(
+    active: &serde_json::Value,
+    slot: &str,
+    flags: &[String],
+    new_slot: bool,
+    checked: &heartgate::engine::Precheck,
+) -> Result<()> {
+    let Some(declared) = &checked.declared_grants else {
+        return Ok(());
+    };
+    let granted: Vec<String> = if !flags.is_empty() || new_slot {
+        flags.to_vec()
+    } else {
+        active["spec"]["slot"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == slot)
+            .and_then(|s| s["grants"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str().map(str::to_string))
+            .collect()
+    };
+    let missing: Vec<&str> = declared
+        .iter()
+        .map(|g| g.as_str())
+        .filter(|g| !granted.iter().any(|have| have == g))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let flags: Vec<String> = missing.iter().map(|g| format!("--grant {g}")).collect();
+    bail!(
+        "the module declares that it needs the grants {}, which slot `{slot}` would not have{}; add {} (the slot gets exactly the grants given) or it fails closed with ungranted_action",
+        missing.join(", "),
+        if granted.is_empty() {
+            String::new()
+        } else {
+            format!(" (it would have {})", granted.join(", "))
+        },
+        flags.join(" ")
+    )
 }

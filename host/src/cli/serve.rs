@@ -20,16 +20,32 @@ pub(crate) fn config_base(path: &Path) -> PathBuf {
 }
 
 /// `heartgate config check FILE`.
-pub(crate) fn config_check(path: &Path) -> Result<()> {
+pub(crate) fn config_check(path: &Path, json: bool) -> Result<()> {
     let file = ConfigFile::load(path)?;
     let base = config_base(path);
     if let Some(spec) = &file.chain {
-        let engine = heartgate::engine::Engine::new()?;
-        heartgate::chain::Chain::from_spec(&engine, spec, &base, &|_| None)
-            .map_err(|e| anyhow::anyhow!("`{}`: chain: {e}", path.display()))?;
+        let engine = super::author::engine()?;
+        heartgate::chain::Chain::from_spec(&engine, spec, &base, &|_| None).map_err(|e| {
+            let line = match &e {
+                heartgate::chain::ChainError::UnknownBuiltin { module, .. } => {
+                    std::fs::read_to_string(path)
+                        .ok()
+                        .and_then(|text| heartgate::authoring::line_of(&text, module))
+                }
+                _ => None,
+            };
+            match line {
+                Some(line) => anyhow::anyhow!("`{}`: line {line}: chain: {e}", path.display()),
+                None => anyhow::anyhow!("`{}`: chain: {e}", path.display()),
+            }
+        })?;
     }
-    say!("ok: {}", path.display())?;
-    Ok(())
+    let shown = path.display().to_string();
+    super::output::emit(
+        json,
+        &serde_json::json!({"ok": true, "file": shown}),
+        |_| format!("ok: {shown}"),
+    )
 }
 
 pub(crate) fn serve(
@@ -40,6 +56,7 @@ pub(crate) fn serve(
 ) -> Result<()> {
     let mut addr: SocketAddr = ([127, 0, 0, 1], 8080).into();
     let mut opts = ServiceOptions::new(DEFAULT_DB);
+    opts.module_cache = heartgate::engine::default_module_cache_dir();
     if let Some(path) = &config {
         let file = ConfigFile::load(path)?;
         if let Some(a) = file.listen {

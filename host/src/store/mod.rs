@@ -592,6 +592,9 @@ pub struct StoredModule {
 pub struct StoredChain {
     pub id: i64,
     pub version: String,
+    /// The spec as JSON text; the API shows it as an object, as it shows
+    /// the active chain's.
+    #[serde(serialize_with = "spec_as_object")]
     pub spec: String,
     /// `staged`, `active` or `retired`.
     pub state: String,
@@ -602,6 +605,14 @@ pub struct StoredChain {
     /// The order of activations (and rollbacks), across hosts: each
     /// activation gets a higher one, and a host only moves to a higher one.
     pub activation: Option<i64>,
+}
+
+/// A stored spec as the JSON object it holds (as text if it holds none).
+fn spec_as_object<S: serde::Serializer>(spec: &str, s: S) -> Result<S::Ok, S::Error> {
+    match serde_json::from_str::<serde_json::Value>(spec) {
+        Ok(value) => serde::Serialize::serialize(&value, s),
+        Err(_) => s.serialize_str(spec),
+    }
 }
 
 /// One activation of a chain (or a rollback to one), in the order they
