@@ -260,6 +260,9 @@ pub struct Executor {
     /// heartbeat acknowledged before its commit goes to be evaluated again
     /// if its verdict turned out to conflict.
     retries: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HeartbeatRequest>>,
+    /// Set by [`Executor::run_shadow`]: where applied verdicts go for the
+    /// shadow chain to decide too.
+    shadow_jobs: std::sync::OnceLock<tokio::sync::mpsc::Sender<shadow::Job>>,
 }
 
 /// The checked final actions of a chain, grouped for the store.
@@ -296,6 +299,7 @@ impl Executor {
             agent_urls: AgentUrlPolicy::default(),
             metrics,
             retries: std::sync::OnceLock::new(),
+            shadow_jobs: std::sync::OnceLock::new(),
         }
     }
 
@@ -586,8 +590,7 @@ impl Executor {
                     &pending.checked,
                     &pending.outcome,
                 );
-                self.compare_with_shadow_async(&pending.input, &pending.outcome)
-                    .await;
+                self.compare_with_shadow(&pending.input, &pending.outcome);
                 return Ok(Acknowledged {
                     verdict: pending.summary,
                     committed: false,
@@ -607,8 +610,7 @@ impl Executor {
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
-                    self.compare_with_shadow_async(&pending.input, &pending.outcome)
-                        .await;
+                    self.compare_with_shadow(&pending.input, &pending.outcome);
                     return Ok(Acknowledged {
                         verdict: pending.summary,
                         committed: true,
@@ -965,7 +967,7 @@ impl Executor {
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
-                    self.compare_with_shadow_async(&input, &outcome).await;
+                    self.compare_with_shadow(&input, &outcome);
                     return Ok(match &checked {
                         Err(_) => SilenceOutcome::Failed,
                         Ok(Effects {
