@@ -51,6 +51,40 @@ fn mcp_missing(id: &str) -> Value {
     json!({"workspace_id": id, "mcp_server_present": false})
 }
 
+/// The shadow's report once it has evaluated `n` requests (it decides off
+/// the request path, so a little after their answers).
+async fn shadow_report_after(svc: &Service, n: usize) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, report) = svc.get_as("/admin/shadow", Some(ADMIN)).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        if report["evaluated"] == n {
+            return report;
+        }
+        assert!(std::time::Instant::now() < deadline, "{report}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// Whether final actions request an `mcp-recovery`.
+fn fires(actions: &Value) -> bool {
+    actions
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["kind"] == "request_reconcile" && a["trigger"] == "mcp-recovery")
+}
+
+/// The seconds after [`T0_MS`] of the differences in a shadow report.
+fn diff_times(report: &Value) -> Vec<i64> {
+    report["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["at_ms"].as_i64().unwrap() - T0_MS) / 1000)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_last_activated_chain() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,8 +241,8 @@ async fn shadow_shows_cooldown_difference() {
     let token = svc.provision("concierge", Platform, true);
     svc.force_status("concierge", "online");
     // A replayed sequence of MCP-missing heartbeats (seconds after the first).
-    // The active chain fires at 0 and 300; the one-minute candidate would also
-    // fire at 61, 120 and 299 (it reads the marker the active chain wrote).
+    // The active chain fires at 0 and 300; the one-minute candidate, on its
+    // own marker, at 0, 61 and 299: they differ at 61, 299 and 300.
     let mut at = 0;
     for second in [0, 30, 61, 120, 299, 300] {
         clock.advance((second - at) * 1000);
@@ -224,31 +258,141 @@ async fn shadow_shows_cooldown_difference() {
         "the shadow had no effects"
     );
 
-    let (status, report) = svc.get_as("/admin/shadow", Some(ADMIN)).await.unwrap();
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(report["evaluated"], 6);
+    let report = shadow_report_after(&svc, 6).await;
     assert_eq!(report["differed"], 3, "{report}");
-    let times: Vec<i64> = report["recent"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| (d["at_ms"].as_i64().unwrap() - T0_MS) / 1000)
-        .collect();
-    assert_eq!(times, [61, 120, 299]);
-    for diff in report["recent"].as_array().unwrap() {
-        let fires = |v: &Value| {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .any(|a| a["kind"] == "request_reconcile" && a["trigger"] == "mcp-recovery")
-        };
+    assert_eq!(diff_times(&report), [61, 299, 300]);
+    let recent = report["recent"].as_array().unwrap();
+    for diff in &recent[..2] {
         assert!(!fires(&diff["active"]) && fires(&diff["shadow"]), "{diff}");
     }
+    assert!(
+        fires(&recent[2]["active"]) && !fires(&recent[2]["shadow"]),
+        "{}",
+        recent[2]
+    );
     let (status, stopped) = svc.admin("DELETE", "/admin/shadow", "").await;
     assert_eq!(
         (status, stopped["differed"].as_i64()),
         (StatusCode::OK, Some(3))
     );
+    svc.stop().await;
+}
+
+/// A shadow chain keeps markers of its own: a one-minute cooldown in a slot
+/// of its own (whose marker the active chain never writes) fires in the
+/// shadow once a minute, not on every heartbeat, and the real markers are
+/// only the active chain's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_keeps_its_own_markers() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(T0_MS);
+    let svc = start(&dir.path().join("heartgate.db"), clock.clone()).await;
+    let (status, pushed) = svc
+        .admin("POST", "/admin/modules", guest("cooldown_1m"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pushed}");
+    let mut spec = active(&svc).await["spec"].clone();
+    let cooldown = spec["slot"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["name"] == "cooldown")
+        .unwrap();
+    cooldown["name"] = json!("cooldown-1m");
+    cooldown["module"] = pushed["module"].clone();
+    let (status, staged) = svc.admin("POST", "/admin/chains", spec.to_string()).await;
+    assert_eq!(status, StatusCode::CREATED, "{staged}");
+    let (status, _) = svc
+        .admin(
+            "POST",
+            "/admin/shadow",
+            json!({"chain": staged["id"]}).to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let token = svc.provision("concierge", Platform, true);
+    svc.force_status("concierge", "online");
+    // MCP-missing heartbeats every ten seconds or so for 70 s: the active
+    // chain fires at 0 only; an honest shadow fires at 0 and 61, so the one
+    // difference is at 61. A shadow reading the real markers never sees its
+    // own slot's and fires on every heartbeat.
+    let seconds = [0, 10, 20, 30, 40, 50, 61, 70];
+    let mut at = 0;
+    for second in seconds {
+        clock.advance((second - at) * 1000);
+        at = second;
+        assert_eq!(
+            svc.heartbeat(&token, mcp_missing("concierge")).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(svc.runs("concierge", "mcp-recovery"), 1);
+
+    let report = shadow_report_after(&svc, seconds.len()).await;
+    assert_eq!(diff_times(&report), [61], "the shadow's differences");
+    assert_eq!(report["differed"], 1);
+    let diff = &report["recent"][0];
+    assert!(!fires(&diff["active"]) && fires(&diff["shadow"]), "{diff}");
+
+    // The real markers are the active chain's alone.
+    let real = svc
+        .store
+        .load("concierge", heartgate::store::Read::Fresh)
+        .unwrap()
+        .unwrap();
+    let real: Vec<_> = real
+        .markers
+        .iter()
+        .map(|m| {
+            (
+                m.slot.as_deref().unwrap(),
+                m.owner.as_str(),
+                m.value.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        real,
+        [("cooldown", "recovery-cooldown", T0_MS.to_string().as_str())]
+    );
+    // The shadow's are its own: its last fire, in its own slot, and the
+    // gate's condition it set itself.
+    let chain = staged["id"].as_i64().unwrap();
+    let own = svc.store.shadow_state(chain, "concierge").unwrap().unwrap();
+    let markers: Vec<_> = own
+        .markers
+        .iter()
+        .map(|m| {
+            (
+                m.slot.as_deref().unwrap(),
+                m.owner.as_str(),
+                m.value.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        markers,
+        [(
+            "cooldown-1m",
+            "recovery-cooldown",
+            (T0_MS + 61_000).to_string()
+        )]
+    );
+    let conditions: Vec<_> = own
+        .conditions
+        .iter()
+        .map(|c| (c.name.as_str(), c.since_ms))
+        .collect();
+    assert_eq!(conditions, [("identity", T0_MS)]);
+
+    // Stopped, it leaves nothing behind.
+    let (status, stopped) = svc.admin("DELETE", "/admin/shadow", "").await;
+    assert_eq!(
+        (status, stopped["differed"].as_i64()),
+        (StatusCode::OK, Some(1))
+    );
+    assert_eq!(svc.store.shadow_state(chain, "concierge").unwrap(), None);
     svc.stop().await;
 }
 

@@ -425,6 +425,121 @@ async fn multi_host_chain_activation_propagates() {
     }
 }
 
+/// Every host runs the shadow chain on one shadow state in the database: a
+/// cooldown in the shadow (the built-in one, in a slot of its own, so the
+/// real marker is not its own) fires once for 20 concurrent MCP-missing
+/// heartbeats over 3 hosts, as the real one does, where a state per host
+/// would fire once on each; and no real marker is the shadow's. (The
+/// shadow's evaluations here seldom overlap, since the real verdicts take
+/// turns at the row lock: the compare-and-set for those that do is the
+/// store suite's `a_shadow_keeps_its_own_state_and_drops_it_with_itself`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_host_shadow_cooldown_fires_once() {
+    let fleet = Fleet::start(3, "[reconcile]\nenabled = false\n").await;
+    let a = &fleet.hosts[0];
+    let (_, builtin) = admin(a, "GET", "/admin/chain", "").await;
+    let mut spec = builtin["spec"].clone();
+    let cooldown = spec["slot"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["name"] == "cooldown")
+        .unwrap();
+    cooldown["name"] = json!("cooldown-b");
+    let (status, staged) = admin(a, "POST", "/admin/chains", &spec.to_string()).await;
+    assert_eq!(status, 201, "{staged}");
+    let id = staged["id"].as_i64().unwrap();
+    let body = json!({"chain": id}).to_string();
+    assert_eq!(admin(a, "POST", "/admin/shadow", &body).await.0, 200);
+    let started = Instant::now();
+    for host in &fleet.hosts {
+        while admin(host, "GET", "/admin/shadow", "").await.1["chain"] != id {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{}",
+                fleet.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let token = fleet.provision("concierge", true);
+    fleet.sql("UPDATE workspaces SET status = 'online' WHERE id = 'concierge'");
+    let client = http_client();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (client, base, token) = (client.clone(), fleet.hosts[i % 3].url(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            post_heartbeat(&client, &base, &token, &mcp_missing("concierge")).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    let recoveries = fleet
+        .runs("concierge")
+        .iter()
+        .filter(|r| r["trigger"] == "mcp-recovery")
+        .count();
+    assert_eq!(recoveries, 1);
+
+    // Each host compares the heartbeats it served, a little after its
+    // answers.
+    let reports = loop {
+        let mut reports = Vec::new();
+        for host in &fleet.hosts {
+            reports.push(admin(host, "GET", "/admin/shadow", "").await.1);
+        }
+        let seen: i64 = reports
+            .iter()
+            .map(|r| r["evaluated"].as_i64().unwrap() + r["skipped"].as_i64().unwrap())
+            .sum();
+        if seen == 20 {
+            break reports;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{reports:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(reports.iter().all(|r| r["skipped"] == 0), "{reports:?}");
+    let fires = |actions: &Value| {
+        actions
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["trigger"] == "mcp-recovery"))
+    };
+    let diffs: Vec<&Value> = reports
+        .iter()
+        .flat_map(|r| r["recent"].as_array().unwrap())
+        .collect();
+    let active_only = diffs
+        .iter()
+        .filter(|d| fires(&d["active"]) && !fires(&d["shadow"]))
+        .count();
+    let shadow_only = diffs
+        .iter()
+        .filter(|d| !fires(&d["active"]) && fires(&d["shadow"]))
+        .count();
+    // The active chain fired once: the shadow did too, on the same heartbeat
+    // (no difference) or on another (one difference each way). A shadow
+    // that fired more often would differ more often than the active chain.
+    assert!(
+        active_only <= 1 && shadow_only == active_only,
+        "active only {active_only}, shadow only {shadow_only}: {diffs:?}"
+    );
+    assert_eq!(
+        fleet.sql(
+            "SELECT string_agg(m->>'slot', ',')
+             FROM shadow_state, json_array_elements(markers::json) m"
+        ),
+        "cooldown-b"
+    );
+    assert_eq!(
+        fleet.sql(
+            "SELECT string_agg(slot, ',') FROM policy_markers WHERE workspace_id = 'concierge'"
+        ),
+        "cooldown"
+    );
+}
+
 /// A fleet whose hosts run reconcile runs, with the local plugin `tools`.
 async fn reconciling_fleet(n: usize, extra: &str) -> Fleet {
     let fleet = Fleet::start(

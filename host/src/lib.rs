@@ -326,6 +326,8 @@ pub async fn run(
             .executor
             .acknowledge_when_queued(stop_signal(stopped.clone())),
     );
+    // The shadow chain decides off the request path (its own queue and task).
+    let shadow = tokio::spawn(service.executor.run_shadow(stop_signal(stopped.clone())));
     let sweeper = liveness::Sweeper::new(service.executor.clone(), opts.liveness.clone())
         .spawn(stop_signal(stopped.clone()))?;
     if opts.watch_dir.is_some() {
@@ -384,6 +386,9 @@ pub async fn run(
     }
     if let Err(e) = retrier.await {
         tracing::error!(error = %e, "evaluating conflicting heartbeats again failed");
+    }
+    if let Err(e) = shadow.await {
+        tracing::error!(error = %e, "the shadow chain's task failed");
     }
     // Liveness-only verdicts acknowledged before their commit are written
     // before the process exits.

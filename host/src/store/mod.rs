@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::model::{Marker, ReconcileTrigger, Status, Workspace, WorkspaceKind};
+use crate::model::{Condition, Marker, ReconcileTrigger, Status, Workspace, WorkspaceKind};
 
 /// The privileged plugin that only a platform workspace may declare.
 pub const MANAGEMENT_PLUGIN: &str = "molecule-ai-plugin-molecule-platform-mcp";
@@ -117,6 +117,8 @@ pub const READING_MARKERS: &str = "its policy markers";
 /// workspace's tokens.
 pub const READING_TOKENS: &str = "its tokens";
 pub const READING_CONDITIONS: &str = "its conditions";
+/// What a failed read of a shadow chain's own state was reading.
+pub const READING_SHADOW: &str = "its shadow state";
 
 /// Everything the request path needs about one workspace, read at once.
 #[derive(Clone, Debug)]
@@ -413,6 +415,58 @@ pub(crate) fn initial_delivery_mode(new: &NewWorkspace) -> &'static str {
     } else {
         "push"
     }
+}
+
+/// A shadow chain's own markers and conditions of one workspace: what it
+/// is evaluated with instead of the real ones, and where its own marker and
+/// condition effects go (see [`Store::shadow_state`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShadowState {
+    /// Its markers, by slot, owner and key (each with its slot).
+    pub markers: Vec<Marker>,
+    /// Its conditions in force, by owner, name and slot (each with its slot).
+    pub conditions: Vec<Condition>,
+    /// Bumped by every write; 0 for a state not stored yet. A write is a
+    /// compare-and-set on the version it was computed from.
+    pub version: i64,
+}
+
+/// What [`Store::write_shadow_state`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowWritten {
+    Stored,
+    /// The state stored is not the version the write was computed from (the
+    /// shadow on another host wrote it first): nothing was written.
+    Conflict,
+    /// The chain no longer runs in shadow (stopped or replaced, perhaps on
+    /// another host): nothing was written.
+    NotShadow,
+}
+
+/// A shadow state's JSON columns: its markers and its conditions, as the
+/// model spells them.
+pub(crate) fn shadow_state_json(state: &ShadowState) -> (String, String) {
+    (
+        serde_json::to_string(&state.markers).unwrap_or_else(|_| "[]".into()),
+        serde_json::to_string(&state.conditions).unwrap_or_else(|_| "[]".into()),
+    )
+}
+
+/// A shadow state from its JSON columns and version.
+pub(crate) fn shadow_state_from(
+    markers: &str,
+    conditions: &str,
+    version: i64,
+) -> Result<ShadowState, StoreError> {
+    let bad = |e: serde_json::Error| StoreError::Read {
+        what: READING_SHADOW,
+        source: e.into(),
+    };
+    Ok(ShadowState {
+        markers: serde_json::from_str(markers).map_err(bad)?,
+        conditions: serde_json::from_str(conditions).map_err(bad)?,
+        version,
+    })
 }
 
 /// A workspace as an operator sees it.
@@ -928,11 +982,34 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Record which stored chain runs in shadow (`None`: none), for every
-    /// host of the database.
+    /// host of the database, and drop every shadow state
+    /// ([`Store::shadow_state`]) in the same transaction: a shadow started,
+    /// replaced or started again begins clean, and a stopped one leaves
+    /// nothing behind.
     fn set_shadow_chain(&self, chain: Option<i64>, by: &str, now_ms: i64)
     -> Result<(), StoreError>;
     /// The stored chain that runs in shadow, if any.
     fn shadow_chain(&self) -> Result<Option<i64>, StoreError>;
+    /// Shadow chain `chain_id`'s own markers and conditions of workspace
+    /// `workspace_id`, kept apart from the real ones; `None` until its first
+    /// write. A short read.
+    fn shadow_state(
+        &self,
+        chain_id: i64,
+        workspace_id: &str,
+    ) -> Result<Option<ShadowState>, StoreError>;
+    /// Store `state` as shadow chain `chain_id`'s own markers and conditions
+    /// of workspace `workspace_id`: a compare-and-set on `state.version`
+    /// (0: none stored yet), written only while `chain_id` runs in shadow, so
+    /// a host still running a shadow another host stopped leaves nothing
+    /// behind. Touches no real marker, condition, status or version.
+    fn write_shadow_state(
+        &self,
+        chain_id: i64,
+        workspace_id: &str,
+        state: &ShadowState,
+        now_ms: i64,
+    ) -> Result<ShadowWritten, StoreError>;
 
     /// Something a host wakes on to look at the active chain again (an
     /// activation on another host; a reconnect, after which one may have

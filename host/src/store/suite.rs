@@ -83,6 +83,25 @@ impl Fixture {
         }
     }
 
+    /// The number `query` reads on another connection (the same SQL on
+    /// either backend).
+    pub(crate) fn number(&self, query: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => rusqlite::Connection::open(&self.db)
+                .unwrap()
+                .query_row(query, [], |r| r.get(0))
+                .unwrap(),
+            Backend::Postgres => {
+                let name = self.db.rsplit('/').next().unwrap();
+                heartgate_test_pg::PgCluster::shared()
+                    .psql(name, query)
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            }
+        }
+    }
+
     /// The fixture with workspace `id` (a platform workspace) provisioned.
     pub(crate) fn with(backend: Backend, id: &str) -> Fixture {
         let f = Fixture::new(backend);
@@ -272,6 +291,8 @@ store_suite! {
         store_suite_postgres_an_operator_clears_markers_and_conditions;
     undeclare: store_suite_sqlite_an_undeclared_plugin_is_gone_from_the_next_snapshot,
         store_suite_postgres_an_undeclared_plugin_is_gone_from_the_next_snapshot;
+    shadow_state: store_suite_sqlite_a_shadow_keeps_its_own_state_and_drops_it_with_itself,
+        store_suite_postgres_a_shadow_keeps_its_own_state_and_drops_it_with_itself;
 }
 
 fn version_bumps(backend: Backend) {
@@ -877,5 +898,94 @@ fn schema_too_new(backend: Backend) {
         matches!(reopened, Err(StoreError::SchemaTooNew { found: 999, .. })),
         "{:?}",
         reopened.err()
+    );
+}
+
+/// A shadow chain's own markers and conditions: apart from the real ones
+/// (which stay as they were, version included), written by compare-and-set
+/// from any host, only while the chain runs in shadow, and gone once the
+/// shadow is replaced, started again or stopped.
+fn shadow_state(backend: Backend) {
+    let f = Fixture::with(backend, "ws");
+    let store = f.store.as_ref();
+    let a = store.stage_chain("va", r#"{"slot":[]}"#, "t", 1).unwrap();
+    let b = store.stage_chain("vb", r#"{"slot":[]}"#, "t", 2).unwrap();
+    let v = f.version("ws");
+    store.apply(fire("ws", v, None, 10)).unwrap();
+    let real = store.load("ws", Read::Fresh).unwrap().unwrap();
+    assert_eq!(real.markers.len(), 1);
+
+    let mine = ShadowState {
+        markers: vec![crate::model::Marker {
+            slot: Some("cooldown-1m".into()),
+            owner: "recovery-cooldown".into(),
+            key: "last-fire-ms".into(),
+            value: "70".into(),
+        }],
+        conditions: vec![crate::model::Condition {
+            slot: Some("gate".into()),
+            owner: "rca2970-gate".into(),
+            name: "identity".into(),
+            severity: crate::model::Severity::Failed,
+            reason: "mcp_server_missing".into(),
+            message: "m".into(),
+            since_ms: 70,
+        }],
+        version: 0,
+    };
+    let write = |store: &dyn Store, chain: i64, state: &ShadowState| {
+        store.write_shadow_state(chain, "ws", state, 80).unwrap()
+    };
+    assert_eq!(write(store, a.id, &mine), ShadowWritten::NotShadow);
+    store.set_shadow_chain(Some(a.id), "t", 20).unwrap();
+    assert_eq!(store.shadow_state(a.id, "ws").unwrap(), None);
+    assert_eq!(write(store, a.id, &mine), ShadowWritten::Stored);
+    // Another host's shadow wrote first from the same (absent) state.
+    let other = f.other();
+    assert_eq!(write(other.as_ref(), a.id, &mine), ShadowWritten::Conflict);
+    let stored = other.shadow_state(a.id, "ws").unwrap().unwrap();
+    assert_eq!(
+        stored,
+        ShadowState {
+            version: 1,
+            ..mine.clone()
+        }
+    );
+    let mut next = stored.clone();
+    next.markers[0].value = "90".into();
+    assert_eq!(write(other.as_ref(), a.id, &next), ShadowWritten::Stored);
+    assert_eq!(write(store, a.id, &stored), ShadowWritten::Conflict);
+    let stored = store.shadow_state(a.id, "ws").unwrap().unwrap();
+    assert_eq!(
+        (stored.version, stored.markers[0].value.as_str()),
+        (2, "90")
+    );
+
+    // The real state is the verdict's alone.
+    let after = store.load("ws", Read::Fresh).unwrap().unwrap();
+    assert_eq!(after.version, real.version);
+    assert_eq!(after.markers, real.markers);
+    assert_eq!(after.workspace.conditions, real.workspace.conditions);
+    assert_eq!(after.markers[0].value, "10");
+
+    // Another chain in shadow: the first one's state is gone, its late
+    // writes are refused, and the new one starts clean.
+    other.set_shadow_chain(Some(b.id), "t", 30).unwrap();
+    assert_eq!(store.shadow_state(a.id, "ws").unwrap(), None);
+    assert_eq!(write(store, a.id, &stored), ShadowWritten::NotShadow);
+    assert_eq!(write(store, a.id, &mine), ShadowWritten::NotShadow);
+    assert_eq!(store.shadow_state(b.id, "ws").unwrap(), None);
+    assert_eq!(write(store, b.id, &mine), ShadowWritten::Stored);
+    // Started again, or stopped: nothing is left.
+    store.set_shadow_chain(Some(b.id), "t", 40).unwrap();
+    assert_eq!(store.shadow_state(b.id, "ws").unwrap(), None);
+    assert_eq!(write(store, b.id, &mine), ShadowWritten::Stored);
+    store.set_shadow_chain(None, "t", 50).unwrap();
+    assert_eq!(store.shadow_state(b.id, "ws").unwrap(), None);
+    assert_eq!(write(store, b.id, &mine), ShadowWritten::NotShadow);
+    assert_eq!(f.number("SELECT count(*) FROM shadow_state"), 0);
+    assert_eq!(
+        store.load("ws", Read::Fresh).unwrap().unwrap().markers,
+        real.markers
     );
 }

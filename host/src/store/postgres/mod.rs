@@ -1720,6 +1720,10 @@ impl Store for PgStore {
                 &[&chain, &now_ms, &by],
             )
             .await?;
+            // After the row above is locked: a shadow state write holds it
+            // for share, so every write of the chain that ran in shadow has
+            // committed (and is deleted here) or will find it gone.
+            tx.execute("DELETE FROM shadow_state", &[]).await?;
             tx.execute("SELECT pg_notify('heartgate_chains', 'shadow')", &[])
                 .await?;
             tx.commit().await?;
@@ -1732,6 +1736,77 @@ impl Store for PgStore {
             Ok(c.query_opt("SELECT chain_id FROM shadow WHERE id = 1", &[])
                 .await?
                 .and_then(|r| r.get::<_, Option<i64>>(0)))
+        })
+    }
+
+    fn shadow_state(
+        &self,
+        chain_id: i64,
+        workspace_id: &str,
+    ) -> Result<Option<ShadowState>, StoreError> {
+        let workspace_id = workspace_id.to_string();
+        self.read(move |c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT markers, conditions, version FROM shadow_state
+                     WHERE chain_id = $1 AND workspace_id = $2",
+                    &[&chain_id, &workspace_id],
+                )
+                .await
+                .map_err(|e| read_failed(READING_SHADOW, e))?;
+            row.map(|r| shadow_state_from(r.get(0), r.get(1), r.get(2)))
+                .transpose()
+        })
+    }
+
+    fn write_shadow_state(
+        &self,
+        chain_id: i64,
+        workspace_id: &str,
+        state: &ShadowState,
+        now_ms: i64,
+    ) -> Result<ShadowWritten, StoreError> {
+        let (markers, conditions) = shadow_state_json(state);
+        let (workspace_id, version) = (workspace_id.to_string(), state.version);
+        self.write(move |_, mut c| async move {
+            let tx = c.transaction().await?;
+            let shadow: Option<i64> = tx
+                .query_opt("SELECT chain_id FROM shadow WHERE id = 1 FOR SHARE", &[])
+                .await?
+                .and_then(|r| r.get(0));
+            if shadow != Some(chain_id) {
+                return Ok(ShadowWritten::NotShadow);
+            }
+            let n = if version == 0 {
+                tx.execute(
+                    "INSERT INTO shadow_state (chain_id, workspace_id, version, markers,
+                         conditions, updated_ms)
+                     VALUES ($1, $2, 1, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[&chain_id, &workspace_id, &markers, &conditions, &now_ms],
+                )
+                .await?
+            } else {
+                tx.execute(
+                    "UPDATE shadow_state SET version = version + 1, markers = $3,
+                         conditions = $4, updated_ms = $5
+                     WHERE chain_id = $1 AND workspace_id = $2 AND version = $6",
+                    &[
+                        &chain_id,
+                        &workspace_id,
+                        &markers,
+                        &conditions,
+                        &now_ms,
+                        &version,
+                    ],
+                )
+                .await?
+            };
+            tx.commit().await?;
+            Ok(if n == 1 {
+                ShadowWritten::Stored
+            } else {
+                ShadowWritten::Conflict
+            })
         })
     }
 

@@ -308,6 +308,21 @@ SELECT activation, id, activated_ms, COALESCE(activated_by, 'unknown'), 'activat
 FROM chains WHERE activation IS NOT NULL AND activated_ms IS NOT NULL
 ORDER BY activation;
 "#,
+    // 3: a shadow chain's own markers and conditions per workspace (see the
+    // SQLite schema's migration 14). A write locks the `shadow` row for
+    // share, and setting the shadow updates that row before it deletes the
+    // states, so no write of a chain just stopped lands after the delete.
+    r#"
+CREATE TABLE shadow_state (
+    chain_id BIGINT NOT NULL REFERENCES chains(id),
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    version BIGINT NOT NULL,
+    markers TEXT NOT NULL,
+    conditions TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (chain_id, workspace_id)
+);
+"#,
 ];
 
 /// Whether Heartgate's schema is in the database (it was migrated once).

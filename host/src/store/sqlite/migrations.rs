@@ -394,6 +394,22 @@ SELECT activation, id, activated_ms, COALESCE(activated_by, 'unknown'), 'activat
 FROM chains WHERE activation IS NOT NULL AND activated_ms IS NOT NULL
 ORDER BY activation;
 "#,
+    // 14: a shadow chain's own markers and conditions per workspace (JSON,
+    // as the model spells them), so that its cooldowns and conditions take
+    // effect in the shadow and never in the real state. Only the chain in
+    // shadow has any: setting or stopping the shadow deletes them all, and a
+    // write for a chain no longer in shadow is refused.
+    r#"
+CREATE TABLE shadow_state (
+    chain_id INTEGER NOT NULL REFERENCES chains(id),
+    workspace_id TEXT NOT NULL REFERENCES workspaces(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    markers TEXT NOT NULL,
+    conditions TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (chain_id, workspace_id)
+) STRICT;
+"#,
 ];
 
 /// WAL journal mode, then the embedded migrations.

@@ -1189,13 +1189,89 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.with_writer(|c| {
-            c.execute(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
                 "INSERT INTO shadow (id, chain_id, set_ms, set_by) VALUES (1, ?1, ?2, ?3)
                  ON CONFLICT (id) DO UPDATE SET chain_id = excluded.chain_id,
                      set_ms = excluded.set_ms, set_by = excluded.set_by",
                 params![chain, now_ms, by],
             )?;
+            tx.execute("DELETE FROM shadow_state", [])?;
+            tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn shadow_state(
+        &self,
+        chain_id: i64,
+        workspace_id: &str,
+    ) -> Result<Option<ShadowState>, StoreError> {
+        let row: Option<(String, String, i64)> = self.with_reader(|c| {
+            Ok(c.prepare_cached(
+                "SELECT markers, conditions, version FROM shadow_state
+                 WHERE chain_id = ?1 AND workspace_id = ?2",
+            )?
+            .query_row(params![chain_id, workspace_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?)
+        })?;
+        row.map(|(markers, conditions, version)| shadow_state_from(&markers, &conditions, version))
+            .transpose()
+    }
+
+    fn write_shadow_state(
+        &self,
+        chain_id: i64,
+        workspace_id: &str,
+        state: &ShadowState,
+        now_ms: i64,
+    ) -> Result<ShadowWritten, StoreError> {
+        let (markers, conditions) = shadow_state_json(state);
+        self.with_writer(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let shadow: Option<i64> = tx
+                .query_row("SELECT chain_id FROM shadow WHERE id = 1", [], |r| r.get(0))
+                .optional()?
+                .flatten();
+            if shadow != Some(chain_id) {
+                return Ok(ShadowWritten::NotShadow);
+            }
+            let n = if state.version == 0 {
+                tx.prepare_cached(
+                    "INSERT INTO shadow_state (chain_id, workspace_id, version, markers,
+                         conditions, updated_ms)
+                     VALUES (?1, ?2, 1, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    chain_id,
+                    workspace_id,
+                    markers,
+                    conditions,
+                    now_ms
+                ])?
+            } else {
+                tx.prepare_cached(
+                    "UPDATE shadow_state SET version = version + 1, markers = ?3,
+                         conditions = ?4, updated_ms = ?5
+                     WHERE chain_id = ?1 AND workspace_id = ?2 AND version = ?6",
+                )?
+                .execute(params![
+                    chain_id,
+                    workspace_id,
+                    markers,
+                    conditions,
+                    now_ms,
+                    state.version
+                ])?
+            };
+            tx.commit()?;
+            Ok(if n == 1 {
+                ShadowWritten::Stored
+            } else {
+                ShadowWritten::Conflict
+            })
         })
     }
 

@@ -21,6 +21,10 @@
 //! snapshot cache, a chain whose policies yield at every epoch tick, and an
 //! awaited commit).
 
+mod shadow;
+
+pub use shadow::{Shadow, ShadowDiff, ShadowStats};
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -242,57 +246,6 @@ impl HeartbeatRequest {
     }
 }
 
-/// One difference between the active chain and a shadow chain.
-#[derive(Clone, Debug, Serialize)]
-pub struct ShadowDiff {
-    pub workspace_id: String,
-    pub event_kind: String,
-    pub at_ms: i64,
-    pub active: serde_json::Value,
-    pub shadow: serde_json::Value,
-}
-
-/// What a shadow chain has seen so far.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ShadowStats {
-    /// Requests evaluated by both chains.
-    pub evaluated: u64,
-    /// Requests whose final actions differed.
-    pub differed: u64,
-    /// The most recent differences, oldest first (at most 100).
-    pub recent: Vec<ShadowDiff>,
-}
-
-/// A staged chain running beside the active one, without effects.
-pub struct Shadow {
-    pub chain_id: i64,
-    pub chain: Chain,
-    stats: std::sync::Mutex<ShadowStats>,
-}
-
-impl Shadow {
-    pub fn new(chain_id: i64, chain: Chain) -> Shadow {
-        Shadow {
-            chain_id,
-            chain,
-            stats: std::sync::Mutex::new(ShadowStats::default()),
-        }
-    }
-
-    /// A copy of the statistics.
-    pub fn stats(&self) -> ShadowStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-}
-
-/// What a chain finally decided, for comparing two chains.
-fn final_view(outcome: &ChainOutcome) -> serde_json::Value {
-    match &outcome.result {
-        Ok(actions) => serde_json::to_value(actions).unwrap_or_default(),
-        Err(f) => serde_json::json!({"failed": f.failure.kind.as_str()}),
-    }
-}
-
 /// The executor and what it works with.
 pub struct Executor {
     store: Arc<dyn Store>,
@@ -307,6 +260,9 @@ pub struct Executor {
     /// heartbeat acknowledged before its commit goes to be evaluated again
     /// if its verdict turned out to conflict.
     retries: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HeartbeatRequest>>,
+    /// Set by [`Executor::run_shadow`]: where applied verdicts go for the
+    /// shadow chain to decide too.
+    shadow_jobs: std::sync::OnceLock<tokio::sync::mpsc::Sender<shadow::Job>>,
 }
 
 /// The checked final actions of a chain, grouped for the store.
@@ -343,6 +299,7 @@ impl Executor {
             agent_urls: AgentUrlPolicy::default(),
             metrics,
             retries: std::sync::OnceLock::new(),
+            shadow_jobs: std::sync::OnceLock::new(),
         }
     }
 
@@ -515,57 +472,6 @@ impl Executor {
         self.chain.load_full()
     }
 
-    /// Run `shadow` beside the active chain (or stop, with `None`); returns
-    /// the shadow that was running.
-    pub fn set_shadow(&self, shadow: Option<Shadow>) -> Option<Arc<Shadow>> {
-        self.shadow.swap(shadow.map(Arc::new))
-    }
-
-    /// The shadow chain running, if any.
-    pub fn shadow(&self) -> Option<Arc<Shadow>> {
-        self.shadow.load_full()
-    }
-
-    /// Evaluate the shadow chain, if any, on the input the active chain just
-    /// decided, and count and log a difference in the final actions.
-    fn compare_with_shadow(&self, input: &Input, active: &ChainOutcome) {
-        crate::engine::block_on(self.compare_with_shadow_async(input, active));
-    }
-
-    /// [`Executor::compare_with_shadow`] on an async worker.
-    async fn compare_with_shadow_async(&self, input: &Input, active: &ChainOutcome) {
-        let Some(shadow) = self.shadow.load_full() else {
-            return;
-        };
-        let theirs = final_view(&shadow.chain.evaluate_async(input).await);
-        let ours = final_view(active);
-        let Ok(mut stats) = shadow.stats.lock() else {
-            return;
-        };
-        stats.evaluated += 1;
-        if theirs != ours {
-            stats.differed += 1;
-            tracing::info!(
-                target: "heartgate::shadow",
-                workspace_id = %input.workspace.id,
-                shadow_chain = shadow.chain_id,
-                active = %ours,
-                shadow = %theirs,
-                "the shadow chain decided differently"
-            );
-            if stats.recent.len() == 100 {
-                stats.recent.remove(0);
-            }
-            stats.recent.push(ShadowDiff {
-                workspace_id: input.workspace.id.clone(),
-                event_kind: input.event.kind().to_string(),
-                at_ms: input.now_ms,
-                active: ours,
-                shadow: theirs,
-            });
-        }
-    }
-
     /// Replace the active chain at once; evaluations that already loaded the
     /// old one finish on it. Returns the old chain.
     pub fn swap_chain(&self, chain: Chain) -> Arc<Chain> {
@@ -684,8 +590,7 @@ impl Executor {
                     &pending.checked,
                     &pending.outcome,
                 );
-                self.compare_with_shadow_async(&pending.input, &pending.outcome)
-                    .await;
+                self.compare_with_shadow(&pending.input, &pending.outcome);
                 return Ok(Acknowledged {
                     verdict: pending.summary,
                     committed: false,
@@ -705,8 +610,7 @@ impl Executor {
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
-                    self.compare_with_shadow_async(&pending.input, &pending.outcome)
-                        .await;
+                    self.compare_with_shadow(&pending.input, &pending.outcome);
                     return Ok(Acknowledged {
                         verdict: pending.summary,
                         committed: true,
@@ -1063,7 +967,7 @@ impl Executor {
                     if !queued.is_empty() {
                         self.deliverer.queued(&queued);
                     }
-                    self.compare_with_shadow_async(&input, &outcome).await;
+                    self.compare_with_shadow(&input, &outcome);
                     return Ok(match &checked {
                         Err(_) => SilenceOutcome::Failed,
                         Ok(Effects {
