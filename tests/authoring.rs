@@ -488,6 +488,28 @@ fn policy_new_refuses_bad_names_and_existing_directories() {
     assert!(text(&out).contains("has no Cargo.toml"), "{}", text(&out));
 }
 
+/// The SDK carries its own copy of the contract (so it builds from a
+/// registry, with no `../../wit`): it must be the contract.
+#[test]
+fn sdk_wit_is_the_contract() {
+    let copy = repo().join("policies/sdk/wit");
+    let mut files: Vec<String> = std::fs::read_dir(&copy)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["policy.wit"], "the SDK builds contract 0.2.0 only");
+    for file in &files {
+        let ours = std::fs::read_to_string(copy.join(file)).unwrap();
+        let contract = std::fs::read_to_string(repo().join("wit").join(file)).unwrap();
+        assert!(
+            ours == contract,
+            "policies/sdk/wit/{file} differs from wit/{file}: copy the contract into the SDK \
+             (cp wit/{file} policies/sdk/wit/{file})"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Replay
 
