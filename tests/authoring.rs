@@ -22,6 +22,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The target directory of the policy crates these tests build: shared
+/// between runs and tests so a rerun does not compile the SDK's dependencies
+/// again, and under the target directory cargo builds this test in
+/// (`CARGO_TARGET_DIR` when set), never inside the checkout otherwise.
+fn policy_target() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("author-guide")
+}
+
 /// `heartgate ARGS` in `dir`.
 fn heartgate(dir: &Path, args: &[&str]) -> Output {
     Command::new(HEARTGATE)
@@ -117,9 +125,8 @@ fn author_guide_followed_literally() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    // Shared between runs so a rerun does not compile the SDK's
-    // dependencies again; the guide's commands are unchanged by it.
-    let target = repo().join("target/author-guide");
+    // The guide's commands are unchanged by where cargo puts its output.
+    let target = policy_target();
 
     let (mut wrote, mut ran, mut failed_as_told) = (0, 0, 0);
     for step in &steps {
@@ -671,7 +678,7 @@ async fn guide_example_does_not_flap() {
     let out = Command::new(HEARTGATE)
         .current_dir(&krate)
         .args(["policy", "build"])
-        .env("CARGO_TARGET_DIR", repo().join("target/author-guide"))
+        .env("CARGO_TARGET_DIR", policy_target())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
