@@ -25,12 +25,34 @@ pub(crate) fn local_policy(db: &Path, command: PolicyCommand) -> Result<Local> {
     use heartgate::engine::Engine;
 
     match command {
-        PolicyCommand::New { name, dir, sdk } => {
-            let sdk = sdk.unwrap_or_else(|| PathBuf::from(template::DEFAULT_SDK));
-            let files = template::create(&dir, &name, &sdk)?;
+        PolicyCommand::New {
+            name,
+            dir,
+            sdk,
+            sdk_version,
+        } => {
+            let told = sdk.is_some() || sdk_version.is_some();
+            let sdk = match (sdk, sdk_version) {
+                (Some(path), _) => template::Sdk::Path(path),
+                (None, Some(version)) => template::Sdk::Version(version),
+                (None, None) => template::Sdk::default_at(Path::new(template::DEFAULT_SDK)),
+            };
+            let created = template::create(&dir, &name, &sdk)?;
             say!("created policy `{name}` in {}", dir.join(&name).display())?;
-            for f in files {
+            for f in created.files {
                 say!("  {}", f.display())?;
+            }
+            say!("its SDK: {}", created.dependency)?;
+            if let template::Sdk::Version(_) = sdk {
+                if !told {
+                    say!(
+                        "  (the SDK checkout this binary was built from is not at {} any more)",
+                        template::DEFAULT_SDK
+                    )?;
+                }
+                say!(
+                    "  (from the registry: cargo fetches it on the first build; pass --sdk PATH to use a checkout's policies/sdk)"
+                )?;
             }
             say!(
                 "next: cd {} && cargo test && heartgate policy build && heartgate policy test {name}.wasm",
