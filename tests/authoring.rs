@@ -22,6 +22,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The target directory of the policy crates these tests build: shared
+/// between runs and tests so a rerun does not compile the SDK's dependencies
+/// again, and under the target directory cargo builds this test in
+/// (`CARGO_TARGET_DIR` when set), never inside the checkout otherwise.
+fn policy_target() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("author-guide")
+}
+
 /// `heartgate ARGS` in `dir`.
 fn heartgate(dir: &Path, args: &[&str]) -> Output {
     Command::new(HEARTGATE)
@@ -117,9 +125,8 @@ fn author_guide_followed_literally() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    // Shared between runs so a rerun does not compile the SDK's
-    // dependencies again; the guide's commands are unchanged by it.
-    let target = repo().join("target/author-guide");
+    // The guide's commands are unchanged by where cargo puts its output.
+    let target = policy_target();
 
     let (mut wrote, mut ran, mut failed_as_told) = (0, 0, 0);
     for step in &steps {
@@ -489,6 +496,173 @@ fn policy_new_refuses_bad_names_and_existing_directories() {
     assert!(text(&out).contains("has no Cargo.toml"), "{}", text(&out));
 }
 
+/// The SDK carries its own copy of the contract (so it builds from a
+/// registry, with no `../../wit`): it must be the contract.
+#[test]
+fn sdk_wit_is_the_contract() {
+    let copy = repo().join("policies/sdk/wit");
+    let mut files: Vec<String> = std::fs::read_dir(&copy)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["policy.wit"], "the SDK builds contract 0.2.0 only");
+    for file in &files {
+        let ours = std::fs::read_to_string(copy.join(file)).unwrap();
+        let contract = std::fs::read_to_string(repo().join("wit").join(file)).unwrap();
+        assert!(
+            ours == contract,
+            "policies/sdk/wit/{file} differs from wit/{file}: copy the contract into the SDK \
+             (cp wit/{file} policies/sdk/wit/{file})"
+        );
+    }
+}
+
+/// `cargo` as cargo runs this test with.
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// The SDK as `cargo package` makes it (what a registry would serve: its own
+/// files only, the workspace's settings written into its manifest), its
+/// policy crate created beside it, both moved elsewhere: the crate builds
+/// there, because it names the SDK by a relative path and the SDK needs
+/// nothing outside itself.
+#[test]
+fn a_policy_crate_and_its_sdk_build_after_moving_together() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = cargo()
+        .current_dir(repo())
+        .args([
+            "package",
+            "-p",
+            "heartgate-policy",
+            "--no-verify",
+            "--allow-dirty",
+            "--offline",
+        ])
+        .arg("--target-dir")
+        .arg(scratch.path().join("package"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let packaged = scratch.path().join(format!(
+        "package/package/heartgate-policy-{}.crate",
+        env!("CARGO_PKG_VERSION")
+    ));
+    let before = scratch.path().join("before");
+    std::fs::create_dir(&before).unwrap();
+    let archive = std::fs::File::open(&packaged).unwrap();
+    tar::Archive::new(flate2::read::GzDecoder::new(archive))
+        .unpack(before.join("vendor"))
+        .unwrap();
+    let sdk = before
+        .join("vendor")
+        .join(format!("heartgate-policy-{}", env!("CARGO_PKG_VERSION")));
+    assert!(
+        sdk.join("wit/policy.wit").is_file(),
+        "the package holds the contract"
+    );
+
+    let out = heartgate(
+        &before,
+        &[
+            "policy",
+            "new",
+            "mover",
+            "--dir",
+            "policies",
+            "--sdk",
+            sdk.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let dependency = format!(
+        "heartgate-policy = {{ path = \"../../vendor/heartgate-policy-{}\" }}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let manifest = std::fs::read_to_string(before.join("policies/mover/Cargo.toml")).unwrap();
+    assert!(manifest.contains(&dependency), "{manifest}");
+    assert!(
+        text(&out).contains(&format!("its SDK: {dependency}")),
+        "{}",
+        text(&out)
+    );
+
+    let after = scratch.path().join("after");
+    std::fs::rename(&before, &after).unwrap();
+    let krate = after.join("policies/mover");
+    let out = Command::new(HEARTGATE)
+        .current_dir(&krate)
+        .args(["policy", "build"])
+        .env("CARGO_TARGET_DIR", policy_target())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = heartgate(&krate, &["policy", "test", "mover.wasm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("3 passed, 0 failed"), "{}", text(&out));
+}
+
+#[test]
+fn policy_new_writes_a_versioned_sdk_dependency_when_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = heartgate(
+        dir.path(),
+        &["policy", "new", "pinned", "--sdk-version", "0.1.0"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest = std::fs::read_to_string(dir.path().join("pinned/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("\nheartgate-policy = \"0.1.0\"\n"),
+        "{manifest}"
+    );
+    assert!(!manifest.contains("path ="), "{manifest}");
+
+    // The checkout's SDK by default, by a relative path.
+    let out = heartgate(dir.path(), &["policy", "new", "local"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest = std::fs::read_to_string(dir.path().join("local/Cargo.toml")).unwrap();
+    let line = manifest
+        .lines()
+        .find(|l| l.starts_with("heartgate-policy = "))
+        .unwrap();
+    let path = line
+        .strip_prefix("heartgate-policy = { path = \"")
+        .and_then(|l| l.strip_suffix("\" }"))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(path.starts_with("../"), "{line}");
+    assert_eq!(
+        std::fs::canonicalize(dir.path().join("local").join(path)).unwrap(),
+        std::fs::canonicalize(repo().join("policies/sdk")).unwrap()
+    );
+
+    let out = heartgate(
+        dir.path(),
+        &[
+            "policy",
+            "new",
+            "both",
+            "--sdk-version",
+            "0.1.0",
+            "--sdk",
+            ".",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot be used with"), "{}", text(&out));
+    let out = heartgate(
+        dir.path(),
+        &["policy", "new", "bad", "--sdk-version", "0.1\""],
+    );
+    assert!(
+        text(&out).contains("is not a version requirement"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("both").exists() && !dir.path().join("bad").exists());
+}
+
 // ---------------------------------------------------------------------------
 // Replay
 
@@ -650,7 +824,7 @@ async fn guide_example_does_not_flap() {
     let out = Command::new(HEARTGATE)
         .current_dir(&krate)
         .args(["policy", "build"])
-        .env("CARGO_TARGET_DIR", repo().join("target/author-guide"))
+        .env("CARGO_TARGET_DIR", policy_target())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));

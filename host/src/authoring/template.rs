@@ -2,13 +2,55 @@
 //! 0.2.0) with a sample rule that holds a workspace back with a condition of
 //! its own (with hysteresis), its native tests, two single-shot fixtures and
 //! one sequence fixture, ready to build into a component.
+//!
+//! The crate depends on the SDK by a path relative to its own directory (so
+//! the crate and the SDK's checkout can move together, and a repository
+//! holding both builds in CI), or by version, for an SDK that comes from a
+//! registry. Never by an absolute path: that builds on one machine only.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 /// Where the SDK of the checkout this binary was built from lives.
 pub const DEFAULT_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/sdk");
+
+/// The SDK's version: the workspace's, which this binary shares.
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where a new crate's SDK comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sdk {
+    /// An SDK crate on disk (a checkout's `policies/sdk`, or an unpacked
+    /// copy): a path dependency, written relative to the new crate.
+    Path(PathBuf),
+    /// The crate `heartgate-policy` of this version (a Cargo version
+    /// requirement) from a registry.
+    Version(String),
+}
+
+impl Sdk {
+    /// The SDK `policy new` uses when told none: the checkout at `checkout`
+    /// (the one this binary was built from) if it is still there, else the
+    /// published crate of this binary's version.
+    pub fn default_at(checkout: &Path) -> Sdk {
+        if checkout.join("Cargo.toml").is_file() {
+            Sdk::Path(checkout.to_path_buf())
+        } else {
+            Sdk::Version(SDK_VERSION.to_string())
+        }
+    }
+}
+
+/// A crate `create` wrote.
+#[derive(Debug)]
+pub struct Created {
+    /// The files written.
+    pub files: Vec<PathBuf>,
+    /// The SDK dependency as written into its `Cargo.toml`, e.g.
+    /// `heartgate-policy = { path = "../heartgate/policies/sdk" }`.
+    pub dependency: String,
+}
 
 /// Check a policy name: 1-64 of `a-z`, `0-9`, `-`, starting with a letter
 /// (it becomes the crate name, the module's metadata name and its file name).
@@ -27,19 +69,43 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Create the crate `NAME` in `parent/NAME`, depending on the SDK at `sdk`.
-/// Refuses to write into an existing directory. Returns the files written.
-pub fn create(parent: &Path, name: &str, sdk: &Path) -> Result<Vec<PathBuf>> {
-    validate_name(name)?;
-    let sdk = std::fs::canonicalize(sdk).with_context(|| {
-        format!(
-            "the guest SDK is not at {}; pass --sdk with the path of a Heartgate checkout's policies/sdk",
-            sdk.display()
-        )
-    })?;
-    if !sdk.join("Cargo.toml").is_file() {
-        bail!("{} is not the guest SDK (no Cargo.toml)", sdk.display());
+/// Check a version requirement for `--sdk-version`: what Cargo accepts in a
+/// dependency's version (`0.1.0`, `^0.2`, `>=0.2, <0.4`, ...), loosely; Cargo
+/// checks it exactly when it builds the crate.
+fn validate_version(version: &str) -> Result<()> {
+    let ok = !version.trim().is_empty()
+        && version.len() <= 64
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" .,^~=<>*+-".contains(&b));
+    if !ok {
+        bail!("`{version}` is not a version requirement (e.g. `0.1.0` or `^0.2`)");
     }
+    Ok(())
+}
+
+/// Create the crate `NAME` in `parent/NAME`, depending on `sdk`. Refuses to
+/// write into an existing directory.
+pub fn create(parent: &Path, name: &str, sdk: &Sdk) -> Result<Created> {
+    validate_name(name)?;
+    let sdk = match sdk {
+        Sdk::Path(path) => {
+            let path = std::fs::canonicalize(path).with_context(|| {
+                format!(
+                    "the guest SDK is not at {}; pass --sdk with the path of a Heartgate checkout's policies/sdk, or --sdk-version",
+                    path.display()
+                )
+            })?;
+            if !path.join("Cargo.toml").is_file() {
+                bail!("{} is not the guest SDK (no Cargo.toml)", path.display());
+            }
+            Sdk::Path(path)
+        }
+        Sdk::Version(version) => {
+            validate_version(version)?;
+            Sdk::Version(version.clone())
+        }
+    };
     let root = parent.join(name);
     if root.exists() {
         bail!(
@@ -47,7 +113,31 @@ pub fn create(parent: &Path, name: &str, sdk: &Path) -> Result<Vec<PathBuf>> {
             root.display()
         );
     }
-    let files = render(name, &sdk);
+    let dependency = match &sdk {
+        Sdk::Path(sdk) => {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+            let parent = std::fs::canonicalize(parent)
+                .with_context(|| format!("resolving {}", parent.display()))?;
+            let rel = relative(&parent.join(name), sdk);
+            let rel = rel.to_str().with_context(|| {
+                format!(
+                    "the path from the crate to the SDK, {}, is not UTF-8",
+                    rel.display()
+                )
+            })?;
+            // A TOML string, quoted and escaped; Cargo reads `/` everywhere.
+            let rel = toml::Value::String(rel.replace('\\', "/"));
+            format!("heartgate-policy = {{ path = {rel} }}")
+        }
+        Sdk::Version(version) => {
+            format!(
+                "heartgate-policy = {}",
+                toml::Value::String(version.clone())
+            )
+        }
+    };
+    let files = render(name, &dependency);
     let mut written = Vec::with_capacity(files.len());
     for (rel, text) in files {
         let path = root.join(rel);
@@ -57,12 +147,36 @@ pub fn create(parent: &Path, name: &str, sdk: &Path) -> Result<Vec<PathBuf>> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         written.push(path);
     }
-    Ok(written)
+    Ok(Created {
+        files: written,
+        dependency,
+    })
 }
 
-fn render(name: &str, sdk: &Path) -> Vec<(&'static str, String)> {
-    let sdk = sdk.display().to_string().replace('\\', "/");
-    let fill = |s: &str| s.replace("{{name}}", name).replace("{{sdk}}", &sdk);
+/// The path from directory `from` to `to`, both absolute and canonical:
+/// `..` for each component of `from` past their common prefix, then the rest
+/// of `to`. Paths with nothing in common (another drive) give `to` itself.
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<Component> = from.components().collect();
+    let to: Vec<Component> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return to.iter().collect();
+    }
+    let mut rel: PathBuf = std::iter::repeat_n(Component::ParentDir, from.len() - common).collect();
+    rel.extend(&to[common..]);
+    if rel.as_os_str().is_empty() {
+        rel.push(".");
+    }
+    rel
+}
+
+/// The crate's files; `dependency` is the SDK's line of `[dependencies]`.
+fn render(name: &str, dependency: &str) -> Vec<(&'static str, String)> {
+    let fill = |s: &str| {
+        s.replace("{{name}}", name)
+            .replace("{{sdk_dependency}}", dependency)
+    };
     vec![
         ("Cargo.toml", fill(CARGO_TOML)),
         (".gitignore", "/target\n*.wasm\n".to_string()),
@@ -96,7 +210,7 @@ publish = false
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-heartgate-policy = { path = "{{sdk}}" }
+{{sdk_dependency}}
 
 # A policy is its own workspace, wherever it lives.
 [workspace]
@@ -412,8 +526,82 @@ mod tests {
     }
 
     #[test]
+    fn the_sdk_path_is_relative_to_the_crate() {
+        for (from, to, rel) in [
+            (
+                "/home/a/policies/busy",
+                "/home/a/heartgate/policies/sdk",
+                "../../heartgate/policies/sdk",
+            ),
+            (
+                "/tmp/x/busy",
+                "/work/hg/policies/sdk",
+                "../../../work/hg/policies/sdk",
+            ),
+            ("/w/hg/policies/busy", "/w/hg/policies/sdk", "../sdk"),
+            ("/w/busy", "/w/busy/vendor/sdk", "vendor/sdk"),
+        ] {
+            assert_eq!(
+                relative(Path::new(from), Path::new(to)),
+                Path::new(rel),
+                "{from} -> {to}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_crate_on_a_path_sdk_names_it_relatively_and_a_versioned_one_by_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let sdk = dir.path().join("checkout/policies/sdk");
+        std::fs::create_dir_all(&sdk).unwrap();
+        std::fs::write(sdk.join("Cargo.toml"), "").unwrap();
+        let created = create(&dir.path().join("mine"), "p", &Sdk::Path(sdk.clone())).unwrap();
+        assert_eq!(
+            created.dependency,
+            r#"heartgate-policy = { path = "../../checkout/policies/sdk" }"#
+        );
+        let manifest = std::fs::read_to_string(dir.path().join("mine/p/Cargo.toml")).unwrap();
+        assert!(manifest.contains(&created.dependency), "{manifest}");
+
+        let created = create(dir.path(), "q", &Sdk::Version("^0.2".into())).unwrap();
+        assert_eq!(created.dependency, r#"heartgate-policy = "^0.2""#);
+        let manifest = std::fs::read_to_string(dir.path().join("q/Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains("\nheartgate-policy = \"^0.2\"\n"),
+            "{manifest}"
+        );
+        let manifest: toml::Table = manifest.parse().unwrap();
+        assert_eq!(
+            manifest["dependencies"]["heartgate-policy"].as_str(),
+            Some("^0.2")
+        );
+
+        for bad in ["", "0.1\"\nevil = 1", "0.1'"] {
+            assert!(
+                create(dir.path(), "r", &Sdk::Version(bad.into())).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(!dir.path().join("r").exists());
+    }
+
+    #[test]
+    fn without_a_checkout_the_default_sdk_is_the_published_one_of_this_version() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Sdk::default_at(&dir.path().join("gone")),
+            Sdk::Version(SDK_VERSION.to_string())
+        );
+        std::fs::write(dir.path().join("Cargo.toml"), "").unwrap();
+        assert_eq!(
+            Sdk::default_at(dir.path()),
+            Sdk::Path(dir.path().to_path_buf())
+        );
+    }
+
+    #[test]
     fn rendered_fixtures_are_fixtures_of_the_named_policy() {
-        let files = render("x-pol", Path::new("/sdk"));
+        let files = render("x-pol", "heartgate-policy = { path = \"../sdk\" }");
         let mut sequences = 0;
         for (rel, text) in &files {
             assert!(!text.contains("{{"), "{rel} has an unfilled placeholder");

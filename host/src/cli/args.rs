@@ -108,10 +108,17 @@ pub(crate) enum PolicyCommand {
         /// The directory to create it in.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The guest SDK crate (`policies/sdk` of a Heartgate checkout)
-        /// [default: the checkout this binary was built from].
-        #[arg(long)]
+        /// The guest SDK crate (`policies/sdk` of a Heartgate checkout, or an
+        /// unpacked copy), written into `Cargo.toml` as a path relative to
+        /// the new crate [default: the checkout this binary was built from;
+        /// if it is gone, `--sdk-version` of this binary's version].
+        #[arg(long, value_name = "PATH")]
         sdk: Option<PathBuf>,
+        /// Depend on the published crate `heartgate-policy` of this version
+        /// (a Cargo version requirement, e.g. `0.1.0`) instead of an SDK on
+        /// disk.
+        #[arg(long, value_name = "VERSION", conflicts_with = "sdk")]
+        sdk_version: Option<String>,
     },
     /// Build the policy crate in DIR (default: the current directory) into a
     /// component, validated as the service would: `<package>.wasm`.

@@ -37,19 +37,42 @@ pub(crate) fn local_policy(
     use heartgate::authoring::{self, compile, fixtures, replay, template, trace};
 
     match command {
-        PolicyCommand::New { name, dir, sdk } => {
-            let sdk = sdk.unwrap_or_else(|| PathBuf::from(template::DEFAULT_SDK));
-            let files = template::create(&dir, &name, &sdk)?;
+        PolicyCommand::New {
+            name,
+            dir,
+            sdk,
+            sdk_version,
+        } => {
+            let told = sdk.is_some() || sdk_version.is_some();
+            let sdk = match (sdk, sdk_version) {
+                (Some(path), _) => template::Sdk::Path(path),
+                (None, Some(version)) => template::Sdk::Version(version),
+                (None, None) => template::Sdk::default_at(Path::new(template::DEFAULT_SDK)),
+            };
+            let created = template::create(&dir, &name, &sdk)?;
             let crate_dir = dir.join(&name);
             let shown = serde_json::json!({
                 "policy": name,
                 "dir": crate_dir,
-                "files": files,
+                "files": created.files,
+                "sdk": created.dependency,
             });
             emit(json, &shown, |_| {
                 let mut t = format!("created policy `{name}` in {}\n", crate_dir.display());
-                for f in &files {
+                for f in &created.files {
                     t.push_str(&format!("  {}\n", f.display()));
+                }
+                t.push_str(&format!("its SDK: {}\n", created.dependency));
+                if let template::Sdk::Version(_) = sdk {
+                    if !told {
+                        t.push_str(&format!(
+                            "  (the SDK checkout this binary was built from is not at {} any more)\n",
+                            template::DEFAULT_SDK
+                        ));
+                    }
+                    t.push_str(
+                        "  (from the registry: cargo fetches it on the first build; pass --sdk PATH to use a checkout's policies/sdk)\n",
+                    );
                 }
                 t.push_str(&format!(
                     "next: cd {} && cargo test && heartgate policy build && heartgate policy test {name}.wasm",
