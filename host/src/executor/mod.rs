@@ -20,6 +20,9 @@
 //! async workers ([`Executor::heartbeat_async`]: a short read, usually the
 //! snapshot cache, a chain whose policies yield at every epoch tick, and an
 //! awaited commit).
+//!
+//! Shadow mode (a stored chain deciding beside the active one, off the
+//! request path, on markers and conditions of its own) is `shadow.rs`.
 
 mod shadow;
 

@@ -434,6 +434,7 @@ pub struct ShadowState {
 /// What [`Store::write_shadow_state`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShadowWritten {
+    /// Written, one version higher.
     Stored,
     /// The state stored is not the version the write was computed from (the
     /// shadow on another host wrote it first): nothing was written.
