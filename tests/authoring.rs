@@ -725,7 +725,10 @@ async fn replay_reports_changed_decisions() {
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     let report = replay(&["--slot", "cooldown"]);
+    // Two minutes apart: no heartbeat was coalesced, every one is replayed.
+    assert_eq!(report["recorded"], 8, "{report:#}");
     assert_eq!(report["replayed"], 8, "{report:#}");
+    assert_eq!(report["not_replayed"], 0, "{report:#}");
     assert_eq!(report["skipped"], json!([]));
     let changed = report["changed"].as_array().unwrap();
     let changed_at: Vec<i64> = changed
@@ -735,7 +738,8 @@ async fn replay_reports_changed_decisions() {
     assert_eq!(changed_at, [at[1], at[2]], "{report:#}");
     for c in changed {
         assert_eq!(c["workspace_id"], "concierge");
-        assert_eq!(c["baseline_reproduces"], true);
+        assert_eq!(c["baseline"], "reproduces");
+        assert_eq!(c["evaluations"], 1);
         let fires = |v: &Value| {
             v["actions"]
                 .as_array()
@@ -756,7 +760,9 @@ async fn replay_reports_changed_decisions() {
     let same = text(&out);
     assert!(out.status.success(), "{same}");
     assert!(
-        same.contains("replayed 8 decisions") && same.contains("0 would change"),
+        same.contains(
+            "replayed 8 of 8 recorded evaluations (8 decisions: all the log keeps, from "
+        ) && same.contains("0 would change, 8 unchanged, 0 not replayed\n"),
         "{same}"
     );
 
@@ -775,7 +781,7 @@ async fn replay_reports_changed_decisions() {
     assert_eq!(out.status.code(), Some(1));
     let all = text(&out);
     assert!(
-        all.contains("2 would change, 6 unchanged, 0 skipped"),
+        all.contains("2 would change, 6 unchanged, 0 not replayed\n"),
         "{all}"
     );
     assert!(all.contains("(concierge heartbeat at "), "{all}");
@@ -783,8 +789,10 @@ async fn replay_reports_changed_decisions() {
     // A slot the recorded chain lacks: every decision skipped, with why.
     let report = replay(&["--slot", "nope"]);
     assert_eq!(report["replayed"], 0);
+    assert_eq!(report["not_replayed"], 8);
     let skipped = report["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 8);
+    assert_eq!(skipped[0]["evaluations"], 1);
     let reason = skipped[0]["reason"].as_str().unwrap();
     assert!(reason.contains("no slot `nope`"), "{reason}");
 
@@ -801,6 +809,312 @@ async fn replay_reports_changed_decisions() {
     assert!(text(&out).contains("is not a duration"), "{}", text(&out));
     let out = run(&db, db.to_str().unwrap(), &["--slot", "cooldown"]);
     assert!(text(&out).contains("loading module"), "{}", text(&out));
+}
+
+/// Reconciles are only queued here; nothing is delivered.
+struct NoDelivery;
+
+impl heartgate::deliverer::Deliverer for NoDelivery {
+    fn queued(&self, _runs: &[heartgate::store::QueuedRun]) {}
+}
+
+/// A chain file: the built-in chain with a slot `busy` after the liveness
+/// slot running `busy` with its conditions and events granted (the guide's
+/// chain file), and `cooldown` (a built-in, or a file granted what the
+/// built-in is) in the cooldown slot.
+fn chain_file(busy: &str, cooldown: &str) -> String {
+    let slot = |name: &str, module: &str, grants: &str| {
+        let grants = if module.starts_with("builtin:") {
+            String::new()
+        } else {
+            format!("grants = [{grants}]\n")
+        };
+        format!("[[slot]]\nname = \"{name}\"\nmodule = \"{module}\"\n{grants}\n")
+    };
+    [
+        slot("gate", "builtin:gate", ""),
+        slot("status-rules", "builtin:status-rules", ""),
+        slot("liveness", "builtin:liveness", ""),
+        slot("busy", busy, r#""conditions", "record_event""#),
+        slot("recovery-trigger", "builtin:recovery-trigger", ""),
+        slot("cooldown", cooldown, r#""markers", "drop""#),
+    ]
+    .concat()
+}
+
+/// A coalesced decision row stands for several heartbeats but keeps only
+/// the last one's input: replay replays that one, counts the others as not
+/// replayed (coalesced), and says so, with exact counts of evaluations; and
+/// it says a change is reproduced, or not, by the recorded chain only when
+/// it ran the recorded chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_counts_coalesced_heartbeats() {
+    use heartgate::executor::{Executor, HeartbeatRequest};
+    use heartgate::model::{HeartbeatEvent, Status};
+    use heartgate::store::{NewWorkspace, SqliteStore, Store};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("heartgate.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
+    // Recorded half an hour ago, so `--since` can include and exclude it.
+    let t0 = SystemClock.now_ms() - 30 * MINUTE_MS;
+    let clock = ManualClock::at(t0);
+    store
+        .add_workspace(
+            &NewWorkspace {
+                id: "ws".into(),
+                name: String::new(),
+                kind: WorkspaceKind::Workspace,
+                model_configured: true,
+                runtime: String::new(),
+            },
+            t0,
+        )
+        .unwrap();
+    store.set_status("ws", Status::Online, t0).unwrap();
+    let token = heartgate::auth::mint().unwrap();
+    store.issue_token("ws", &token.stored, t0).unwrap();
+    // As in the service: the built-in chain, and a liveness-only verdict
+    // acknowledged once queued; the writer coalesces those of a workspace
+    // less than 250 ms apart into the last one's row.
+    let engine = heartgate::engine::Engine::new().unwrap();
+    let executor = Arc::new(Executor::new(
+        store.clone(),
+        heartgate::chain::Chain::builtin(&engine).unwrap(),
+        Arc::new(clock.clone()),
+        Arc::new(NoDelivery),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let retrier = tokio::spawn(executor.acknowledge_when_queued(async {
+        let _ = stopped.await;
+    }));
+
+    // (seconds after t0, active tasks, heartbeats): each burst at one
+    // instant of the service's clock, written (flushed) before the next.
+    // The candidate holds a workspace of 50 tasks or more back.
+    let plan = [(0, 80, 3), (30, 5, 1), (60, 5, 4), (90, 80, 1)];
+    for (secs, tasks, burst) in plan {
+        clock.set(t0 + secs * 1000);
+        for _ in 0..burst {
+            let event = HeartbeatEvent {
+                active_tasks: tasks,
+                uptime_seconds: 60,
+                ..HeartbeatEvent::default()
+            };
+            let req = HeartbeatRequest::new("ws", Some(token.plaintext.clone()), event);
+            let ack = executor.heartbeat_acknowledged(&req).await.unwrap();
+            assert!(
+                !ack.committed,
+                "a liveness-only heartbeat is held: {}",
+                ack.verdict
+            );
+        }
+        store.flush();
+    }
+    let _ = stop.send(());
+    retrier.await.unwrap();
+    let rows = store.decisions("ws", 100).unwrap();
+    let shape: Vec<(i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.heartbeats,
+                r.input["event"]["heartbeat"]["active_tasks"]
+                    .as_i64()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [(3, 80), (1, 5), (4, 5), (1, 80)],
+        "the log as planned"
+    );
+    drop(executor);
+    drop(store);
+
+    let replay = |extra: &[&str]| {
+        let candidate = format!("{GUESTS}/hold_busy.wasm");
+        let mut args = vec![
+            "policy",
+            "replay",
+            "--db",
+            db.to_str().unwrap(),
+            "--candidate",
+            &candidate,
+            "--slot",
+            "busy",
+        ];
+        args.extend_from_slice(extra);
+        heartgate(dir.path(), &args)
+    };
+    let json_of = |out: Output| -> Value {
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let baselines = |report: &Value| -> Vec<String> {
+        report["changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["baseline"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let hold_busy = format!("{GUESTS}/hold_busy.wasm");
+    let hold_maintenance = format!("{GUESTS}/hold_maintenance.wasm");
+    let cooldown_1m = format!("{GUESTS}/cooldown_1m.wasm");
+    for (file, busy, cooldown) in [
+        ("new-slot.toml", hold_busy.as_str(), "builtin:cooldown"),
+        ("other.toml", hold_maintenance.as_str(), "builtin:cooldown"),
+        ("mixed.toml", hold_busy.as_str(), cooldown_1m.as_str()),
+    ] {
+        std::fs::write(dir.path().join(file), chain_file(busy, cooldown)).unwrap();
+    }
+
+    // The guide's way of replaying a new slot: a chain file that is the
+    // recorded chain with the slot added, running the candidate. Nine
+    // evaluations, four kept inputs: each is replayed once; the five
+    // heartbeats whose inputs were coalesced away are not, and are said not
+    // to be. Without the slot the file is the recorded chain, which run
+    // again reproduces each recorded verdict.
+    let report = json_of(replay(&["--chain", "new-slot.toml", "--json"]));
+    assert_eq!(report["recorded"], 9, "{report:#}");
+    assert_eq!(report["decisions"], 4, "{report:#}");
+    assert_eq!(report["replayed"], 4, "{report:#}");
+    assert_eq!(report["unchanged"], 2, "{report:#}");
+    assert_eq!(report["not_replayed"], 5, "{report:#}");
+    assert_eq!(report["coalesced"], 5, "{report:#}");
+    assert_eq!(report["coalesced_decisions"], 2, "{report:#}");
+    assert_eq!(report["skipped"], json!([]), "{report:#}");
+    assert_eq!(report["since"], Value::Null, "{report:#}");
+    assert_eq!(
+        report["first_at"],
+        heartgate::clock::rfc3339(t0),
+        "{report:#}"
+    );
+    let changed: Vec<(i64, i64)> = report["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["at_ms"].as_i64().unwrap(),
+                c["evaluations"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(changed, [(t0, 3), (t0 + 90_000, 1)], "{report:#}");
+    assert_eq!(baselines(&report), ["reproduces", "reproduces"]);
+
+    let out = replay(&["--chain", "new-slot.toml"]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        all.contains(&format!(
+            "replayed 4 of 9 recorded evaluations (4 decisions: all the log keeps, from {})",
+            heartgate::clock::rfc3339(t0)
+        )),
+        "{all}"
+    );
+    assert!(!all.contains("1970"), "{all}");
+    assert!(
+        all.contains("2 would change, 2 unchanged, 5 not replayed (coalesced: 5)\n"),
+        "{all}"
+    );
+    assert!(
+        all.contains(
+            "  coalesced 5: 2 decisions stand for 7 heartbeats but each keeps only the last one's input, \
+             which was replayed"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains(", the last of 3 coalesced heartbeats: only its input is kept)"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("reproduce") && !all.contains("note:"),
+        "{all}"
+    );
+
+    // --since: the last hour holds them all, the last ten minutes none.
+    let out = replay(&["--chain", "new-slot.toml", "--since", "1h"]);
+    assert!(
+        text(&out).contains("replayed 4 of 9 recorded evaluations (4 decisions since "),
+        "{}",
+        text(&out)
+    );
+    let out = replay(&["--chain", "new-slot.toml", "--since", "10m"]);
+    assert!(
+        text(&out).contains("replayed 0 of 0 recorded evaluations (0 decisions since "),
+        "{}",
+        text(&out)
+    );
+
+    // A chain file that is not the recorded chain, with its own module in
+    // the slot: that module is what the candidate is compared with.
+    let report = json_of(replay(&["--chain", "other.toml", "--json"]));
+    assert_eq!(
+        (&report["replayed"], &report["not_replayed"]),
+        (&json!(4), &json!(5))
+    );
+    assert_eq!(baselines(&report), ["file_reproduces", "file_reproduces"]);
+
+    // A chain file running the candidate itself and changing another slot
+    // too: there is no chain without the candidate to run, and no change is
+    // said to be reproduced, or not, by one.
+    let report = json_of(replay(&["--chain", "mixed.toml", "--json"]));
+    assert_eq!(
+        (&report["replayed"], &report["unchanged"]),
+        (&json!(4), &json!(2)),
+        "{report:#}"
+    );
+    assert_eq!(baselines(&report), ["not_run", "not_run"]);
+    let all = text(&replay(&["--chain", "mixed.toml"]));
+    assert!(
+        all.contains("2 would change, 2 unchanged, 5 not replayed"),
+        "{all}"
+    );
+    assert!(
+        all.contains(
+            "note: 2 changes were not compared with a run without the candidate: \
+             the chain file runs the candidate itself in slot `busy`"
+        ),
+        "{all}"
+    );
+    assert!(!all.contains("[the "), "{all}");
+
+    // Without a chain file the recorded chain has no slot `busy`: no
+    // evaluation is replayed, each decision counted for all it stands for.
+    let report = json_of(replay(&["--json"]));
+    assert_eq!(
+        (
+            &report["recorded"],
+            &report["replayed"],
+            &report["not_replayed"],
+            &report["coalesced"]
+        ),
+        (&json!(9), &json!(0), &json!(9), &json!(0)),
+        "{report:#}"
+    );
+    let evaluations: Vec<i64> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["evaluations"].as_i64().unwrap())
+        .collect();
+    assert_eq!(evaluations, [3, 1, 4, 1], "{report:#}");
+    let all = text(&replay(&[]));
+    assert!(
+        all.contains("0 would change, 0 unchanged, 9 not replayed (skipped: 9)\n"),
+        "{all}"
+    );
+    assert!(
+        all.contains("  skipped 9 evaluations (4 decisions): chain version "),
+        "{all}"
+    );
+    assert!(all.contains("has no slot `busy`"), "{all}");
 }
 
 /// The guide's own policy, built from the guide's source, in the running

@@ -149,7 +149,8 @@ pub(crate) enum PolicyCommand {
     },
     /// Replay recorded decisions of `--db` with a candidate module in one
     /// slot of the chain that made them; report every decision that would
-    /// change.
+    /// change, and how many recorded evaluations were not replayed, and why
+    /// (a coalesced decision keeps only its last heartbeat's input).
     Replay {
         /// The candidate module: a component file, or `builtin:NAME`.
         #[arg(long)]
@@ -157,7 +158,8 @@ pub(crate) enum PolicyCommand {
         /// The slot the candidate replaces.
         #[arg(long)]
         slot: String,
-        /// Only decisions of the last DURATION (e.g. 30m, 24h, 7d).
+        /// Only decisions of the last DURATION (e.g. 30m, 24h, 7d) [default:
+        /// all the decision log keeps].
         #[arg(long)]
         since: Option<String>,
         /// Replay through this chain file instead of the recorded chain.

@@ -221,14 +221,13 @@ pub(crate) fn local_policy(
             chain,
             fail_on_change,
         } => {
-            let since_ms = match since {
-                Some(d) => {
+            let since_ms = since
+                .map(|d| {
                     let span = heartgate::clock::parse_duration_ms(&d)
                         .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
-                    SystemClock.now_ms().saturating_sub(span)
-                }
-                None => 0,
-            };
+                    anyhow::Ok(SystemClock.now_ms().saturating_sub(span))
+                })
+                .transpose()?;
             let engine = engine()?;
             let candidate = authoring::load_module(&engine, &candidate)?;
             let chain = chain.map(|f| authoring::read_chain_file(&f)).transpose()?;
