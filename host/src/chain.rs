@@ -237,6 +237,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// The grants of `declared` that `granted` lacks, by name.
+pub fn missing_grants(declared: &[Grant], granted: &[Grant]) -> Vec<&'static str> {
+    declared
+        .iter()
+        .filter(|g| !granted.contains(g))
+        .map(|g| g.as_str())
+        .collect()
+}
+
 /// Refuse a slot whose grants do not cover what its module declares it
 /// needs ([`crate::engine::GRANTS_SECTION`]): without them it would fail
 /// with `ungranted_action` on the requests that use them.
@@ -245,13 +254,7 @@ fn check_declared_grants(
     module: &PolicyModule,
     grants: &[Grant],
 ) -> Result<(), ChainError> {
-    let missing: Vec<&str> = module
-        .declared_grants()
-        .unwrap_or_default()
-        .iter()
-        .filter(|g| !grants.contains(g))
-        .map(|g| g.as_str())
-        .collect();
+    let missing = missing_grants(module.declared_grants().unwrap_or_default(), grants);
     if missing.is_empty() {
         return Ok(());
     }

@@ -136,16 +136,9 @@ pub fn chain_with(
         };
     }
     Chain::from_spec(engine, &spec, &base, &|_| None).map_err(|e| {
-        // Where the value is in the file, when the error is about one.
-        let line = match &e {
-            crate::chain::ChainError::UnknownBuiltin { module, .. } => {
-                std::fs::read_to_string(chain_file)
-                    .ok()
-                    .and_then(|text| line_of(&text, module))
-            }
-            _ => None,
-        };
-        let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+        let at = error_line(chain_file, &e)
+            .map(|l| format!(":{l}"))
+            .unwrap_or_default();
         anyhow::Error::new(e).context(format!(
             "building the chain of {}{at}",
             chain_file.display()
@@ -153,8 +146,19 @@ pub fn chain_with(
     })
 }
 
+/// The line of `file` holding the value a chain error is about, when it is
+/// about one (an unknown built-in).
+pub fn error_line(file: &Path, e: &crate::chain::ChainError) -> Option<usize> {
+    match e {
+        crate::chain::ChainError::UnknownBuiltin { module, .. } => std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| line_of(&text, module)),
+        _ => None,
+    }
+}
+
 /// The first line (1-based) of `text` that holds `value` quoted.
-pub fn line_of(text: &str, value: &str) -> Option<usize> {
+fn line_of(text: &str, value: &str) -> Option<usize> {
     let quoted = [format!("\"{value}\""), format!("'{value}'")];
     text.lines()
         .position(|l| quoted.iter().any(|q| l.contains(q.as_str())))

@@ -603,11 +603,11 @@ fn check_push_grants(
             .filter_map(|g| g.as_str().map(str::to_string))
             .collect()
     };
-    let missing: Vec<&str> = declared
+    let have: Vec<heartgate::chain::Grant> = granted
         .iter()
-        .map(|g| g.as_str())
-        .filter(|g| !granted.iter().any(|have| have == g))
+        .filter_map(|g| heartgate::chain::Grant::parse(g))
         .collect();
+    let missing = heartgate::chain::missing_grants(declared, &have);
     if missing.is_empty() {
         return Ok(());
     }

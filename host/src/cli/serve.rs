@@ -26,15 +26,7 @@ pub(crate) fn config_check(path: &Path, json: bool) -> Result<()> {
     if let Some(spec) = &file.chain {
         let engine = super::author::engine()?;
         heartgate::chain::Chain::from_spec(&engine, spec, &base, &|_| None).map_err(|e| {
-            let line = match &e {
-                heartgate::chain::ChainError::UnknownBuiltin { module, .. } => {
-                    std::fs::read_to_string(path)
-                        .ok()
-                        .and_then(|text| heartgate::authoring::line_of(&text, module))
-                }
-                _ => None,
-            };
-            match line {
+            match heartgate::authoring::error_line(path, &e) {
                 Some(line) => anyhow::anyhow!("`{}`: line {line}: chain: {e}", path.display()),
                 None => anyhow::anyhow!("`{}`: chain: {e}", path.display()),
             }
