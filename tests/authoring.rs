@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 mod common;
+#[path = "readme.rs"]
+mod readme;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -1124,7 +1126,19 @@ async fn replay_counts_coalesced_heartbeats() {
 async fn guide_example_does_not_flap() {
     let guide = std::fs::read_to_string(repo().join("policies/README.md")).unwrap();
     let home = tempfile::tempdir().unwrap();
-    let out = heartgate(home.path(), &["policy", "new", "busy-degrade"]);
+    // As the guide creates it: declaring what its rule needs.
+    let out = heartgate(
+        home.path(),
+        &[
+            "policy",
+            "new",
+            "busy-degrade",
+            "--grant",
+            "conditions",
+            "--grant",
+            "record_event",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let krate = home.path().join("busy-degrade");
     // The guide's source files, as it last writes them.

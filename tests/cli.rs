@@ -854,6 +854,54 @@ fn error_text_names_what_to_fix() {
             && err.contains("--server URL or HEARTGATE_SERVER"),
         "{err}"
     );
+
+    // `--server` and `--as` go before the command too, like `--db`; after
+    // it, they win.
+    for args in [
+        &["--server", "http://127.0.0.1:9", "policy", "list"][..],
+        &[
+            "--server",
+            "http://127.0.0.1:7",
+            "--as",
+            "alice",
+            "policy",
+            "rollback",
+            "--server",
+            "http://127.0.0.1:9",
+        ][..],
+    ] {
+        let out = Command::new(binary::heartgate())
+            .current_dir(dir.path())
+            .env("HEARTGATE_ADMIN_TOKEN", "x")
+            .env_remove("HEARTGATE_SERVER")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("cannot reach the service at http://127.0.0.1:9"),
+            "{args:?}: {err}"
+        );
+    }
+    // The local commands do not take it, nor list it.
+    for command in ["new", "build", "test", "replay"] {
+        let help = Command::new(binary::heartgate())
+            .args(["policy", command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(
+            !help.contains("--server") && !help.contains("--as <NAME>"),
+            "policy {command} --help lists --server or --as:\n{help}"
+        );
+    }
+    let help = Command::new(binary::heartgate())
+        .args(["policy", "push", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--server") && help.contains("--as"), "{help}");
 }
 
 /// Its stdout as one JSON document, asserting it succeeded.

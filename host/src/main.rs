@@ -66,24 +66,27 @@ fn run(cli: Cli) -> Result<()> {
             watch,
         } => serve(cli.db, listen, config, watch),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file, json),
-        Command::Policy {
-            server,
-            operator,
-            command,
-        } => match local_policy(&db_or_default(cli.db), server.is_some(), json, command)? {
-            Local::Done(code) => {
-                if code != 0 {
-                    std::process::exit(code);
+        Command::Policy(command) => {
+            // `--server`/`--as` after the command win over those before it
+            // (and their environment variables).
+            let (server, operator) = command.remote_flags();
+            let server = server.map(str::to_string).or(cli.server);
+            let operator = operator.map(str::to_string).or(cli.operator);
+            match local_policy(&db_or_default(cli.db), server.is_some(), json, command)? {
+                Local::Done(code) => {
+                    if code != 0 {
+                        std::process::exit(code);
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Local::Remote(command) => policy(
+                    server.as_deref().unwrap_or(DEFAULT_SERVER),
+                    operator,
+                    json,
+                    command,
+                ),
             }
-            Local::Remote(command) => policy(
-                server.as_deref().unwrap_or(DEFAULT_SERVER),
-                operator,
-                json,
-                command,
-            ),
-        },
+        }
         Command::Workspace(cmd) => {
             // Only `add` may create the database: a typo in `--db` is not
             // a new, empty fleet.

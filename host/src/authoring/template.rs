@@ -12,6 +12,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::chain::Grant;
+
 /// Where the SDK of the checkout this binary was built from lives.
 pub const DEFAULT_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/sdk");
 
@@ -50,6 +52,8 @@ pub struct Created {
     /// The SDK dependency as written into its `Cargo.toml`, e.g.
     /// `heartgate-policy = { path = "../heartgate/policies/sdk" }`.
     pub dependency: String,
+    /// The grants its `Cargo.toml` declares.
+    pub grants: Vec<Grant>,
 }
 
 /// Check a policy name: 1-64 of `a-z`, `0-9`, `-`, starting with a letter
@@ -84,9 +88,14 @@ fn validate_version(version: &str) -> Result<()> {
     Ok(())
 }
 
-/// Create the crate `NAME` in `parent/NAME`, depending on `sdk`. Refuses to
-/// write into an existing directory.
-pub fn create(parent: &Path, name: &str, sdk: &Sdk) -> Result<Created> {
+/// What the sample rule needs: its condition, its marker and its event.
+pub const SAMPLE_GRANTS: [Grant; 3] = [Grant::Conditions, Grant::Markers, Grant::RecordEvent];
+
+/// Create the crate `NAME` in `parent/NAME`, depending on `sdk`, declaring
+/// `grants` (`[package.metadata.heartgate] grants`; `None`: what the sample
+/// rule needs, [`SAMPLE_GRANTS`]). Refuses to write into an existing
+/// directory.
+pub fn create(parent: &Path, name: &str, sdk: &Sdk, grants: Option<&[Grant]>) -> Result<Created> {
     validate_name(name)?;
     let sdk = match sdk {
         Sdk::Path(path) => {
@@ -137,7 +146,13 @@ pub fn create(parent: &Path, name: &str, sdk: &Sdk) -> Result<Created> {
             )
         }
     };
-    let files = render(name, &dependency);
+    let mut declared: Vec<Grant> = Vec::new();
+    for g in grants.unwrap_or(&SAMPLE_GRANTS) {
+        if !declared.contains(g) {
+            declared.push(*g);
+        }
+    }
+    let files = render(name, &dependency, &declared);
     let mut written = Vec::with_capacity(files.len());
     for (rel, text) in files {
         let path = root.join(rel);
@@ -150,6 +165,7 @@ pub fn create(parent: &Path, name: &str, sdk: &Sdk) -> Result<Created> {
     Ok(Created {
         files: written,
         dependency,
+        grants: declared,
     })
 }
 
@@ -172,10 +188,18 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
 }
 
 /// The crate's files; `dependency` is the SDK's line of `[dependencies]`.
-fn render(name: &str, dependency: &str) -> Vec<(&'static str, String)> {
+fn render(name: &str, dependency: &str, grants: &[Grant]) -> Vec<(&'static str, String)> {
+    let grants = toml::Value::Array(
+        grants
+            .iter()
+            .map(|g| toml::Value::String(g.as_str().to_string()))
+            .collect(),
+    )
+    .to_string();
     let fill = |s: &str| {
         s.replace("{{name}}", name)
             .replace("{{sdk_dependency}}", dependency)
+            .replace("{{grants}}", &grants)
     };
     vec![
         ("Cargo.toml", fill(CARGO_TOML)),
@@ -212,6 +236,13 @@ crate-type = ["cdylib", "rlib"]
 [dependencies]
 {{sdk_dependency}}
 
+# What the policy may do in its slot. `heartgate policy build` writes this
+# into the component, and a slot that does not grant all of it is refused
+# when staged: keep it to what `decide` returns (conditions, markers,
+# record_event, request_reconcile, reject, set_status, drop).
+[package.metadata.heartgate]
+grants = {{grants}}
+
 # A policy is its own workspace, wherever it lives.
 [workspace]
 
@@ -242,8 +273,9 @@ step to step as the service would, the status checked after each).
 
 The author's guide (policies/README.md in the Heartgate repository) explains
 the contract, how conditions compose, the limits, replay, and how to
-hot-swap the module into a running service (grant it `conditions`,
-`markers` and `record_event`).
+hot-swap the module into a running service. The grants it needs are
+declared in `Cargo.toml` (`[package.metadata.heartgate] grants`): a slot
+must grant them all.
 "#;
 
 const LIB_RS: &str = r#"//! The component adapter of the `{{name}}` policy; the decision lives in [`rule`].
@@ -555,7 +587,7 @@ mod tests {
         let sdk = dir.path().join("checkout/policies/sdk");
         std::fs::create_dir_all(&sdk).unwrap();
         std::fs::write(sdk.join("Cargo.toml"), "").unwrap();
-        let created = create(&dir.path().join("mine"), "p", &Sdk::Path(sdk.clone())).unwrap();
+        let created = create(&dir.path().join("mine"), "p", &Sdk::Path(sdk.clone()), None).unwrap();
         assert_eq!(
             created.dependency,
             r#"heartgate-policy = { path = "../../checkout/policies/sdk" }"#
@@ -563,7 +595,7 @@ mod tests {
         let manifest = std::fs::read_to_string(dir.path().join("mine/p/Cargo.toml")).unwrap();
         assert!(manifest.contains(&created.dependency), "{manifest}");
 
-        let created = create(dir.path(), "q", &Sdk::Version("^0.2".into())).unwrap();
+        let created = create(dir.path(), "q", &Sdk::Version("^0.2".into()), None).unwrap();
         assert_eq!(created.dependency, r#"heartgate-policy = "^0.2""#);
         let manifest = std::fs::read_to_string(dir.path().join("q/Cargo.toml")).unwrap();
         assert!(
@@ -578,11 +610,47 @@ mod tests {
 
         for bad in ["", "0.1\"\nevil = 1", "0.1'"] {
             assert!(
-                create(dir.path(), "r", &Sdk::Version(bad.into())).is_err(),
+                create(dir.path(), "r", &Sdk::Version(bad.into()), None).is_err(),
                 "{bad}"
             );
         }
         assert!(!dir.path().join("r").exists());
+    }
+
+    /// The crate declares what its rule needs: the sample rule's grants by
+    /// default, or exactly those given (once each), as `policy build` reads
+    /// them.
+    #[test]
+    fn the_crate_declares_its_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let grants_of = |name: &str| {
+            let manifest: toml::Table =
+                std::fs::read_to_string(dir.path().join(name).join("Cargo.toml"))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            let list = manifest["package"]["metadata"]["heartgate"]["grants"].clone();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        create(dir.path(), "sample", &Sdk::Version("0.1.0".into()), None).unwrap();
+        assert_eq!(
+            grants_of("sample"),
+            ["conditions", "markers", "record_event"]
+        );
+        create(
+            dir.path(),
+            "told",
+            &Sdk::Version("0.1.0".into()),
+            Some(&[Grant::RecordEvent, Grant::Conditions, Grant::RecordEvent]),
+        )
+        .unwrap();
+        assert_eq!(grants_of("told"), ["record_event", "conditions"]);
+        create(dir.path(), "none", &Sdk::Version("0.1.0".into()), Some(&[])).unwrap();
+        assert!(grants_of("none").is_empty());
     }
 
     #[test]
@@ -601,7 +669,11 @@ mod tests {
 
     #[test]
     fn rendered_fixtures_are_fixtures_of_the_named_policy() {
-        let files = render("x-pol", "heartgate-policy = { path = \"../sdk\" }");
+        let files = render(
+            "x-pol",
+            "heartgate-policy = { path = \"../sdk\" }",
+            &SAMPLE_GRANTS,
+        );
         let mut sequences = 0;
         for (rel, text) in &files {
             assert!(!text.contains("{{"), "{rel} has an unfilled placeholder");

@@ -32,6 +32,16 @@ pub(crate) struct Cli {
     /// object a line.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The running service, for the `policy` commands that call its admin
+    /// API (each takes `--server` after it too) [default:
+    /// http://127.0.0.1:8080].
+    #[arg(long, env = "HEARTGATE_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// Who you are, recorded with every change you make through the admin
+    /// API (each such command takes `--as` after it too) [default: `$USER`,
+    /// or `$LOGNAME`, or `uid N`].
+    #[arg(long = "as", env = "HEARTGATE_OPERATOR", value_name = "NAME")]
+    pub operator: Option<String>,
     /// Export spans over OTLP/HTTP (OTEL_EXPORTER_OTLP_ENDPOINT, default
     /// http://localhost:4318).
     #[cfg(feature = "otel")]
@@ -77,24 +87,26 @@ pub(crate) enum Command {
     /// eval MODULE, replay), and change the policy chain of a running service
     /// (list, push, stage, activate, rollback, eval, shadow: admin API, the
     /// token comes from `HEARTGATE_ADMIN_TOKEN`).
-    Policy {
-        /// The running service, for the commands that call its admin API
-        /// [default: http://127.0.0.1:8080].
-        #[arg(long, global = true, env = "HEARTGATE_SERVER", value_name = "URL")]
-        server: Option<String>,
-        /// Who you are, recorded with every change you make through the
-        /// admin API (activations, rollbacks, pushes, shadow) [default:
-        /// `$USER`, or `$LOGNAME`, or `uid N`].
-        #[arg(
-            long = "as",
-            global = true,
-            env = "HEARTGATE_OPERATOR",
-            value_name = "NAME"
-        )]
-        operator: Option<String>,
-        #[command(subcommand)]
-        command: PolicyCommand,
-    },
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `--server` of a command that calls the running service's admin API.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct Server {
+    /// The running service [default: `--server` before the command, or
+    /// HEARTGATE_SERVER, or http://127.0.0.1:8080].
+    #[arg(long = "server", value_name = "URL")]
+    pub server: Option<String>,
+}
+
+/// `--as` of a command that calls the running service's admin API.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct Actor {
+    /// Who you are, recorded with the change [default: `--as` before the
+    /// command, or HEARTGATE_OPERATOR, or `$USER`, `$LOGNAME`, `uid N`].
+    #[arg(long = "as", value_name = "NAME")]
+    pub operator: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +131,13 @@ pub(crate) enum PolicyCommand {
         /// disk.
         #[arg(long, value_name = "VERSION", conflicts_with = "sdk")]
         sdk_version: Option<String>,
+        /// A grant the policy will need (repeat), declared in its
+        /// `Cargo.toml` (`[package.metadata.heartgate] grants`): conditions,
+        /// record_event, request_reconcile, markers, reject, set_status, drop
+        /// [default: what the sample rule needs: conditions, markers,
+        /// record_event].
+        #[arg(long = "grant", value_parser = ["conditions", "record_event", "request_reconcile", "markers", "reject", "set_status", "drop"])]
+        grants: Vec<String>,
     },
     /// Build the policy crate in DIR (default: the current directory) into a
     /// component, validated as the service would: `<package>.wasm`.
@@ -170,7 +189,12 @@ pub(crate) enum PolicyCommand {
         fail_on_change: bool,
     },
     /// Show the active chain.
-    List,
+    List {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
+    },
     /// Upload a module; with `--slot`, stage the active chain with that slot
     /// running it (and `--activate` it).
     Push {
@@ -196,30 +220,56 @@ pub(crate) enum PolicyCommand {
         /// Activate the staged chain at once.
         #[arg(long, requires = "slot")]
         activate: bool,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
     },
     /// Stage a chain from a JSON file: `{"slot": [...], "fixtures": [...]}`.
     Stage {
         /// The JSON file: `{"slot": [...], "fixtures": [...]}`.
         file: PathBuf,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
     },
     /// Delete every pushed module that no stored chain uses (the module
     /// store has a quota: `[policy] max_stored_modules`).
-    Prune,
+    Prune {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
+    },
     /// Activate a staged chain.
     Activate {
         /// The stored chain (staged, or retired: `policy history` lists them).
         id: i64,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
     },
     /// Go back one step in the activation history: to the chain active
     /// before the current one was activated; a second rollback goes one
     /// step further back (never forward again: re-activate a chain by id).
-    Rollback,
+    Rollback {
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
+    },
     /// List the stored chains and the activation history (who activated or
     /// rolled back which chain, when, from which), newest first.
     History {
         /// How many chains and activations (1-1000).
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
     },
     /// Stage the active chain without slot SLOT (and `--activate` it).
     RemoveSlot {
@@ -228,6 +278,10 @@ pub(crate) enum PolicyCommand {
         /// Activate the staged chain at once.
         #[arg(long)]
         activate: bool,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
     },
     /// Evaluate an input (JSON file, or a fixture) without effects: with
     /// MODULE or a chain file, locally; otherwise by the running service.
@@ -248,6 +302,16 @@ pub(crate) enum PolicyCommand {
         /// Show each policy's input, proposed actions and output.
         #[arg(long)]
         trace: bool,
+        /// The running service that evaluates it, when there is no MODULE
+        /// or chain file [default: `--server` before the command, or
+        /// HEARTGATE_SERVER; required then].
+        #[arg(long = "server", value_name = "URL")]
+        server: Option<String>,
+        /// Who you are, sent with the call (when the service evaluates it)
+        /// [default: `--as` before the command, or HEARTGATE_OPERATOR, or
+        /// `$USER`].
+        #[arg(long = "as", value_name = "NAME")]
+        operator: Option<String>,
     },
     /// Run a stored chain beside the active one (no effects), show what it
     /// saw, or stop it.
@@ -258,7 +322,39 @@ pub(crate) enum PolicyCommand {
         /// Stop the shadow chain (on every host).
         #[arg(long, conflicts_with = "id")]
         stop: bool,
+        #[command(flatten)]
+        server: Server,
+        #[command(flatten)]
+        actor: Actor,
     },
+}
+
+impl PolicyCommand {
+    /// The `--server` and `--as` given after the command (`None` for the
+    /// local commands, which take neither).
+    pub(crate) fn remote_flags(&self) -> (Option<&str>, Option<&str>) {
+        let (server, actor) = match self {
+            Self::List { server, actor }
+            | Self::History { server, actor, .. }
+            | Self::Push { server, actor, .. }
+            | Self::Stage { server, actor, .. }
+            | Self::Prune { server, actor }
+            | Self::Activate { server, actor, .. }
+            | Self::Rollback { server, actor }
+            | Self::RemoveSlot { server, actor, .. }
+            | Self::Shadow { server, actor, .. } => (Some(server), Some(actor)),
+            Self::Eval {
+                server, operator, ..
+            } => return (server.as_deref(), operator.as_deref()),
+            Self::New { .. } | Self::Build { .. } | Self::Test { .. } | Self::Replay { .. } => {
+                (None, None)
+            }
+        };
+        (
+            server.and_then(|s| s.server.as_deref()),
+            actor.and_then(|a| a.operator.as_deref()),
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -293,12 +389,27 @@ pub(crate) enum WorkspaceCommand {
         #[arg(long, default_value = "")]
         runtime: String,
     },
-    /// Print one workspace as JSON: what `GET /workspaces/{id}` answers
-    /// (status, url, agent card, active tasks, uptime, current task, last
-    /// error rate, ...), with the conditions in force, plugins and tokens.
+    /// One workspace's facts: what `GET /workspaces/{id}` answers (status,
+    /// url, agent card, active tasks, uptime, current task, last error rate,
+    /// ...), with the conditions in force, plugins and tokens.
     Show {
         /// The workspace.
         id: String,
+    },
+    /// Wait until the workspace has one of the statuses of `--status` (for
+    /// scripts and walk-throughs); exits 1 with the status it has if that
+    /// takes longer than `--timeout`.
+    Wait {
+        /// The workspace.
+        id: String,
+        /// The status to wait for (repeat for any of several): provisioning,
+        /// online, offline, degraded, failed, removed, paused, hibernated,
+        /// hibernating, awaiting_agent.
+        #[arg(long = "status", required = true, value_name = "STATUS")]
+        statuses: Vec<String>,
+        /// How long to wait at most (e.g. 30s, 2m).
+        #[arg(long, default_value = "60s", value_name = "DURATION")]
+        timeout: String,
     },
     /// Replace the workspace's platform inbound secret with a new random
     /// one (the old one stops being handed out at once; the runtime gets
@@ -318,7 +429,7 @@ pub(crate) enum WorkspaceCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Print every workspace, one JSON object a line.
+    /// Every workspace, as a table (`--json`: one JSON object a line).
     List,
     /// Declare a plugin the workspace must have (or change its source); the
     /// reconciler delivers it. The source is checked as the deliverer
@@ -433,7 +544,7 @@ pub(crate) enum DbCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum ReconcileCommand {
-    /// Print reconcile runs, one JSON object a line.
+    /// Reconcile runs, as a table (`--json`: one JSON object a line).
     List {
         /// Only the runs of this workspace.
         #[arg(long)]

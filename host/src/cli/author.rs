@@ -42,20 +42,34 @@ pub(crate) fn local_policy(
             dir,
             sdk,
             sdk_version,
+            grants,
         } => {
             let told = sdk.is_some() || sdk_version.is_some();
+            let grants = grants
+                .iter()
+                .map(|g| {
+                    heartgate::chain::Grant::parse(g)
+                        .with_context(|| format!("--grant: no grant `{g}`"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let sdk = match (sdk, sdk_version) {
                 (Some(path), _) => template::Sdk::Path(path),
                 (None, Some(version)) => template::Sdk::Version(version),
                 (None, None) => template::Sdk::default_at(Path::new(template::DEFAULT_SDK)),
             };
-            let created = template::create(&dir, &name, &sdk)?;
+            let created = template::create(
+                &dir,
+                &name,
+                &sdk,
+                (!grants.is_empty()).then_some(grants.as_slice()),
+            )?;
             let crate_dir = dir.join(&name);
             let shown = serde_json::json!({
                 "policy": name,
                 "dir": crate_dir,
                 "files": created.files,
                 "sdk": created.dependency,
+                "grants": created.grants.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
             });
             emit(json, &shown, |_| {
                 let mut t = format!("created policy `{name}` in {}\n", crate_dir.display());
@@ -63,6 +77,15 @@ pub(crate) fn local_policy(
                     t.push_str(&format!("  {}\n", f.display()));
                 }
                 t.push_str(&format!("its SDK: {}\n", created.dependency));
+                let grants: Vec<&str> = created.grants.iter().map(|g| g.as_str()).collect();
+                t.push_str(&format!(
+                    "it declares the grants: {} (Cargo.toml, [package.metadata.heartgate])\n",
+                    if grants.is_empty() {
+                        "none".to_string()
+                    } else {
+                        grants.join(", ")
+                    }
+                ));
                 if let template::Sdk::Version(_) = sdk {
                     if !told {
                         t.push_str(&format!(
@@ -176,6 +199,8 @@ pub(crate) fn local_policy(
             chain,
             slot,
             trace: with_trace,
+            server,
+            operator,
         } => {
             let chain_file = chain
                 .as_deref()
@@ -196,6 +221,8 @@ pub(crate) fn local_policy(
                     chain,
                     slot,
                     trace: with_trace,
+                    server,
+                    operator,
                 }));
             }
             let engine = engine()?;

@@ -17,6 +17,62 @@ fn done(json: bool, value: serde_json::Value, text: String) -> Result<()> {
     emit(json, &value, |_| text)
 }
 
+/// How often `workspace wait` looks again: a read of one row.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `workspace wait`: poll the workspace's row until its status is one of
+/// `statuses`, or fail after `timeout` saying what it is.
+fn wait_for_status(
+    store: &dyn Store,
+    id: &str,
+    statuses: &[String],
+    timeout: &str,
+    json: bool,
+) -> Result<()> {
+    let wanted = statuses
+        .iter()
+        .map(|s| {
+            Status::parse(s).with_context(|| {
+                let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+                format!("--status: unknown status `{s}` (one of {})", all.join(", "))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let timeout_ms = heartgate::clock::parse_duration_ms(timeout)
+        .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_millis(timeout_ms.unsigned_abs());
+    loop {
+        let rec = store
+            .workspace(id)?
+            .with_context(|| format!("unknown workspace `{id}`"))?;
+        if wanted.contains(&rec.status) {
+            let waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let shown = serde_json::json!({
+                "workspace_id": id,
+                "status": rec.status.as_str(),
+                "waited_ms": waited_ms,
+            });
+            return emit(json, &shown, |_| {
+                format!(
+                    "`{id}` is {} (after {:.1} s)",
+                    rec.status.as_str(),
+                    waited_ms as f64 / 1000.0
+                )
+            });
+        }
+        if std::time::Instant::now() >= deadline {
+            let want: Vec<&str> = wanted.iter().map(|s| s.as_str()).collect();
+            bail!(
+                "`{id}` is still {} after {timeout} (waiting for {})",
+                rec.status.as_str(),
+                want.join(" or ")
+            );
+        }
+        std::thread::sleep(WAIT_POLL);
+    }
+}
+
 pub(crate) fn workspace(
     store: &dyn Store,
     cmd: WorkspaceCommand,
@@ -79,6 +135,11 @@ pub(crate) fn workspace(
             }
             None => bail!("unknown workspace `{id}`"),
         },
+        WorkspaceCommand::Wait {
+            id,
+            statuses,
+            timeout,
+        } => wait_for_status(store, &id, &statuses, &timeout, json)?,
         WorkspaceCommand::RotateInboundSecret { id } => {
             let secret = heartgate::auth::InboundSecret::mint()
                 .map_err(|e| anyhow::anyhow!("minting a secret: {e}"))?;

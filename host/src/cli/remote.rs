@@ -64,14 +64,14 @@ pub(crate) fn policy(
 ) -> Result<()> {
     // How the answer reads as text (`--json`: the answer itself).
     let render: fn(&serde_json::Value) -> String = match &command {
-        PolicyCommand::List => render_active,
+        PolicyCommand::List { .. } => render_active,
         PolicyCommand::Push { slot: None, .. } => render_module,
         PolicyCommand::Push { .. }
         | PolicyCommand::Stage { .. }
         | PolicyCommand::Activate { .. }
-        | PolicyCommand::Rollback
+        | PolicyCommand::Rollback { .. }
         | PolicyCommand::RemoveSlot { .. } => render_chain,
-        PolicyCommand::Prune => render_prune,
+        PolicyCommand::Prune { .. } => render_prune,
         PolicyCommand::History { .. } => render_history,
         PolicyCommand::Eval { .. } => render_eval,
         PolicyCommand::Shadow { .. } => render_shadow,
@@ -92,7 +92,7 @@ pub(crate) fn policy(
             async move { admin_call(&client, server, &operator, method, &path, body).await }
         };
         let out = match command {
-            PolicyCommand::List => call("GET", "/admin/chain".into(), Vec::new()).await?,
+            PolicyCommand::List { .. } => call("GET", "/admin/chain".into(), Vec::new()).await?,
             PolicyCommand::Push {
                 module,
                 slot,
@@ -100,6 +100,7 @@ pub(crate) fn policy(
                 grants,
                 fixtures,
                 activate,
+                ..
             } => {
                 let bytes = std::fs::read(&module)
                     .with_context(|| format!("reading {}", module.display()))?;
@@ -172,24 +173,24 @@ pub(crate) fn policy(
                     }
                 }
             }
-            PolicyCommand::Stage { file } => {
+            PolicyCommand::Stage { file, .. } => {
                 let body =
                     std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
                 call("POST", "/admin/chains".into(), body).await?
             }
-            PolicyCommand::Prune => {
+            PolicyCommand::Prune { .. } => {
                 call("POST", "/admin/modules/prune".into(), Vec::new()).await?
             }
-            PolicyCommand::Activate { id } => {
+            PolicyCommand::Activate { id, .. } => {
                 call("POST", format!("/admin/chains/{id}/activate"), Vec::new()).await?
             }
-            PolicyCommand::Rollback => {
+            PolicyCommand::Rollback { .. } => {
                 call("POST", "/admin/chains/rollback".into(), Vec::new()).await?
             }
-            PolicyCommand::History { limit } => {
+            PolicyCommand::History { limit, .. } => {
                 call("GET", format!("/admin/chains?limit={limit}"), Vec::new()).await?
             }
-            PolicyCommand::RemoveSlot { slot, activate } => {
+            PolicyCommand::RemoveSlot { slot, activate, .. } => {
                 let active = call("GET", "/admin/chain".into(), Vec::new()).await?;
                 let mut spec = active["spec"].clone();
                 let slots = spec["slot"]
@@ -228,7 +229,7 @@ pub(crate) fn policy(
                 let body = serde_json::json!({"input": input_value, "chain": chain});
                 call("POST", "/admin/eval".into(), serde_json::to_vec(&body)?).await?
             }
-            PolicyCommand::Shadow { id, stop } => match (id, stop) {
+            PolicyCommand::Shadow { id, stop, .. } => match (id, stop) {
                 (Some(id), _) => {
                     let body = serde_json::json!({"chain": id});
                     call("POST", "/admin/shadow".into(), serde_json::to_vec(&body)?).await?
