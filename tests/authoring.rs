@@ -68,26 +68,49 @@ enum Step {
     },
 }
 
-/// The guide's steps, in order: blocks marked `norun` are skipped, blocks
-/// without `file=` that are not `sh` are prose.
-fn guide_steps(markdown: &str) -> Vec<Step> {
-    let mut steps = Vec::new();
+/// A fenced code block of a Markdown file.
+struct Block<'a> {
+    /// The `## ` heading it is under ("" before the first).
+    section: &'a str,
+    /// The words after the opening fence (`sh`, `norun`, `file=PATH`, ...).
+    words: Vec<&'a str>,
+    body: Vec<&'a str>,
+}
+
+/// Every fenced block of `markdown`, in order, but those marked `norun`.
+fn runnable_blocks(markdown: &str) -> Vec<Block<'_>> {
+    let mut blocks = Vec::new();
+    let mut section = "";
     let mut lines = markdown.lines();
     while let Some(line) = lines.next() {
+        if let Some(title) = line.strip_prefix("## ") {
+            section = title;
+            continue;
+        }
         let Some(info) = line.strip_prefix("```") else {
             continue;
         };
         let words: Vec<&str> = info.split_whitespace().collect();
-        let mut body = Vec::new();
-        for l in lines.by_ref() {
-            if l.starts_with("```") {
-                break;
-            }
-            body.push(l);
+        let body = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect();
+        if !words.contains(&"norun") {
+            blocks.push(Block {
+                section,
+                words,
+                body,
+            });
         }
-        if words.contains(&"norun") {
-            continue;
-        }
+    }
+    blocks
+}
+
+/// The guide's steps, in order: blocks marked `norun` are skipped, blocks
+/// without `file=` that are not `sh` are prose.
+fn guide_steps(markdown: &str) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for Block { words, body, .. } in runnable_blocks(markdown) {
         if let Some(path) = words.iter().find_map(|w| w.strip_prefix("file=")) {
             steps.push(Step::Write {
                 path: path.to_string(),

@@ -49,25 +49,13 @@ fn expected_line(comment: &str) -> Option<String> {
 /// what it prints, other `#` lines are prose.
 fn readme_steps(markdown: &str) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
-    let mut section = String::new();
-    let mut lines = markdown.lines();
-    while let Some(line) = lines.next() {
-        if let Some(title) = line.strip_prefix("## ") {
-            section = title.to_string();
-            continue;
-        }
-        let Some(info) = line.strip_prefix("```") else {
-            continue;
-        };
-        let words: Vec<&str> = info.split_whitespace().collect();
-        let mut body = Vec::new();
-        for l in lines.by_ref() {
-            if l.starts_with("```") {
-                break;
-            }
-            body.push(l);
-        }
-        if words.first() != Some(&"sh") || words.contains(&"norun") {
+    for super::Block {
+        section,
+        words,
+        body,
+    } in super::runnable_blocks(markdown)
+    {
+        if words.first() != Some(&"sh") {
             continue;
         }
         let mut under_command = false;
@@ -91,7 +79,7 @@ fn readme_steps(markdown: &str) -> Vec<Step> {
                     command.push_str(body.next().unwrap_or_default());
                 }
                 steps.push(Step {
-                    section: section.clone(),
+                    section: section.to_string(),
                     command,
                     expect: Vec::new(),
                     fails: false,

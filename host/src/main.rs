@@ -69,9 +69,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Policy(command) => {
             // `--server`/`--as` after the command win over those before it
             // (and their environment variables).
-            let (server, operator) = command.remote_flags();
-            let server = server.map(str::to_string).or(cli.server);
-            let operator = operator.map(str::to_string).or(cli.operator);
+            let after = command.remote().cloned().unwrap_or_default();
+            let server = after.server.or(cli.server);
+            let operator = after.operator.or(cli.operator);
             match local_policy(&db_or_default(cli.db), server.is_some(), json, command)? {
                 Local::Done(code) => {
                     if code != 0 {

@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
+
+use heartgate::chain::Grant;
 
 use heartgate::telemetry::LogFormat;
 
@@ -91,20 +94,17 @@ pub(crate) enum Command {
     Policy(PolicyCommand),
 }
 
-/// `--server` of a command that calls the running service's admin API.
+/// `--server` and `--as` of a `policy` command that calls the running
+/// service's admin API; given before the command too (`Cli`), where they
+/// lose to these.
 #[derive(clap::Args, Clone, Default)]
-pub(crate) struct Server {
+pub(crate) struct Remote {
     /// The running service [default: `--server` before the command, or
     /// HEARTGATE_SERVER, or http://127.0.0.1:8080].
     #[arg(long = "server", value_name = "URL")]
     pub server: Option<String>,
-}
-
-/// `--as` of a command that calls the running service's admin API.
-#[derive(clap::Args, Clone, Default)]
-pub(crate) struct Actor {
-    /// Who you are, recorded with the change [default: `--as` before the
-    /// command, or HEARTGATE_OPERATOR, or `$USER`, `$LOGNAME`, `uid N`].
+    /// Who you are, recorded with what you change [default: `--as` before
+    /// the command, or HEARTGATE_OPERATOR, or `$USER`, `$LOGNAME`, `uid N`].
     #[arg(long = "as", value_name = "NAME")]
     pub operator: Option<String>,
 }
@@ -136,7 +136,7 @@ pub(crate) enum PolicyCommand {
         /// record_event, request_reconcile, markers, reject, set_status, drop
         /// [default: what the sample rule needs: conditions, markers,
         /// record_event].
-        #[arg(long = "grant", value_parser = ["conditions", "record_event", "request_reconcile", "markers", "reject", "set_status", "drop"])]
+        #[arg(long = "grant", value_parser = PossibleValuesParser::new(Grant::ALL.map(Grant::as_str)))]
         grants: Vec<String>,
     },
     /// Build the policy crate in DIR (default: the current directory) into a
@@ -191,9 +191,7 @@ pub(crate) enum PolicyCommand {
     /// Show the active chain.
     List {
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Upload a module; with `--slot`, stage the active chain with that slot
     /// running it (and `--activate` it).
@@ -211,7 +209,7 @@ pub(crate) enum PolicyCommand {
         /// What the slot may do (repeat): conditions, record_event,
         /// request_reconcile, markers, reject, set_status, drop [default: a
         /// replaced slot keeps its grants; a new one gets none].
-        #[arg(long = "grant", requires = "slot", value_parser = ["conditions", "record_event", "request_reconcile", "markers", "reject", "set_status", "drop"])]
+        #[arg(long = "grant", requires = "slot", value_parser = PossibleValuesParser::new(Grant::ALL.map(Grant::as_str)))]
         grants: Vec<String>,
         /// Fixture files (*.json, *.yaml) the service runs through the slot
         /// with its real grants and limits before it stages the chain.
@@ -221,44 +219,34 @@ pub(crate) enum PolicyCommand {
         #[arg(long, requires = "slot")]
         activate: bool,
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Stage a chain from a JSON file: `{"slot": [...], "fixtures": [...]}`.
     Stage {
         /// The JSON file: `{"slot": [...], "fixtures": [...]}`.
         file: PathBuf,
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Delete every pushed module that no stored chain uses (the module
     /// store has a quota: `[policy] max_stored_modules`).
     Prune {
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Activate a staged chain.
     Activate {
         /// The stored chain (staged, or retired: `policy history` lists them).
         id: i64,
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Go back one step in the activation history: to the chain active
     /// before the current one was activated; a second rollback goes one
     /// step further back (never forward again: re-activate a chain by id).
     Rollback {
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// List the stored chains and the activation history (who activated or
     /// rolled back which chain, when, from which), newest first.
@@ -267,9 +255,7 @@ pub(crate) enum PolicyCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Stage the active chain without slot SLOT (and `--activate` it).
     RemoveSlot {
@@ -279,9 +265,7 @@ pub(crate) enum PolicyCommand {
         #[arg(long)]
         activate: bool,
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
     /// Evaluate an input (JSON file, or a fixture) without effects: with
     /// MODULE or a chain file, locally; otherwise by the running service.
@@ -302,16 +286,10 @@ pub(crate) enum PolicyCommand {
         /// Show each policy's input, proposed actions and output.
         #[arg(long)]
         trace: bool,
-        /// The running service that evaluates it, when there is no MODULE
-        /// or chain file [default: `--server` before the command, or
-        /// HEARTGATE_SERVER; required then].
-        #[arg(long = "server", value_name = "URL")]
-        server: Option<String>,
-        /// Who you are, sent with the call (when the service evaluates it)
-        /// [default: `--as` before the command, or HEARTGATE_OPERATOR, or
-        /// `$USER`].
-        #[arg(long = "as", value_name = "NAME")]
-        operator: Option<String>,
+        // The running service evaluates it when there is no MODULE or
+        // chain file; then `--server` (or HEARTGATE_SERVER) is required.
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Run a stored chain beside the active one (no effects), show what it
     /// saw, or stop it.
@@ -323,37 +301,27 @@ pub(crate) enum PolicyCommand {
         #[arg(long, conflicts_with = "id")]
         stop: bool,
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        actor: Actor,
+        remote: Remote,
     },
 }
 
 impl PolicyCommand {
     /// The `--server` and `--as` given after the command (`None` for the
     /// local commands, which take neither).
-    pub(crate) fn remote_flags(&self) -> (Option<&str>, Option<&str>) {
-        let (server, actor) = match self {
-            Self::List { server, actor }
-            | Self::History { server, actor, .. }
-            | Self::Push { server, actor, .. }
-            | Self::Stage { server, actor, .. }
-            | Self::Prune { server, actor }
-            | Self::Activate { server, actor, .. }
-            | Self::Rollback { server, actor }
-            | Self::RemoveSlot { server, actor, .. }
-            | Self::Shadow { server, actor, .. } => (Some(server), Some(actor)),
-            Self::Eval {
-                server, operator, ..
-            } => return (server.as_deref(), operator.as_deref()),
-            Self::New { .. } | Self::Build { .. } | Self::Test { .. } | Self::Replay { .. } => {
-                (None, None)
-            }
-        };
-        (
-            server.and_then(|s| s.server.as_deref()),
-            actor.and_then(|a| a.operator.as_deref()),
-        )
+    pub(crate) fn remote(&self) -> Option<&Remote> {
+        match self {
+            Self::List { remote }
+            | Self::History { remote, .. }
+            | Self::Push { remote, .. }
+            | Self::Stage { remote, .. }
+            | Self::Prune { remote }
+            | Self::Activate { remote, .. }
+            | Self::Rollback { remote }
+            | Self::RemoveSlot { remote, .. }
+            | Self::Eval { remote, .. }
+            | Self::Shadow { remote, .. } => Some(remote),
+            Self::New { .. } | Self::Build { .. } | Self::Test { .. } | Self::Replay { .. } => None,
+        }
     }
 }
 

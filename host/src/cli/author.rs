@@ -199,8 +199,7 @@ pub(crate) fn local_policy(
             chain,
             slot,
             trace: with_trace,
-            server,
-            operator,
+            remote,
         } => {
             let chain_file = chain
                 .as_deref()
@@ -221,8 +220,7 @@ pub(crate) fn local_policy(
                     chain,
                     slot,
                     trace: with_trace,
-                    server,
-                    operator,
+                    remote,
                 }));
             }
             let engine = engine()?;
